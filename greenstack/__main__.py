@@ -1,0 +1,5 @@
+import sys
+
+from greenstack.cli import main
+
+sys.exit(main())

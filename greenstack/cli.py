@@ -1,0 +1,276 @@
+"""`greenstack` command line: train (a Hydra app), validate, ls, cp, doctor.
+
+Errors the user can fix are printed as one clear message (every problem listed) and exit non-zero
+without a traceback; `--debug` (or GREENSTACK_DEBUG=1) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from greenstack.errors import ConfigError, GreenstackError, Problem
+
+USAGE = """usage: greenstack <command> [args]
+
+commands:
+  train [overrides]        train (Hydra app: recipe=NAME, key=value, -m for multirun, --cfg job)
+  validate [overrides]     compose and check a config; lists every problem, exit 2 if any
+  ls [GROUP]               config groups, options and recipes, with where each came from
+  cp GROUP/OPTION DEST     copy a recipe or config option to edit (e.g. cp recipe/quickstart my.yaml)
+  doctor                   which energy meters and carbon sources work on this machine
+
+global flag: --debug shows tracebacks.  Docs: README.md
+"""
+
+# Hydra flags that take a value (pre-flight validation is skipped when config sources are changed)
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+_failure: dict[str, Any] = {}
+
+
+def _console(stderr: bool = True) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def print_problems(problems: Sequence[Problem], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=False, expand=False)
+    for col in ("key", "value", "problem", "how to fix"):
+        table.add_column(col, overflow="fold")
+    for p in problems:
+        table.add_row(p.key, "" if p.value is None else str(p.value), p.reason, p.fix)
+    _console().print(table)
+
+
+def report_error(error: BaseException) -> int:
+    if isinstance(error, ConfigError) and len(error.problems) > 1:
+        print_problems(error.problems, f"greenstack: {len(error.problems)} problems")
+    else:
+        _console().print(f"[bold red]greenstack error:[/] {error}", markup=True, soft_wrap=True)
+    return getattr(error, "exit_code", 1)
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        ident = (p.key, str(p.value), p.reason)
+        if ident not in seen:
+            seen.add(ident)
+            out.append(p)
+    return out
+
+
+def collect_problems(overrides: Sequence[str], *, multirun: bool = False) -> list[Problem]:
+    """Every problem with the config(s) these overrides describe (each job of a basic multirun)."""
+    from greenstack.compose import compose_with_problems, expand_sweep
+    from greenstack.validate import validate_config
+
+    problems: list[Problem] = []
+    for job in expand_sweep(overrides) if multirun else [list(overrides)]:
+        cfg, found = compose_with_problems(job)
+        problems += found
+        if cfg is not None:
+            problems += validate_config(cfg)
+    return _dedupe(problems)
+
+
+# -- train ---------------------------------------------------------------------------------------
+def _task(cfg: Any) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import CompactHydraException
+
+    from greenstack import runner
+
+    class JobFailed(CompactHydraException):
+        pass
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = runner.run(cfg, run_dir)
+    except GreenstackError as e:
+        if _failure.get("debug"):
+            raise
+        _failure["code"] = report_error(e)
+        raise JobFailed(f"job in {run_dir} failed: {type(e).__name__}") from None
+    _print_run_summary(summary, run_dir)
+    return summary
+
+
+def _print_run_summary(summary: dict[str, Any], run_dir: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {summary['run_id']}  ->  {run_dir}", title_justify="left")
+    for col in ("figure", "value", "unit", "provenance", "source"):
+        table.add_column(col, overflow="fold")
+    for key, fig in summary["metrics"].items():
+        value = fig["value"]
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        table.add_row(key, text, fig["unit"], fig["provenance"], fig["source"])
+    _console(stderr=False).print(table)
+
+
+def train(argv: list[str]) -> int:
+    import hydra
+
+    from greenstack.paths import conf_dir
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    skip_preflight = any(a.split("=")[0] in _HYDRA_VALUE_FLAGS or a in ("--help", "-h", "--hydra-help")
+                         for a in argv)
+    if not skip_preflight:
+        overrides = [a for a in argv if not a.startswith("-")]
+        problems = collect_problems(overrides, multirun=multirun)
+        if problems:
+            print_problems(problems, f"greenstack: config invalid ({len(problems)} problems); nothing was run")
+            return 2
+    sys.argv = ["greenstack train", *argv]
+    app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_task)
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return _failure.get("code", code) if code else 0
+    return 0
+
+
+# -- validate / ls / cp ----------------------------------------------------------------------------
+def validate(argv: list[str]) -> int:
+    problems = collect_problems([a for a in argv if a not in ("-m", "--multirun")],
+                                multirun="-m" in argv or "--multirun" in argv)
+    if problems:
+        print_problems(problems, f"greenstack validate: {len(problems)} problems")
+        return 2
+    _console(stderr=False).print("[green]config is valid[/]")
+    return 0
+
+
+def _sources() -> list[Any]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    return list(GlobalHydra.instance().config_loader().get_sources())
+
+
+def _source_file(source: Any, group: str, option: str) -> Path | None:
+    scheme, _, base = source.path.partition("://")
+    if scheme == "recipes":
+        candidate = Path(base) / f"{option}.yaml"
+    elif scheme == "file":
+        candidate = Path(base) / group / f"{option}.yaml"
+    else:
+        return None
+    return candidate if candidate.is_file() else None
+
+
+def ls(argv: list[str]) -> int:
+    from hydra.core.object_type import ObjectType
+    from rich.table import Table
+
+    from greenstack.compose import hydra_context
+
+    only = argv[0] if argv else None
+    table = Table(title="greenstack config groups (first source wins)", title_justify="left")
+    for col in ("group", "option", "source"):
+        table.add_column(col, overflow="fold")
+    with hydra_context():
+        seen: set[tuple[str, str]] = set()
+        rows = []
+        for source in _sources():
+            if not source.available():
+                continue
+            for group in source.list("", ObjectType.GROUP):
+                if group == "hydra" or (only and group != only):
+                    continue
+                for option in source.list(group, ObjectType.CONFIG):
+                    shadowed = (group, option) in seen
+                    seen.add((group, option))
+                    where = f"{source.provider}: {_source_file(source, group, option) or source.path}"
+                    rows.append((group, option + (" (shadowed)" if shadowed else ""), where))
+    if only and not rows:
+        raise ConfigError("no such config group", key="ls", value=only, fix="run `greenstack ls` for all groups")
+    for row in sorted(rows, key=lambda r: (r[0] != "recipe", r[0], r[1])):
+        table.add_row(*row)
+    _console(stderr=False).print(table)
+    return 0
+
+
+def cp(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="greenstack cp")
+    parser.add_argument("name", help="GROUP/OPTION, e.g. recipe/quickstart or model/timm")
+    parser.add_argument("dest", help="file or directory to copy to")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    args = parser.parse_args(argv)
+    from greenstack.compose import hydra_context
+
+    group, _, option = args.name.removesuffix(".yaml").partition("/")
+    if not option:
+        raise ConfigError("name must be GROUP/OPTION", key="cp", value=args.name, fix="e.g. recipe/quickstart")
+    with hydra_context():
+        found = next((f for s in _sources() if s.available() and (f := _source_file(s, group, option))), None)
+        if found is None:
+            from greenstack.compose import group_options
+
+            options = group_options(group)
+            raise ConfigError(f"no option {option!r} in group {group!r}", key="cp", value=args.name,
+                              fix=f"options: {', '.join(options)}" if options else "see `greenstack ls`")
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / found.name
+    if dest.exists() and not args.force:
+        raise ConfigError("destination exists", key="cp", value=str(dest), fix="pass --force to overwrite")
+    shutil.copyfile(found, dest)
+    _console(stderr=False).print(f"copied {found} -> {dest}")
+    if group == "recipe":
+        _console(stderr=False).print(f"run it with: GREENSTACK_RECIPE_PATH={dest.parent.resolve()} "
+                                     f"greenstack train recipe={dest.stem}")
+    return 0
+
+
+def doctor(argv: list[str]) -> int:
+    from greenstack.doctor import run_doctor
+
+    return run_doctor(argv)
+
+
+COMMANDS = {"train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("GREENSTACK_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        print(f"greenstack: unknown command {command!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+              file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        return 2
+    _failure.clear()
+    _failure["debug"] = debug
+    try:
+        return COMMANDS[command](rest)
+    except GreenstackError as e:
+        if debug:
+            raise
+        return report_error(e)
+    except KeyboardInterrupt:
+        print("greenstack: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

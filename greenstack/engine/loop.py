@@ -1,0 +1,333 @@
+"""The training loop: train/eval, gradient accumulation, schedules, events to policies.
+
+Deliberately plain PyTorch so that its per-step overhead over a hand-written loop stays within a few
+percent (see benchmarks/overhead.py): no per-step host syncs, metrics are materialised only every
+`log_interval` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from greenstack.engine.duration import Duration
+from greenstack.engine.events import Event
+from greenstack.engine.optim import Optim
+from greenstack.engine.policy import Policy
+from greenstack.engine.state import State
+from greenstack.errors import ConfigError, Problem
+
+log = logging.getLogger("greenstack")
+
+
+class MetricSink(Protocol):
+    """Anything that records metric dicts (trackers, the JSONL writer)."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+
+@dataclass
+class TrainerConfig:
+    """How long and how to train; validated when constructed."""
+
+    max_duration: str = "3ep"
+    eval_interval: str = "1ep"
+    grad_accum: int = 1
+    device: str = "auto"
+    max_grad_norm: float | None = None
+    log_interval: int = 10
+    limit_train_batches: int | None = None
+    limit_eval_batches: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems: list[Problem] = []
+        for key in ("max_duration", "eval_interval"):
+            try:
+                d = Duration.parse(getattr(self, key), key=f"trainer.{key}")
+                if d.unit == "dur":
+                    problems.append(Problem(f"trainer.{key}", getattr(self, key),
+                                            "a fraction of the run cannot define the run", 'use "3ep" or "500ba"'))
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if self.grad_accum < 1:
+            problems.append(Problem("trainer.grad_accum", self.grad_accum, "must be >= 1"))
+        if self.log_interval < 1:
+            problems.append(Problem("trainer.log_interval", self.log_interval, "must be >= 1"))
+        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
+            problems.append(Problem("trainer.device", self.device, "unknown device", 'use "auto", "cpu" or "cuda[:N]"'))
+        for key in ("limit_train_batches", "limit_eval_batches"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                problems.append(Problem(f"trainer.{key}", value, "must be >= 1 or null"))
+        if problems:
+            raise ConfigError(problems)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU; asking for CUDA on a machine without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("CUDA was requested but no CUDA device is available", key="trainer.device",
+                          value=name, fix='use trainer.device=auto or cpu')
+    return torch.device(name)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Logits for a batch `{"inputs": tensor | dict, "labels": tensor}` from timm or transformers models."""
+    inputs = batch["inputs"]
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _limited(loader: Iterable, limit: int | None) -> Iterable:
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            return
+        yield batch
+
+
+class Trainer:
+    """Runs one fit: dispatches events to policies (in order) and writes metrics to sinks."""
+
+    def __init__(self, model: torch.nn.Module, train_loader: Sequence | Iterable, optim: Optim,
+                 config: TrainerConfig, *, val_loader: Iterable | None = None,
+                 test_loader: Iterable | None = None, policies: Sequence[Policy] = (),
+                 sinks: Sequence[MetricSink] = (), batch_size: int = 0, run_dir: str | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
+        self.policies = list(policies)
+        self.sinks = list(sinks)
+        n_batches = len(train_loader)  # type: ignore[arg-type]
+        if config.limit_train_batches:
+            n_batches = min(n_batches, config.limit_train_batches)
+        if n_batches == 0:
+            raise ConfigError("the training set yields no batches", key="data.batch_size",
+                              value=batch_size, fix="use a smaller batch size or more data")
+        self.batches_per_epoch = n_batches
+        steps_per_epoch = max(1, n_batches // config.grad_accum)
+        max_steps = Duration.parse(config.max_duration).to_steps(steps_per_epoch=steps_per_epoch,
+                                                                 batch_size=batch_size * config.grad_accum)
+        if max_steps < 1:
+            raise ConfigError("the run would take zero optimizer steps", key="trainer.max_duration",
+                              value=config.max_duration)
+        model.to(self.device)
+        optimizer, lr_scheduler = optim.build(model.parameters(), max_steps)
+        self.state = State(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, device=self.device,
+                           max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+                           run_dir=run_dir)
+        eval_every = Duration.parse(config.eval_interval)
+        self.eval_steps = eval_every.to_steps(steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+        self.eval_at_epoch_end = eval_every.unit == "ep" and eval_every.value == 1
+        self.step_times_s: list[float] = []
+        #: the most recent figures of each evaluation split ("val/accuracy", "test/loss", ...)
+        self.last_eval: dict[str, float] = {}
+
+    # -- events -----------------------------------------------------------------------------------
+    def dispatch(self, event: Event) -> None:
+        for policy in self.policies:
+            if policy.handles(event, self.state):
+                policy(event, self.state)
+
+    def _emit(self, metrics: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, self.state.step)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, prefix: str) -> dict[str, float]:
+        """Loss and accuracy over `loader` (at most `limit_eval_batches` batches)."""
+        model, state = self.state.model, self.state
+        was_training = model.training
+        model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        count = 0
+        for batch in _limited(loader, self.config.limit_eval_batches):
+            batch = move_to(batch, self.device)
+            with self._autocast():
+                logits = forward(model, batch)
+            labels = batch["labels"]
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+            correct += (logits.argmax(-1) == labels).sum()
+            count += labels.numel()
+        model.train(was_training)
+        if count == 0:
+            return {}
+        result = {f"{prefix}/loss": loss_sum.item() / count, f"{prefix}/accuracy": correct.item() / count,
+                  f"{prefix}/samples": count}
+        self.last_eval.update(result)
+        return {**result, "epoch": state.epoch}
+
+    def _autocast(self):
+        dtype = self.state.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _run_eval(self) -> None:
+        if self.val_loader is None:
+            return
+        metrics = self.evaluate(self.val_loader, "val")
+        self.state.metrics.update(metrics)
+        self.dispatch(Event.EVAL_END)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.state.metrics:
+            self._emit(dict(self.state.metrics))
+            self.state.metrics.clear()
+
+    # -- training ---------------------------------------------------------------------------------
+    def fit(self) -> State:
+        """Train until `max_duration` or a policy stops the run; evaluate on val and, at the end, test."""
+        state, cfg = self.state, self.config
+        for policy in self.policies:
+            policy.resolve_window(state)
+        self.dispatch(Event.INIT)
+        self.dispatch(Event.FIT_START)
+        progress = _Progress(enabled=cfg.progress, total=state.max_steps)
+        try:
+            with progress:
+                self._train(progress)
+            if self.test_loader is not None:
+                state.metrics.update(self.evaluate(self.test_loader, "test"))
+                self._flush()
+        except BaseException:
+            self.dispatch(Event.EXCEPTION)
+            raise
+        self.dispatch(Event.FIT_END)
+        self._flush()
+        return state
+
+    def _train(self, progress: _Progress) -> None:
+        state, cfg = self.state, self.config
+        model, optimizer = state.model, state.optimizer
+        assert optimizer is not None
+        model.train()
+        running_loss = torch.zeros((), device=self.device)
+        running_count = 0
+        last_eval_step = -1
+        log_t0, log_samples = time.perf_counter(), 0
+        while state.step < state.max_steps and not state.stop:
+            state.batch_in_epoch = 0
+            self.dispatch(Event.EPOCH_START)
+            micro = 0
+            for batch in _limited(self.train_loader, self.batches_per_epoch):
+                t0 = time.perf_counter()
+                state.batch = move_to(batch, self.device)
+                self.dispatch(Event.BATCH_START)
+                with self._autocast():
+                    logits = forward(model, state.batch)
+                    loss = F.cross_entropy(logits.float(), state.batch["labels"])
+                state.outputs, state.loss = logits, loss
+                self.dispatch(Event.AFTER_FORWARD)
+                scaled = state.loss / cfg.grad_accum
+                if state.grad_scaler is not None:
+                    scaled = state.grad_scaler.scale(scaled)
+                scaled.backward()
+                self.dispatch(Event.AFTER_BACKWARD)
+                n = state.batch["labels"].shape[0]
+                state.samples_seen += n
+                log_samples += n
+                running_loss += state.loss.detach()
+                running_count += 1
+                micro += 1
+                state.batch_in_epoch += 1
+                if micro % cfg.grad_accum:
+                    continue
+                self._optimizer_step()
+                state.step += 1
+                self.step_times_s.append(time.perf_counter() - t0)
+                self.dispatch(Event.STEP_END)
+                progress.advance(state)
+                if state.step % cfg.log_interval == 0 or state.step == state.max_steps:
+                    elapsed = time.perf_counter() - log_t0
+                    state.metrics.update({
+                        "train/loss": (running_loss / max(running_count, 1)).item(),
+                        "lr": optimizer.param_groups[0]["lr"], "epoch": state.epoch,
+                        "train/samples_per_s": log_samples / elapsed if elapsed > 0 else math.nan,
+                    })
+                    running_loss.zero_()
+                    running_count, log_t0, log_samples = 0, time.perf_counter(), 0
+                    progress.loss = state.metrics["train/loss"]
+                if state.metrics:
+                    self._flush()
+                if not self.eval_at_epoch_end and self.eval_steps and state.step % self.eval_steps == 0:
+                    self._run_eval()
+                    last_eval_step = state.step
+                if state.step >= state.max_steps or state.stop:
+                    break
+            state.epoch += 1
+            if self.eval_at_epoch_end or last_eval_step != state.step:
+                self._run_eval()
+                last_eval_step = state.step
+            self.dispatch(Event.EPOCH_END)
+            self.dispatch(Event.CHECKPOINT)
+            self._flush()
+            if state.stop:
+                log.info("stopping early: %s", state.stop_reason)
+
+    def _optimizer_step(self) -> None:
+        state, cfg = self.state, self.config
+        optimizer = state.optimizer
+        assert optimizer is not None
+        if cfg.max_grad_norm:
+            if state.grad_scaler is not None:
+                state.grad_scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.max_grad_norm)
+        if state.grad_scaler is not None:
+            state.grad_scaler.step(optimizer)
+            state.grad_scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if state.lr_scheduler is not None:
+            state.lr_scheduler.step()
+
+
+class _Progress:
+    """A rich progress bar over optimizer steps that disappears when output is not a terminal."""
+
+    def __init__(self, *, enabled: bool, total: int) -> None:
+        self.enabled, self.total, self.loss = enabled, total, float("nan")
+        self._bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("[bold green]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("train", total=self.total, info="")
+        return self
+
+    def advance(self, state: State) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=state.step,
+                             info=f"epoch {state.epoch} loss {self.loss:.4f}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -1,0 +1,80 @@
+"""Optimizer and learning-rate schedule, built from the `optim` config group."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from greenstack.errors import ConfigError, Problem
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine", "linear", "step")
+
+
+@dataclass
+class Optim:
+    """What to optimise with; `build` needs the run's length, which only the loop knows."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    nesterov: bool = False
+    schedule: Literal["constant", "cosine", "linear", "step"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    step_size_steps: int = 1000
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.name not in OPTIMIZERS:
+            problems.append(Problem("optim.name", self.name, "unknown optimizer", f"choose one of {OPTIMIZERS}"))
+        if self.schedule not in SCHEDULES:
+            problems.append(Problem("optim.schedule", self.schedule, "unknown schedule",
+                                    f"choose one of {SCHEDULES}"))
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            problems.append(Problem("optim.lr", self.lr, "learning rate must be a positive number"))
+        if self.warmup_steps < 0:
+            problems.append(Problem("optim.warmup_steps", self.warmup_steps, "must be >= 0"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(Problem("optim.min_lr_ratio", self.min_lr_ratio, "must be within [0, 1]"))
+        if problems:
+            raise ConfigError(problems)
+
+    def build(self, params: Iterable[torch.nn.Parameter], total_steps: int
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Create the optimizer and a per-step LR scheduler for a run of `total_steps` steps."""
+        params = list(params)
+        if self.name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
+                                                         weight_decay=self.weight_decay, nesterov=self.nesterov)
+        elif self.name == "adam":
+            opt = torch.optim.Adam(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor_fn(total_steps))
+
+    def lr_factor_fn(self, total_steps: int):
+        """Multiplier of the base LR at each step: linear warm-up, then the chosen decay."""
+        warmup, floor = self.warmup_steps, self.min_lr_ratio
+        decay_steps = max(1, total_steps - warmup)
+
+        def factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            t = min(1.0, (step - warmup) / decay_steps)
+            if self.schedule == "cosine":
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+            if self.schedule == "linear":
+                return floor + (1 - floor) * (1 - t)
+            if self.schedule == "step":
+                return self.gamma ** ((step - warmup) // max(1, self.step_size_steps))
+            return 1.0
+
+        return factor

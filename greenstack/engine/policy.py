@@ -1,0 +1,68 @@
+"""Policy base class: a plain object that acts on `State` at a few events.
+
+A policy declares the events it handles (`events`), may limit itself to an active window
+(`start`/`end` as duration strings), validates its arguments when constructed (raising
+ConfigError), and round-trips its own state through `state_dict`/`load_state_dict` so a resumed
+run resumes the policy too. Policies never know about one another.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from greenstack.engine.duration import Duration
+from greenstack.engine.events import Event
+from greenstack.engine.state import State
+from greenstack.errors import ConfigError
+
+log = logging.getLogger("greenstack")
+
+
+class Policy:
+    """Base class for everything the loop dispatches events to."""
+
+    events: ClassVar[frozenset[Event]] = frozenset()
+    #: events dispatched even outside the active window (set-up and tear-down)
+    always: ClassVar[frozenset[Event]] = frozenset({Event.INIT, Event.FIT_START, Event.FIT_END,
+                                                    Event.EXCEPTION})
+
+    def __init__(self, start: str | int | None = None, end: str | int | None = None,
+                 name: str | None = None) -> None:
+        self.name = name or type(self).__name__
+        self.start = Duration.parse(start, key=f"{self.name}.start") if start is not None else None
+        self.end = Duration.parse(end, key=f"{self.name}.end") if end is not None else None
+        self._start_step = 0
+        self._end_step: int | None = None
+
+    def resolve_window(self, state: State) -> None:
+        """Turn the window's durations into step indices once the loop knows its length."""
+        kw = {"steps_per_epoch": state.steps_per_epoch, "total_steps": state.max_steps,
+              "batch_size": state.batch_size}
+        self._start_step = self.start.to_steps(**kw) if self.start else 0
+        self._end_step = self.end.to_steps(**kw) if self.end else None
+        if self._end_step is not None and self._end_step < self._start_step:
+            raise ConfigError(f"end ({self.end}) comes before start ({self.start})", key=f"{self.name}.end",
+                              value=str(self.end), fix="make `end` later than `start`")
+
+    def active(self, state: State) -> bool:
+        """Whether the current step is inside the policy's window."""
+        return state.step >= self._start_step and (self._end_step is None or state.step < self._end_step)
+
+    def handles(self, event: Event, state: State) -> bool:
+        if event not in self.events:
+            return False
+        return event in self.always or self.active(state)
+
+    def __call__(self, event: Event, state: State) -> None:  # pragma: no cover - interface
+        """Act on `event`; override in subclasses."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def summary(self) -> dict[str, Any]:
+        """Figures this policy wants in sustainability.json (name -> Figure or plain value)."""
+        return {}

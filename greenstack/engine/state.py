@@ -1,0 +1,52 @@
+"""The small, explicit state that policies read and change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class State:
+    """Everything a policy may look at or change during a run.
+
+    Progress counters: `step` counts optimizer steps taken, `epoch` counts completed epochs,
+    `batch_in_epoch` counts micro-batches consumed in the current epoch.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    max_steps: int = 0
+    steps_per_epoch: int = 0
+    batch_size: int = 0
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples_seen: int = 0
+    batch: Any = None
+    outputs: Any = None
+    loss: torch.Tensor | None = None
+    autocast_dtype: torch.dtype | None = None
+    grad_scaler: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    stop: bool = False
+    stop_reason: str = ""
+    rank: int = 0
+    world_size: int = 1
+    region: str | None = None
+    run_dir: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the planned optimizer steps done, in [0, 1]."""
+        return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step; the first reason given wins."""
+        if not self.stop:
+            self.stop, self.stop_reason = True, reason

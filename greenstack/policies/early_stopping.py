@@ -1,0 +1,63 @@
+"""Stop when a validation metric stops improving for `patience` evaluations."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+from greenstack.engine.events import Event
+from greenstack.engine.policy import Policy
+from greenstack.engine.state import State
+from greenstack.errors import ConfigError, Problem
+
+log = logging.getLogger("greenstack")
+
+
+def has_improved(current: float, best: float, *, mode: Literal["min", "max"], min_delta: float) -> bool:
+    """Whether `current` beats `best` by more than `min_delta` in the direction `mode`."""
+    if math.isnan(best):
+        return True
+    return current < best - min_delta if mode == "min" else current > best + min_delta
+
+
+class EarlyStopping(Policy):
+    """Requests a stop after `patience` evaluations without improvement of `monitor`."""
+
+    events = frozenset({Event.EVAL_END})
+
+    def __init__(self, monitor: str = "val/loss", mode: Literal["min", "max"] = "min", patience: int = 3,
+                 min_delta: float = 0.0, start: str | None = None, end: str | None = None) -> None:
+        super().__init__(start=start, end=end, name="early_stopping")
+        problems = []
+        if mode not in ("min", "max"):
+            problems.append(Problem("policies.early_stopping.mode", mode, "must be 'min' or 'max'"))
+        if patience < 1:
+            problems.append(Problem("policies.early_stopping.patience", patience, "must be >= 1"))
+        if min_delta < 0:
+            problems.append(Problem("policies.early_stopping.min_delta", min_delta, "must be >= 0"))
+        if problems:
+            raise ConfigError(problems)
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best = math.nan
+        self.bad_evals = 0
+
+    def __call__(self, event: Event, state: State) -> None:
+        if self.monitor not in state.metrics:
+            log.warning("early_stopping: metric %r not produced by evaluation; known: %s",
+                        self.monitor, sorted(state.metrics))
+            return
+        current = float(state.metrics[self.monitor])
+        if has_improved(current, self.best, mode=self.mode, min_delta=self.min_delta):
+            self.best, self.bad_evals = current, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience:
+            state.request_stop(f"{self.monitor} did not improve for {self.patience} evaluations "
+                               f"(best {self.best:.4g})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals = float(state["best"]), int(state["bad_evals"])

@@ -1,0 +1,80 @@
+"""compose -> validate -> instantiate -> loop -> report. Deliberately short: the work is elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from greenstack.engine.loop import Trainer
+from greenstack.engine.policy import Policy
+from greenstack.errors import ConfigError
+from greenstack.report.summary import RunReport
+from greenstack.tracking.base import Fanout, JsonlWriter, load_or_create_run_id
+from greenstack.validate import validate_config
+
+log = logging.getLogger("greenstack")
+POLICY_GROUPS = ("scheduler", "efficiency", "compression", "checkpointing", "federated", "policies")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_policies(cfg: DictConfig) -> list[Policy]:
+    """Policies in recipe order: the five policy groups, then extra `policies`."""
+    policies: list[Policy] = []
+    for group in POLICY_GROUPS:
+        node = cfg.get(group) or {}
+        for name, spec in node.items():
+            if spec is None or not isinstance(spec, DictConfig) or "_target_" not in spec:
+                continue
+            policy = instantiate(spec)
+            if not isinstance(policy, Policy):
+                raise ConfigError(f"{spec._target_} is not a greenstack Policy", key=f"{group}.{name}")
+            policies.append(policy)
+    return policies
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train one job described by `cfg`, writing every output into `run_dir`. Returns the summary."""
+    problems = validate_config(cfg)
+    if problems:
+        raise ConfigError(problems)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(int(cfg.seed))
+    data = instantiate(cfg.data, seed=int(cfg.seed))
+    model = instantiate(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans)
+    optim = instantiate(cfg.optim)
+    trainer_cfg = instantiate(cfg.trainer)
+    policies = build_policies(cfg)
+    run_id = load_or_create_run_id(run_dir)
+    run_name = cfg.get("run_name") or run_dir.name
+    tracker = instantiate(cfg.tracker)
+    report = RunReport(cfg, run_dir=run_dir, run_id=run_id)
+    jsonl = JsonlWriter(run_dir)
+    exit_code = 1
+    tracker.start(run_dir=run_dir, run_id=run_id, run_name=str(run_name),
+                  config=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    try:
+        trainer = Trainer(model, data.train, optim, trainer_cfg, val_loader=data.val, test_loader=data.test,
+                          policies=[*report.policies(), *policies], sinks=[Fanout(jsonl, tracker)],
+                          batch_size=data.batch_size, run_dir=str(run_dir))
+        state = trainer.fit()
+        summary = report.finish(state, trainer=trainer, data=data, policies=policies)
+        tracker.summary(summary["flat"])
+        exit_code = 0
+        return summary
+    finally:
+        jsonl.close()
+        report.close()
+        tracker.finish(exit_code=exit_code)

@@ -1,0 +1,92 @@
+"""The tracker interface and the always-on local JSONL writer."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RUN_ID_FILE = ".greenstack/run_id"
+
+
+def load_or_create_run_id(run_dir: str | Path) -> str:
+    """The run's id, kept in the run dir so a resumed run (and its W&B run) keeps the same id."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.is_file():
+        run_id = path.read_text().strip()
+        if run_id:
+            return run_id
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON value (NaN/inf become null so every line is valid JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and callable(value.item):
+        return jsonable(value.item())
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+class Tracker:
+    """Base tracker: subclasses send metrics somewhere; all methods are safe no-ops here."""
+
+    name = "none"
+
+    def start(self, *, run_dir: Path, run_id: str, run_name: str, config: dict[str, Any]) -> None:
+        """Open the run (called once, before training)."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Record step-aligned metrics."""
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Record end-of-run figures."""
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run; always called (in `finally`) so multirun jobs never share a run."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+class NullTracker(Tracker):
+    """`tracker=none`: only the local metrics.jsonl is written."""
+
+
+class JsonlWriter:
+    """Writes one JSON object per logged dict to `metrics.jsonl`; every line carries `step`."""
+
+    def __init__(self, run_dir: str | Path, filename: str = "metrics.jsonl") -> None:
+        self.path = Path(run_dir) / filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        record = {"step": step, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+        record.update(jsonable(metrics))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Fanout:
+    """Sends each log call to several sinks (the JSONL writer and the tracker)."""
+
+    def __init__(self, *sinks: Any) -> None:
+        self.sinks = sinks
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)

@@ -1,0 +1,237 @@
+"""Check a composed config before anything runs, and report every problem at once.
+
+Each node with a `_target_` is checked against its callable's signature (unknown keys, missing
+required arguments, value types), cheap config objects (policies, optimizer, trainer, trackers) are
+constructed so their own validation runs, and domain checks (timm model names, data paths, carbon
+zones) are looked up in `DOMAIN_CHECKS`. Nothing heavy (models, datasets) is built here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from greenstack.errors import ConfigError, Problem
+
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+#: arguments the runner passes itself, per top-level group
+RUNNER_SUPPLIED: dict[str, set[str]] = {"model": {"num_classes", "in_chans"}, "data": {"seed"}}
+#: groups whose `_target_` objects are cheap to construct, so construction-time checks run in validate
+CONSTRUCT_GROUPS = {"carbon", "energy", "optim", "trainer", "tracker", "scheduler", "efficiency", "compression", "checkpointing",
+                    "federated", "policies"}
+
+
+def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]]:
+    from greenstack.data import builders as data
+    from greenstack.models import builders as models
+
+    def timm(node: dict[str, Any], path: str) -> list[Problem]:
+        return models.check_timm_name(node.get("name"), key=f"{path}.name")
+
+    def folder(node: dict[str, Any], path: str) -> list[Problem]:
+        return data.check_image_folder(node.get("root"), key=f"{path}.root")
+
+    def text(node: dict[str, Any], path: str) -> list[Problem]:
+        problems = data.check_text_csv(node.get("path"), node.get("text_column", "text"),
+                                       node.get("label_column", "label"), key=f"{path}.path")
+        return problems + _local_dir(node.get("tokenizer", "minilm"), f"{path}.tokenizer")
+
+    def transformers(node: dict[str, Any], path: str) -> list[Problem]:
+        return _local_dir(node["path"], f"{path}.path") if node.get("path") else []
+
+    return {
+        "greenstack.models.build_timm": timm,
+        "greenstack.models.builders.build_timm": timm,
+        "greenstack.models.build_transformers": transformers,
+        "greenstack.models.builders.build_transformers": transformers,
+        "greenstack.data.image_folder": folder,
+        "greenstack.data.text_csv": text,
+        "greenstack.data.synthetic_text": lambda n, p: _local_dir(n.get("tokenizer", "minilm"), f"{p}.tokenizer"),
+    }
+
+
+def _local_dir(name: Any, key: str) -> list[Problem]:
+    from greenstack.models.builders import resolve_local_model_dir
+
+    try:
+        resolve_local_model_dir(str(name), key=key)
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+def import_target(path: str) -> Any:
+    """Import `pkg.module.attr`; raise ConfigError with close names when it does not exist."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ConfigError("a _target_ must be a dotted path like pkg.module.name", value=path)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"cannot import module {module_name!r}: {e}", value=path) from e
+    if not hasattr(module, attr):
+        close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=3)
+        hint = f"did you mean {', '.join(f'{module_name}.{c}' for c in close)}?" if close else ""
+        raise ConfigError(f"{module_name} has no attribute {attr!r}", value=path, fix=hint)
+    return getattr(module, attr)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def matches_type(value: Any, tp: Any) -> bool:
+    """Whether a plain config value fits an annotation (int accepted for float; unknown types pass)."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        return not inner or all(matches_type(v, inner[0]) for v in value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            return False
+        return len(args) != 2 or all(matches_type(v, args[1]) for v in value.values())
+    return True
+
+
+def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    fn = target.__init__ if inspect.isclass(target) else target
+    sig = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable annotations only disable type checks
+        hints = {}
+    params = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    return params, hints, var_kw
+
+
+def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks: dict[str, Callable]) -> None:
+    target_path = node["_target_"]
+    if target_path is None:
+        return
+    try:
+        target = import_target(str(target_path))
+    except ConfigError as e:
+        problems.extend(Problem(f"{path}._target_", target_path, p.reason, p.fix) for p in e.problems)
+        return
+    params, hints, var_kw = _signature(target)
+    group = path.split(".")[0]
+    supplied = RUNNER_SUPPLIED.get(group, set()) if path == group else set()
+    given = {k for k in node if k not in HYDRA_KEYS}
+    before = len(problems)
+    for key in sorted(given - params.keys()):
+        if var_kw:
+            continue
+        close = difflib.get_close_matches(key, list(params), n=3)
+        problems.append(Problem(f"{path}.{key}", node[key], f"not an argument of {target_path}",
+                                f"did you mean {', '.join(close)}?" if close else
+                                f"valid keys: {', '.join(sorted(params))}"))
+    for name, param in params.items():
+        if name in given:
+            value = node[name]
+            if isinstance(value, dict) and "_target_" in value:
+                continue
+            tp = hints.get(name, param.annotation)
+            if not matches_type(value, tp):
+                problems.append(Problem(f"{path}.{name}", value, f"expected {_type_name(tp)}",
+                                        f"got {type(value).__name__}"))
+        elif param.default is inspect.Parameter.empty and name not in supplied:
+            problems.append(Problem(f"{path}.{name}", "<missing>", f"{target_path} requires it",
+                                    f"add {path}.{name}=..."))
+    check = checks.get(str(target_path))
+    if check:
+        problems.extend(check(node, path))
+    if len(problems) == before and group in CONSTRUCT_GROUPS and inspect.isclass(target):
+        _try_construct(target, node, path, problems)
+
+
+def _try_construct(target: Any, node: dict[str, Any], path: str, problems: list[Problem]) -> None:
+    kwargs = {k: v for k, v in node.items() if k not in HYDRA_KEYS and not (isinstance(v, dict) and "_target_" in v)}
+    try:
+        target(**kwargs)
+    except ConfigError as e:
+        for p in e.problems:
+            leaf = p.key.split(".")[-1]
+            key = f"{path}.{leaf}" if leaf in node else p.key
+            problems.append(Problem(key, p.value, p.reason, p.fix))
+    except (TypeError, ValueError) as e:
+        problems.append(Problem(path, "", f"{target.__name__}: {e}"))
+
+
+def _walk(node: Any, path: str, problems: list[Problem], checks: dict[str, Callable]) -> None:
+    if isinstance(node, dict):
+        if "_target_" in node:
+            _check_node(node, path, problems, checks)
+        for key, value in node.items():
+            if key not in HYDRA_KEYS:
+                _walk(value, f"{path}.{key}" if path else str(key), problems, checks)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _walk(value, f"{path}[{i}]", problems, checks)
+
+
+def _missing_and_interpolation(cfg: Any, path: str, problems: list[Problem]) -> None:
+    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg))
+    for key in keys:
+        sub = f"{path}.{key}" if path else str(key)
+        if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key):
+            problems.append(Problem(sub, "???", "required value is missing", f"set it: {sub}=..."))
+            continue
+        try:
+            value = cfg[key]
+        except OmegaConfBaseException as e:
+            problems.append(Problem(sub, "", f"cannot resolve: {str(e).splitlines()[0]}"))
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            _missing_and_interpolation(value, sub, problems)
+
+
+def validate_config(cfg: DictConfig) -> list[Problem]:
+    """Every problem in a composed greenstack config (empty list when valid)."""
+    problems: list[Problem] = []
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    _missing_and_interpolation(body, "", problems)
+    if problems:
+        bad = {p.key for p in problems}
+        container = OmegaConf.to_container(body, resolve=False)
+        _walk(_drop(container, bad), "", problems, _domain_checks())
+        return problems
+    _walk(OmegaConf.to_container(body, resolve=True), "", problems, _domain_checks())
+    if not isinstance(cfg.get("seed", 0), int):
+        problems.append(Problem("seed", cfg.get("seed"), "expected int"))
+    return problems
+
+
+def _drop(container: Any, bad: set[str], path: str = "") -> Any:
+    """The container without the keys already reported (so later checks don't trip on them)."""
+    if isinstance(container, dict):
+        return {k: _drop(v, bad, f"{path}.{k}" if path else k) for k, v in container.items()
+                if (f"{path}.{k}" if path else k) not in bad and not (isinstance(v, str) and "${" in v)}
+    return container

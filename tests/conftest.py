@@ -1,0 +1,58 @@
+"""Shared fixtures: run the CLI as a user would, compose configs, small data files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
+    env.pop("WANDB_API_KEY", None)
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run `greenstack ...` in a subprocess (cwd = tmp_path); returns CompletedProcess with text output."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "greenstack", *args], cwd=cwd or tmp_path, env=_env(env),
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def text_csv_file(tmp_path) -> Path:
+    """A small labelled text CSV (synthetic topic sentences)."""
+    from greenstack.data.builders import synthetic_text_rows
+
+    texts, labels = synthetic_text_rows(64, 4, seed=3)
+    path = tmp_path / "texts.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(texts, labels, strict=True))
+    return path
+
+
+#: overrides that make any recipe train 2 batches quickly on CPU
+FAST = ["trainer.max_duration=2ba", "trainer.limit_eval_batches=1", "trainer.progress=false",
+        "trainer.log_interval=1", "tracker=none", "energy.interval_s=0.2"]
