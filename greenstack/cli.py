@@ -108,13 +108,15 @@ def _task(cfg: Any) -> dict[str, Any]:
 def _print_run_summary(summary: dict[str, Any], run_dir: str) -> None:
     from rich.table import Table
 
-    table = Table(title=f"run {summary['run_id']}  ->  {run_dir}", title_justify="left")
-    for col in ("figure", "value", "unit", "provenance", "source"):
+    table = Table(title=f"run {summary['run_id']}: {run_dir}", title_justify="left",
+                  caption="sources of every figure: sustainability.json", caption_justify="left")
+    for col in ("figure", "value", "provenance"):
         table.add_column(col, overflow="fold")
+    colours = {"measured": "green", "estimated": "yellow", "fallback": "red"}
     for key, fig in summary["metrics"].items():
         value = fig["value"]
-        text = f"{value:.6g}" if isinstance(value, float) else str(value)
-        table.add_row(key, text, fig["unit"], fig["provenance"], fig["source"])
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(key, f"{text} {fig['unit']}", f"[{colours[fig['provenance']]}]{fig['provenance']}[/]")
     _console(stderr=False).print(table)
 
 
@@ -270,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("greenstack: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

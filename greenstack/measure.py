@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import platform
+import statistics
+import time
 from dataclasses import dataclass
-from typing import Literal
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
+import torch
+
+from greenstack.engine.events import Event
+from greenstack.engine.policy import Policy
+from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
+from greenstack.provenance import Figure, weakest
 
 
 @dataclass
 class EnergyConfig:
     """Which meters to use and how often to sample them."""
 
-    kind: Literal["auto", "nvml", "rapl", "tdp"] = "auto"
+    meter: Literal["auto", "nvml", "rapl", "tdp"] = "auto"
     interval_s: float = 1.0
     tdp_w: float | None = None
     default_tdp_w: float = 85.0
@@ -21,8 +35,8 @@ class EnergyConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.kind not in ("auto", "nvml", "rapl", "tdp"):
-            problems.append(Problem("energy.kind", self.kind, "unknown meter kind", "auto, nvml, rapl or tdp"))
+        if self.meter not in ("auto", "nvml", "rapl", "tdp"):
+            problems.append(Problem("energy.meter", self.meter, "unknown meter", "auto, nvml, rapl or tdp"))
         if not self.interval_s > 0:
             problems.append(Problem("energy.interval_s", self.interval_s, "must be > 0"))
         if self.tdp_w is not None and not self.tdp_w > 0:
@@ -80,3 +94,348 @@ class CarbonConfig:
 
         return make_source(self.kind, zone=self.zone, intensity_g_per_kwh=self.intensity_g_per_kwh,
                            path=self.path, measured=self.measured)
+
+
+
+log = logging.getLogger("greenstack")
+J_PER_KWH = 3.6e6
+
+
+def reduce_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Sum per-node figures over all ranks; ranks that do not meter contribute zeros.
+
+    Node-wide counters are read by one process per node (local rank 0), so summing over ranks counts
+    every node exactly once instead of once per GPU/process.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+class Measurement(Policy):
+    """Meters the run, prices its carbon hour by hour, logs step-aligned figures and the summary.
+
+    The loop only pays for `monitor.sample()` (a timestamp append) at each step; energy is read by the
+    monitor's thread, and emissions are accounted incrementally at log steps and epoch ends.
+    """
+
+    events = frozenset({Event.FIT_START, Event.BATCH_START, Event.AFTER_BACKWARD, Event.STEP_END,
+                        Event.EPOCH_END, Event.FIT_END, Event.EXCEPTION})
+
+    def __init__(self, energy: EnergyConfig, carbon: CarbonConfig, *, log_interval: int = 10,
+                 meters: list[Any] | None = None, count_flops: bool = True) -> None:
+        super().__init__(name="measurement")
+        self.energy_cfg, self.carbon_cfg = energy, carbon
+        self.log_interval = log_interval
+        self.source = carbon.source()
+        self._given_meters = meters
+        self.count_flops = count_flops
+        self.monitor: Any = None
+        self.meter_notes: list[str] = []
+        self.metering = True
+        self._accounted = 0
+        self._emissions_kg = 0.0
+        self._epoch_kg: list[float] = []
+        self._epoch_start_kg = 0.0
+        self._flop_counter: Any = None
+        self.flops_per_sample: float | None = None
+        self.budget_decision: dict[str, Any] | None = None
+        self.samples = 0
+        self.peak_rss_bytes = 0
+
+    # -- events -----------------------------------------------------------------------------------
+    def __call__(self, event: Event, state: State) -> None:
+        if event is Event.FIT_START:
+            self._start()
+        elif event is Event.BATCH_START and self.count_flops and self.flops_per_sample is None \
+                and self._flop_counter is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._flop_counter = FlopCounterMode(display=False)
+            self._flop_counter.__enter__()
+        elif event is Event.AFTER_BACKWARD and self._flop_counter is not None:
+            self._flop_counter.__exit__(None, None, None)
+            n = int(state.batch["labels"].shape[0]) if isinstance(state.batch, dict) else 1
+            self.flops_per_sample = self._flop_counter.get_total_flops() / max(n, 1)
+            self._flop_counter = None
+        elif event is Event.STEP_END:
+            if self.monitor is not None:
+                self.monitor.sample()
+            if state.step % self.log_interval == 0:
+                state.metrics.update(self._running(state))
+        elif event is Event.EPOCH_END:
+            self._epoch_end(state)
+        elif event in (Event.FIT_END, Event.EXCEPTION):
+            if self._flop_counter is not None:
+                self._flop_counter.__exit__(None, None, None)
+                self._flop_counter = None
+            self.samples = state.samples_seen
+            self.close()
+
+    def _start(self) -> None:
+        from greenstack.energy import EnergyMonitor, select_meters, should_meter
+
+        self.metering = should_meter()
+        if not self.metering:
+            self.meter_notes.append("not local rank 0: this node is metered by local rank 0")
+            return
+        if self._given_meters is not None:
+            meters = self._given_meters
+        else:
+            cfg = self.energy_cfg
+            meters, self.meter_notes = select_meters(cfg.meter, tdp_w=cfg.tdp_w, default_tdp_w=cfg.default_tdp_w,
+                                                     ram_w_per_gb=cfg.ram_w_per_gb)
+        self.monitor = EnergyMonitor(meters, interval_s=self.energy_cfg.interval_s, pue=self.carbon_cfg.pue)
+        if self.energy_cfg.idle_baseline_s > 0:
+            log.info("measuring idle power for %.1f s", self.energy_cfg.idle_baseline_s)
+            self.monitor.measure_idle_baseline(self.energy_cfg.idle_baseline_s)
+        self.monitor.start()
+        for meter in meters:
+            log.info("energy: %s [%s]", meter.source, meter.provenance)
+        log.info("carbon: %s", self.source.name)
+
+    # -- accounting -------------------------------------------------------------------------------
+    def _account_new(self) -> tuple[float, float, float]:
+        """Account intervals recorded since the last call; returns (new kg, intensity, renewable %)."""
+        from greenstack.carbon.accounting import account_emissions
+
+        starts, ends, kwh = self.monitor.as_arrays("samples")
+        new = slice(self._accounted, len(starts))
+        if new.start >= len(starts):
+            return 0.0, math.nan, math.nan
+        energy = sum(kwh.values())[new]
+        result = account_emissions(starts[new], ends[new], energy, self.source, pue=self.carbon_cfg.pue)
+        self._accounted = len(starts)
+        self._emissions_kg += result.total_emissions_kg
+        return result.total_emissions_kg, result.mean_intensity_g_per_kwh, result.mean_renewable_percent
+
+    def _running(self, state: State) -> dict[str, float]:
+        if self.monitor is None:
+            return {}
+        _, intensity, renewable = self._account_new()
+        energy_kwh = self.monitor.total_kwh()
+        out = {"energy/total_kwh": energy_kwh, "carbon/total_kg_co2e": self._emissions_kg,
+               "cost/energy_usd": energy_kwh * self.carbon_cfg.pue * self.carbon_cfg.electricity_usd_per_kwh}
+        if state.samples_seen:
+            out["energy/j_per_sample"] = energy_kwh * J_PER_KWH / state.samples_seen
+        if not math.isnan(intensity):
+            out["carbon/intensity_g_per_kwh"] = intensity
+        if not math.isnan(renewable):
+            out["carbon/renewable_percent"] = renewable
+        util = self._gpu_utilization()
+        if util is not None:
+            out["efficiency/gpu_utilization"] = util
+        return out
+
+    def _epoch_end(self, state: State) -> None:
+        if self.monitor is None:
+            return
+        self.monitor.sample(label=f"epoch{state.epoch}", read=True)
+        self._account_new()
+        epoch_kg = self._emissions_kg - self._epoch_start_kg
+        self._epoch_start_kg = self._emissions_kg
+        self._epoch_kg.append(epoch_kg)
+        state.metrics["carbon/per_epoch_kg"] = epoch_kg
+        state.metrics["carbon/total_kg_co2e"] = self._emissions_kg
+        self._check_budget(state)
+
+    def _check_budget(self, state: State) -> None:
+        budget = self.carbon_cfg.budget_kg
+        if budget is None or self.budget_decision is not None or state.progress <= 0:
+            return
+        from greenstack.carbon.accounting import project_total
+
+        projected = project_total(self._emissions_kg, state.progress)
+        over = projected > budget
+        action = self.carbon_cfg.budget_action if over else "continue"
+        self.budget_decision = {"after_epoch": state.epoch, "emissions_so_far_kg": self._emissions_kg,
+                                "projected_total_kg": projected, "budget_kg": budget, "action": action,
+                                "at": datetime.now(timezone.utc).isoformat()}
+        state.metrics["carbon/projected_total_kg"] = projected
+        if over and action == "stop":
+            log.warning("carbon budget: projected %.3g kg > budget %.3g kg: stopping", projected, budget)
+            state.request_stop(f"projected emissions {projected:.3g} kg exceed carbon.budget_kg={budget:g}")
+        elif over:
+            log.warning("carbon budget: projected %.3g kg > budget %.3g kg (carbon.budget_action=warn)",
+                        projected, budget)
+        else:
+            log.info("carbon budget: projected %.3g kg within %.3g kg", projected, budget)
+
+    def _gpu_utilization(self) -> float | None:
+        for meter in self.monitor.meters if self.monitor else []:
+            if hasattr(meter, "utilization"):
+                return meter.utilization().get("gpu_util_percent")
+        return None
+
+    def close(self) -> None:
+        """Stop the sampling thread (idempotent)."""
+        if self.monitor is not None and not self.monitor.stopped:
+            self.monitor.stop()
+            self._account_new()
+
+    # -- summary ----------------------------------------------------------------------------------
+    def final(self, state: State, latency_ms: float | None, latency_batch: int) -> tuple[dict[str, Figure], dict]:
+        """Summary figures (unit, provenance, source) and the CodeCarbon-compatible emissions row."""
+        from greenstack.carbon.accounting import account_emissions, embodied_emissions_kg
+
+        self.close()
+        figs: dict[str, Figure] = {}
+        mon = self.monitor
+        result = None
+        local = dict.fromkeys(("cpu", "gpu", "ram", "kg"), 0.0)
+        if mon is not None:
+            starts, ends, kwh = mon.as_arrays("samples")
+            energy_figs = mon.figures()
+            e_prov = energy_figs["energy/total_kwh"].provenance
+            result = account_emissions(starts, ends, sum(kwh.values()) if kwh else np.zeros(0), self.source,
+                                       pue=self.carbon_cfg.pue, energy_provenance=e_prov)
+            local.update({c: float(v.sum()) for c, v in kwh.items()})
+            local["kg"] = result.total_emissions_kg
+        # every rank joins the reduction (collectives must match); only metering ranks add energy
+        node = reduce_across_ranks({**local, "samples": float(state.samples_seen)})
+        if mon is None or result is None:
+            return figs, {}
+        per_component = {c: node[c] for c in mon.components}
+        total_kwh = sum(per_component.values())
+        e_src = energy_figs["energy/total_kwh"].source
+        kg = node["kg"]
+        src = f"{e_src}; {result.source}"
+        prov = result.provenance
+        figs["carbon/total_kg_co2e"] = Figure(kg, "kgCO2eq", prov, src)
+        if self._epoch_kg:
+            figs["carbon/per_epoch_kg"] = Figure(statistics.fmean(self._epoch_kg), "kgCO2eq/epoch", prov,
+                                                 f"mean over {len(self._epoch_kg)} epochs; {src}")
+        figs["carbon/intensity_g_per_kwh"] = Figure(result.mean_intensity_g_per_kwh, "gCO2eq/kWh",
+                                                    weakest(result.provenance), f"energy-weighted; {result.source}")
+        figs["carbon/renewable_percent"] = Figure(
+            None if math.isnan(result.mean_renewable_percent) else result.mean_renewable_percent, "%",
+            result.provenance if not math.isnan(result.mean_renewable_percent) else "fallback",
+            f"energy-weighted; {result.source}" if not math.isnan(result.mean_renewable_percent)
+            else f"{self.source.name} has no renewable share")
+        for c in per_component:
+            figs[f"energy/{c}_kwh"] = Figure(node[c], "kWh", energy_figs[f"energy/{c}_kwh"].provenance,
+                                             energy_figs[f"energy/{c}_kwh"].source)
+        figs["energy/total_kwh"] = Figure(total_kwh, "kWh", e_prov, e_src)
+        figs["energy/facility_kwh"] = Figure(total_kwh * self.carbon_cfg.pue, "kWh",
+                                             weakest(e_prov, energy_figs["energy/pue"].provenance),
+                                             f"total x {energy_figs['energy/pue'].source}")
+        figs["energy/pue"] = energy_figs["energy/pue"]
+        for key in ("energy/idle_power_w", "energy/dynamic_kwh", "energy/meter_errors"):
+            if key in energy_figs:
+                figs[key] = energy_figs[key]
+        samples = node.get("samples", state.samples_seen)
+        figs["energy/j_per_sample"] = Figure(total_kwh * J_PER_KWH / samples if samples else None, "J/sample",
+                                             e_prov, f"energy/total_kwh / {int(samples)} training samples")
+        price = self.carbon_cfg.electricity_usd_per_kwh
+        figs["cost/energy_usd"] = Figure(total_kwh * self.carbon_cfg.pue * price, "USD", weakest(e_prov, "estimated"),
+                                         f"facility kWh x configured price {price:g} USD/kWh")
+        util = self._gpu_utilization()
+        figs["efficiency/gpu_utilization"] = Figure(util, "%", "measured", "nvml.utilization") if util is not None \
+            else Figure(None, "%", "fallback", "no GPU metered: " + "; ".join(n for n in self.meter_notes
+                                                                              if n.startswith("nvml")) or "no NVML")
+        figs["efficiency/memory_efficiency"] = self._memory_figure(state)
+        if self.flops_per_sample is not None and total_kwh > 0:
+            total_flops = self.flops_per_sample * state.samples_seen
+            figs["efficiency/flops_per_watt"] = Figure(
+                total_flops / (total_kwh * J_PER_KWH), "FLOP/J", weakest("estimated", e_prov),
+                f"torch.utils.flop_counter on one batch ({self.flops_per_sample:.4g} FLOP/sample fwd+bwd) "
+                f"x {state.samples_seen} samples / energy")
+        if latency_ms is not None:
+            figs["efficiency/inference_latency_ms"] = Figure(
+                latency_ms, "ms/batch", "measured", f"median of 10 eval forwards, batch {latency_batch}, "
+                                                     f"{state.device}")
+        if self.carbon_cfg.embodied_kg_co2e is not None:
+            hours = mon.duration_s() / 3600
+            figs["carbon/embodied_kg_co2e"] = Figure(
+                embodied_emissions_kg(hours, self.carbon_cfg.embodied_kg_co2e, self.carbon_cfg.embodied_lifetime_hours),
+                "kgCO2eq", "estimated", f"configured {self.carbon_cfg.embodied_kg_co2e:g} kg over "
+                                        f"{self.carbon_cfg.embodied_lifetime_hours:g} h, x {hours:.4g} h")
+        if self.budget_decision is not None:
+            d = self.budget_decision
+            figs["carbon/projected_total_kg"] = Figure(d["projected_total_kg"], "kgCO2eq", prov,
+                                                       f"linear projection after epoch {d['after_epoch']}")
+        return figs, self._emissions_row(state, figs, result, mon)
+
+    def _memory_figure(self, state: State) -> Figure:
+        if state.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(state.device)
+            total = torch.cuda.get_device_properties(state.device).total_memory
+            return Figure(peak / total, "fraction", "measured", "torch.cuda.max_memory_allocated / device memory")
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+        return Figure(rss / psutil.virtual_memory().total, "fraction", "measured",
+                      "process RSS at end / system memory (psutil)")
+
+    def _emissions_row(self, state: State, figs: dict[str, Figure], result: Any, mon: Any) -> dict[str, Any]:
+        import psutil
+
+        duration = mon.duration_s()
+        energy = {c: figs[f"energy/{c}_kwh"].value if f"energy/{c}_kwh" in figs else 0.0 for c in ("cpu", "gpu", "ram")}
+        power = {c: (energy[c] or 0.0) * J_PER_KWH / duration if duration > 0 else 0.0 for c in energy}
+        kg = figs["carbon/total_kg_co2e"].value
+        gpus = [m for m in mon.meters if m.name == "nvml"]
+        cpu = next((m for m in mon.meters if m.name == "tdp"), None)
+        return {
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "duration": round(duration, 3), "emissions": kg,
+            "emissions_rate": kg / duration if duration > 0 else 0.0,
+            "cpu_power": power["cpu"], "gpu_power": power["gpu"], "ram_power": power["ram"],
+            "cpu_energy": energy["cpu"], "gpu_energy": energy["gpu"], "ram_energy": energy["ram"],
+            "energy_consumed": figs["energy/facility_kwh"].value,
+            "country_iso_code": self.source.country_iso3 or "", "region": self.source.zone,
+            "os": platform.platform(), "python_version": platform.python_version(),
+            "cpu_count": psutil.cpu_count(), "cpu_model": getattr(cpu, "cpu_model", "") if cpu else "",
+            "gpu_count": sum(len(getattr(g, "devices", [])) for g in gpus),
+            "ram_total_size": round(psutil.virtual_memory().total / 2**30, 3),
+            "tracking_mode": "process", "pue": self.carbon_cfg.pue,
+            "provenance": figs["carbon/total_kg_co2e"].provenance,
+            "source": figs["carbon/total_kg_co2e"].source,
+        }
+
+
+def measure_latency_ms(model: torch.nn.Module, batch: Any, repeats: int = 10) -> float | None:
+    """Median wall time of an eval-mode forward on one batch (ms); None without a batch."""
+    from greenstack.engine.loop import forward
+
+    if not isinstance(batch, dict):
+        return None
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            forward(model, batch)
+            if batch["labels"].device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return statistics.median(times[1:]) * 1000
+
+
+EMISSIONS_COLUMNS = ["timestamp", "project_name", "run_id", "experiment_id", "duration", "emissions",
+                     "emissions_rate", "cpu_power", "gpu_power", "ram_power", "cpu_energy", "gpu_energy",
+                     "ram_energy", "energy_consumed", "country_name", "country_iso_code", "region",
+                     "cloud_provider", "cloud_region", "os", "python_version", "codecarbon_version",
+                     "cpu_count", "cpu_model", "gpu_count", "gpu_model", "longitude", "latitude",
+                     "ram_total_size", "tracking_mode", "on_cloud", "pue", "provenance", "source"]
+
+
+def write_emissions_csv(path: Path, row: dict[str, Any]) -> None:
+    """Append one run row with CodeCarbon's column names (plus provenance/source) so dashboards read it."""
+    import csv
+    import io
+
+    from greenstack.io import atomic_write_bytes
+
+    existing = path.read_text() if path.is_file() else ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=EMISSIONS_COLUMNS, extrasaction="ignore")
+    if not existing:
+        writer.writeheader()
+    writer.writerow({c: row.get(c, "") for c in EMISSIONS_COLUMNS})
+    atomic_write_bytes(path, (existing + buf.getvalue()).encode())

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from greenstack.engine.loop import Trainer
 from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError
+from greenstack.measure import Measurement
 from greenstack.report.summary import RunReport
 from greenstack.tracking.base import Fanout, JsonlWriter, load_or_create_run_id
 from greenstack.validate import validate_config
@@ -60,7 +61,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_id = load_or_create_run_id(run_dir)
     run_name = cfg.get("run_name") or run_dir.name
     tracker = instantiate(cfg.tracker)
-    report = RunReport(cfg, run_dir=run_dir, run_id=run_id)
+    measurement = Measurement(instantiate(cfg.energy), instantiate(cfg.carbon), log_interval=trainer_cfg.log_interval)
+    report = RunReport(cfg, run_dir=run_dir, run_id=run_id, measurement=measurement)
     jsonl = JsonlWriter(run_dir)
     exit_code = 1
     tracker.start(run_dir=run_dir, run_id=run_id, run_name=str(run_name),

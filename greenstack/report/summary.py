@@ -24,6 +24,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.state import State
 from greenstack.io import atomic_write_json, publish
+from greenstack.measure import Measurement, measure_latency_ms, write_emissions_csv
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
@@ -66,12 +67,13 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 class RunReport:
     """Collects what a run measured and writes it out at the end."""
 
-    def __init__(self, cfg: DictConfig, *, run_dir: Path, run_id: str) -> None:
+    def __init__(self, cfg: DictConfig, *, run_dir: Path, run_id: str, measurement: Measurement | None = None) -> None:
         self.cfg, self.run_dir, self.run_id = cfg, run_dir, run_id
         self.clock = _Clock()
+        self.measurement = measurement
 
     def policies(self) -> list[Policy]:
-        return [self.clock]
+        return [self.clock] + ([self.measurement] if self.measurement is not None else [])
 
     def finish(self, state: State, *, trainer: Any, data: Any, policies: list[Policy]) -> dict[str, Any]:
         weights = self.run_dir / "model.safetensors"
@@ -93,6 +95,16 @@ class RunReport:
             if key in final:
                 metrics[key] = Figure(final[key], "fraction" if "accuracy" in key else "nats", "measured",
                                       f"evaluation on the {key.split('/')[0]} split")
+        if self.measurement is not None:
+            batch = state.batch
+            latency = measure_latency_ms(state.model, batch)
+            size = int(batch["labels"].shape[0]) if isinstance(batch, dict) else 0
+            figures, row = self.measurement.final(state, latency, size)
+            metrics.update(figures)
+            if row and state.rank == 0:
+                row.update(project_name=self.cfg.get("project"), run_id=self.run_id,
+                           experiment_id=self.cfg.get("run_name") or "")
+                write_emissions_csv(self.run_dir / "emissions.csv", row)
         for policy in policies:
             for key, fig in policy.summary().items():
                 metrics[key] = fig if isinstance(fig, Figure) else Figure(fig, "", "measured", policy.name)
@@ -108,9 +120,15 @@ class RunReport:
                      "torch": torch.__version__, "device": str(state.device)},
             "metrics": {k: v.to_dict() for k, v in metrics.items()},
         }
+        if self.measurement is not None:
+            summary["energy_meters"] = self.measurement.meter_notes
+            summary["carbon_source"] = self.measurement.source.describe()
+            summary["carbon_budget"] = self.measurement.budget_decision
         atomic_write_json(self.run_dir / "sustainability.json", summary)
         summary["flat"] = {k: v.value for k, v in metrics.items() if isinstance(v.value, (int, float))}
         return summary
 
     def close(self) -> None:
         """Release resources (meter threads); safe to call twice."""
+        if self.measurement is not None:
+            self.measurement.close()

@@ -61,6 +61,9 @@ class WandbTracker(Tracker):
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
+            # commit the pending history row first: committing it later would overwrite the summary
+            # with the row's (running) values
+            self.run.log({}, commit=True)
             for key, value in jsonable(values).items():
                 self.run.summary[key] = value
 

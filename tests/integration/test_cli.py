@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -34,6 +35,31 @@ def test_train_writes_the_contract_files_and_a_wandb_run(cli, tmp_path):
     assert [row["train/loss"] for row in logged] == pytest.approx(expected)
     assert run["summary"]["test/accuracy"] == pytest.approx(summary["metrics"]["test/accuracy"]["value"])
     assert run["config"]["model"]["name"] == "resnet10t"
+    # sustainability metrics: labelled in the summary, step-aligned in W&B, CodeCarbon-style CSV
+    figures = summary["metrics"]
+    for key in ("carbon/total_kg_co2e", "carbon/intensity_g_per_kwh", "carbon/renewable_percent",
+                "carbon/per_epoch_kg", "energy/total_kwh", "energy/cpu_kwh", "energy/j_per_sample",
+                "efficiency/gpu_utilization", "efficiency/memory_efficiency", "efficiency/flops_per_watt",
+                "efficiency/model_size_mb", "efficiency/inference_latency_ms", "cost/energy_usd"):
+        assert key in figures, key
+        assert figures[key]["provenance"] in ("measured", "estimated", "fallback") and figures[key]["source"]
+    assert figures["carbon/total_kg_co2e"]["value"] > 0
+    assert "electricitymaps:DE-LU" in figures["carbon/total_kg_co2e"]["source"]
+    assert figures["carbon/total_kg_co2e"]["provenance"] != "measured"  # no hardware counter here
+    stepped = [row for row in run["history"] if "carbon/total_kg_co2e" in row]
+    assert stepped and all(row["_step"] >= 1 for row in stepped)
+    assert [r["carbon/total_kg_co2e"] for r in stepped] == sorted(r["carbon/total_kg_co2e"] for r in stepped)
+    assert run["summary"]["carbon/total_kg_co2e"] == pytest.approx(figures["carbon/total_kg_co2e"]["value"])
+    assert run["summary"]["energy/total_kwh"] == pytest.approx(figures["energy/total_kwh"]["value"])
+    rows = list(csv.DictReader((run_dir / "emissions.csv").open()))
+    assert len(rows) == 1
+    for column in ("timestamp", "project_name", "run_id", "duration", "emissions", "emissions_rate", "cpu_power",
+                   "gpu_power", "ram_power", "cpu_energy", "gpu_energy", "ram_energy", "energy_consumed",
+                   "country_iso_code", "region"):
+        assert column in rows[0]
+    assert float(rows[0]["emissions"]) == pytest.approx(figures["carbon/total_kg_co2e"]["value"])
+    assert rows[0]["run_id"] == summary["run_id"] and rows[0]["region"] == "DE-LU"
+    assert rows[0]["country_iso_code"] == "DEU"
 
 
 def test_validate_reports_three_mistakes_of_a_user_recipe_at_once(cli, tmp_path):
