@@ -1,7 +1,8 @@
-"""MLflow tracker writing to a local store in the run dir unless a tracking URI is given."""
+"""MLflow tracker writing to a local file store in the run dir unless a tracking URI is given."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,11 @@ class MlflowTracker(Tracker):
         except ImportError as e:
             raise ConfigError("MLflow is not installed", key="tracker", value="mlflow",
                               fix="pip install 'greenstack[mlflow]'") from e
-        uri = self.tracking_uri or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+        uri = self.tracking_uri
+        if uri is None:
+            # mlflow-skinny has no SQL store; its file store still works but must be opted into (MLflow 3)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (Path(run_dir).resolve() / "mlruns").as_uri()
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(self.experiment)
         mlflow.start_run(run_name=run_name, tags={"greenstack.run_id": run_id})
