@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -43,6 +44,7 @@ def _check_group_overrides(overrides: Sequence[str]) -> tuple[list[str], list[Pr
     parser = OverridesParser.create()
     kept, problems = [], []
     loader = GlobalHydra.instance().config_loader()
+    extra_dirs = _searchpath_dirs(parser, overrides)
     for text in overrides:
         try:
             override = parser.parse_override(text)
@@ -52,6 +54,8 @@ def _check_group_overrides(overrides: Sequence[str]) -> tuple[list[str], list[Pr
             continue
         group = override.key_or_group
         options = loader.get_group_options(group) if "." not in group and not group.startswith("hydra") else []
+        options = sorted(set(options) | {p.stem for d in extra_dirs for p in (d / group).glob("*.yaml")}) \
+            if options else options
         if options and not override.is_delete() and override.package is None:
             values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
                 override.value()]
@@ -65,6 +69,23 @@ def _check_group_overrides(overrides: Sequence[str]) -> tuple[list[str], list[Pr
                 continue
         kept.append(text)
     return kept, problems
+
+
+def _searchpath_dirs(parser: OverridesParser, overrides: Sequence[str]) -> list[Path]:
+    """Directories added by a `hydra.searchpath=[...]` override (file:// or plain paths)."""
+    dirs: list[Path] = []
+    for text in overrides:
+        if not text.lstrip("+").startswith("hydra.searchpath="):
+            continue
+        try:
+            value = parser.parse_override(text).value()
+        except HydraException:
+            continue
+        for entry in value if isinstance(value, list) else [value]:
+            entry = str(entry)
+            if entry.startswith("file://") or "://" not in entry:
+                dirs.append(Path(entry.removeprefix("file://")))
+    return dirs
 
 
 def compose_with_problems(overrides: Sequence[str], *, return_hydra_config: bool = False

@@ -16,7 +16,7 @@ TINY = ["data=synthetic_image", "model.name=resnet10t", "data.num_samples=64", "
 def test_train_writes_the_contract_files_and_a_wandb_run(cli, tmp_path):
     run_dir = tmp_path / "run"
     fast = [o for o in FAST if not o.startswith("tracker")]
-    result = cli("train", *TINY, *fast, f"hydra.run.dir={run_dir}", "tracker=wandb")
+    result = cli("train", "recipe=quickstart", *fast, f"hydra.run.dir={run_dir}", "tracker=wandb")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert all("step" in r for r in rows)
@@ -34,7 +34,7 @@ def test_train_writes_the_contract_files_and_a_wandb_run(cli, tmp_path):
     expected = [r["train/loss"] for r in rows if "train/loss" in r]
     assert [row["train/loss"] for row in logged] == pytest.approx(expected)
     assert run["summary"]["test/accuracy"] == pytest.approx(summary["metrics"]["test/accuracy"]["value"])
-    assert run["config"]["model"]["name"] == "resnet10t"
+    assert run["config"]["model"]["name"] == "resnet18" and run["config"]["run_name"] == "quickstart"
     # sustainability metrics: labelled in the summary, step-aligned in W&B, CodeCarbon-style CSV
     figures = summary["metrics"]
     for key in ("carbon/total_kg_co2e", "carbon/intensity_g_per_kwh", "carbon/renewable_percent",
@@ -141,3 +141,29 @@ def test_ls_and_cp(cli, tmp_path):
 def test_unknown_command_suggests(cli):
     result = cli("trian")
     assert result.returncode == 2 and "did you mean 'train'" in result.stderr
+
+
+def test_user_recipe_repo_through_hydra_searchpath(cli, tmp_path):
+    repo = tmp_path / "team_recipes"
+    (repo / "recipe").mkdir(parents=True)
+    (repo / "recipe" / "team.yaml").write_text("# @package _global_\nrun_name: team\noptim:\n  lr: 0.5\n")
+    ok = cli("train", f"hydra.searchpath=[file://{repo}]", "recipe=team", "--cfg", "job")
+    assert ok.returncode == 0, ok.stderr
+    assert "run_name: team" in ok.stdout and "lr: 0.5" in ok.stdout
+    typo = cli("validate", f"hydra.searchpath=[file://{repo}]", "recipe=taem")
+    assert typo.returncode == 2 and "did you mean team" in typo.stdout + typo.stderr
+
+
+def test_doctor_says_what_is_measured_and_what_is_estimated(cli):
+    result = cli("doctor", "--json", "--zone", "GB")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    cpu = [m for m in report["meters"] if "cpu" in m["components"]]
+    assert len(cpu) == 1
+    if cpu[0]["name"] == "tdp":  # no RAPL here: the estimate is announced, with the reason RAPL is not used
+        assert cpu[0]["source"] in report["estimated"]
+        assert any(reason.startswith("rapl") for reason in report["not_used"])
+    assert report["carbon"]["ok"] and "GB" in report["carbon"]["source"]
+    assert len(report["embedded_zones"]) == 12 and report["country_averages"] == 213
+    bad = cli("doctor", "--zone", "DE-LUX")
+    assert bad.returncode == 0 and "DE-LU" in bad.stdout
