@@ -308,11 +308,12 @@ class Measurement(Policy):
         if self._epoch_kg:
             figs["carbon/per_epoch_kg"] = Figure(statistics.fmean(self._epoch_kg), "kgCO2eq/epoch", prov,
                                                  f"mean over {len(self._epoch_kg)} epochs; {src}")
-        figs["carbon/intensity_g_per_kwh"] = Figure(result.mean_intensity_g_per_kwh, "gCO2eq/kWh",
-                                                    weakest(result.provenance), f"energy-weighted; {result.source}")
+        i_prov = weakest(*result.energy_kwh_by_provenance) if result.energy_kwh_by_provenance else "fallback"
+        figs["carbon/intensity_g_per_kwh"] = Figure(result.mean_intensity_g_per_kwh, "gCO2eq/kWh", i_prov,
+                                                    f"energy-weighted; {result.source}")
         figs["carbon/renewable_percent"] = Figure(
             None if math.isnan(result.mean_renewable_percent) else result.mean_renewable_percent, "%",
-            result.provenance if not math.isnan(result.mean_renewable_percent) else "fallback",
+            i_prov if not math.isnan(result.mean_renewable_percent) else "fallback",
             f"energy-weighted; {result.source}" if not math.isnan(result.mean_renewable_percent)
             else f"{self.source.name} has no renewable share")
         for c in per_component:
