@@ -24,6 +24,8 @@ commands:
   ls [GROUP]               config groups, options and recipes, with where each came from
   cp GROUP/OPTION DEST     copy a recipe or config option to edit (e.g. cp recipe/quickstart my.yaml)
   doctor                   which energy meters and carbon sources work on this machine
+  plan forecast-eval ...   rolling-origin evaluation of the carbon-intensity forecaster
+  carbon sign|verify ...   sign or verify a carbon-intensity data file (Ed25519)
 
 global flag: --debug shows tracebacks.  Docs: README.md
 """
@@ -242,7 +244,20 @@ def doctor(argv: list[str]) -> int:
     return run_doctor(argv)
 
 
-COMMANDS = {"train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor}
+def plan(argv: list[str]) -> int:
+    from greenstack.plan import run_plan
+
+    return run_plan(argv)
+
+
+def carbon(argv: list[str]) -> int:
+    from greenstack.carbon.cli import run_carbon
+
+    return run_carbon(argv)
+
+
+COMMANDS = {"train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor, "plan": plan,
+            "carbon": carbon}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -135,7 +135,9 @@ class Trainer:
         optimizer, lr_scheduler = optim.build(model.parameters(), max_steps)
         self.state = State(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, device=self.device,
                            max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                           run_dir=run_dir)
+                           run_dir=run_dir,
+                           optim_factory=lambda params: optim.build(params, max_steps))
+        self.state.evaluate = self.evaluate_split
         eval_every = Duration.parse(config.eval_interval)
         self.eval_steps = eval_every.to_steps(steps_per_epoch=steps_per_epoch, batch_size=batch_size)
         self.eval_at_epoch_end = eval_every.unit == "ep" and eval_every.value == 1
@@ -154,10 +156,21 @@ class Trainer:
             sink.log(metrics, self.state.step)
 
     # -- evaluation -------------------------------------------------------------------------------
+    def evaluate_split(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        """Loss/accuracy of any model on the run's "val" or "test" split (for policies comparing models)."""
+        loader = {"val": self.val_loader, "test": self.test_loader}.get(split)
+        if loader is None:
+            return {}
+        result = self.evaluate(loader, split, model=model, record=False)
+        result.pop("epoch", None)
+        return result
+
     @torch.no_grad()
-    def evaluate(self, loader: Iterable, prefix: str) -> dict[str, float]:
+    def evaluate(self, loader: Iterable, prefix: str, *, model: torch.nn.Module | None = None,
+                 record: bool = True) -> dict[str, float]:
         """Loss and accuracy over `loader` (at most `limit_eval_batches` batches)."""
-        model, state = self.state.model, self.state
+        state = self.state
+        model = state.model if model is None else model
         was_training = model.training
         model.eval()
         loss_sum = torch.zeros((), device=self.device)
@@ -176,7 +189,8 @@ class Trainer:
             return {}
         result = {f"{prefix}/loss": loss_sum.item() / count, f"{prefix}/accuracy": correct.item() / count,
                   f"{prefix}/samples": count}
-        self.last_eval.update(result)
+        if record:
+            self.last_eval.update(result)
         return {**result, "epoch": state.epoch}
 
     def _autocast(self):
@@ -202,6 +216,7 @@ class Trainer:
     def fit(self) -> State:
         """Train until `max_duration` or a policy stops the run; evaluate on val and, at the end, test."""
         state, cfg = self.state, self.config
+        state.policies = self.policies
         for policy in self.policies:
             policy.resolve_window(state)
         self.dispatch(Event.INIT)
@@ -222,23 +237,33 @@ class Trainer:
 
     def _train(self, progress: _Progress) -> None:
         state, cfg = self.state, self.config
-        model, optimizer = state.model, state.optimizer
-        assert optimizer is not None
-        model.train()
+        state.model.train()
         running_loss = torch.zeros((), device=self.device)
         running_count = 0
         last_eval_step = -1
         log_t0, log_samples = time.perf_counter(), 0
+        generator = getattr(self.train_loader, "generator", None)
         while state.step < state.max_steps and not state.stop:
-            state.batch_in_epoch = 0
+            skip = 0
+            if state.resume is not None:  # continue mid-epoch exactly where the checkpoint was taken
+                if generator is not None and state.resume.get("loader_rng") is not None:
+                    generator.set_state(state.resume["loader_rng"])
+                skip = int(state.resume.get("batch_in_epoch", 0))
+                state.resume = None
+            else:
+                state.batch_in_epoch = 0
+            # the shuffling of this epoch is drawn from the loader's generator when iteration starts
+            state.loader_rng = generator.get_state() if generator is not None else None
             self.dispatch(Event.EPOCH_START)
             micro = 0
-            for batch in _limited(self.train_loader, self.batches_per_epoch):
+            for i, batch in enumerate(_limited(self.train_loader, self.batches_per_epoch)):
+                if i < skip:
+                    continue
                 t0 = time.perf_counter()
                 state.batch = move_to(batch, self.device)
                 self.dispatch(Event.BATCH_START)
                 with self._autocast():
-                    logits = forward(model, state.batch)
+                    logits = forward(state.model, state.batch)
                     loss = F.cross_entropy(logits.float(), state.batch["labels"])
                 state.outputs, state.loss = logits, loss
                 self.dispatch(Event.AFTER_FORWARD)
@@ -265,7 +290,7 @@ class Trainer:
                     elapsed = time.perf_counter() - log_t0
                     state.metrics.update({
                         "train/loss": (running_loss / max(running_count, 1)).item(),
-                        "lr": optimizer.param_groups[0]["lr"], "epoch": state.epoch,
+                        "lr": state.optimizer.param_groups[0]["lr"], "epoch": state.epoch,
                         "train/samples_per_s": log_samples / elapsed if elapsed > 0 else math.nan,
                     })
                     running_loss.zero_()

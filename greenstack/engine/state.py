@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,12 +40,34 @@ class State:
     world_size: int = 1
     region: str | None = None
     run_dir: str | None = None
+    #: builds (optimizer, lr_scheduler) for new parameters: policies that replace the model
+    #: (distillation students, converted QAT graphs) call `replace_model`, which uses it
+    optim_factory: Callable[[Iterable[torch.nn.Parameter]], tuple[Any, Any]] | None = None
+    #: every policy of the run, in dispatch order (checkpointing saves and restores their state)
+    policies: list[Any] = field(default_factory=list)
+    #: state of the train loader's shuffling generator at the start of the current epoch
+    loader_rng: torch.Tensor | None = None
+    #: set by a resuming policy before training: {"loader_rng": Tensor, "batch_in_epoch": int}
+    resume: dict[str, Any] | None = None
+    #: `evaluate(model, "val" | "test") -> {"<split>/accuracy", "<split>/loss", ...}` set by the loop
+    evaluate: Callable[[torch.nn.Module, str], dict[str, float]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def progress(self) -> float:
         """Fraction of the planned optimizer steps done, in [0, 1]."""
         return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+    def replace_model(self, model: torch.nn.Module, *, rebuild_optimizer: bool = True) -> None:
+        """Swap the model being trained (moved to the run's device); rebuild optimizer/schedule for it.
+
+        The new schedule is advanced to the current step so the learning rate continues smoothly.
+        """
+        self.model = model.to(self.device)
+        if rebuild_optimizer and self.optim_factory is not None:
+            self.optimizer, self.lr_scheduler = self.optim_factory(self.model.parameters())
+            for _ in range(self.step):
+                self.lr_scheduler.step()
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop after the current step; the first reason given wins."""

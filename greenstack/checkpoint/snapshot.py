@@ -1,0 +1,108 @@
+"""Capture everything needed to continue a run bit-for-bit, and put it back.
+
+The capture is the only part of checkpointing the training loop waits for: tensors are cloned to CPU
+memory; serialisation and I/O happen later, off the training thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+
+from greenstack.engine.state import State
+
+
+def _cpu_clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_clone(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class Snapshot:
+    """A run's state at an optimizer-step boundary."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    samples_seen: int
+    model: dict[str, torch.Tensor]
+    trainer: dict[str, Any]  # optimizer, lr scheduler, grad scaler, policies, torch/loader RNG
+    rng: dict[str, Any]  # python/numpy RNG as JSON-able lists
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"step-{self.step:09d}"
+
+
+def _policy_key(i: int, policy: Any) -> str:
+    return f"{i:02d}:{getattr(policy, 'name', type(policy).__name__)}"
+
+
+def capture(state: State, meta: dict[str, Any] | None = None) -> Snapshot:
+    """Copy the state to CPU memory (the loop blocks only for this)."""
+    np_state = np.random.get_state()
+    trainer = {
+        "optimizer": _cpu_clone(state.optimizer.state_dict()) if state.optimizer is not None else None,
+        "lr_scheduler": _cpu_clone(state.lr_scheduler.state_dict()) if state.lr_scheduler is not None else None,
+        "grad_scaler": _cpu_clone(state.grad_scaler.state_dict()) if state.grad_scaler is not None else None,
+        "policies": {_policy_key(i, p): _cpu_clone(p.state_dict()) for i, p in enumerate(state.policies)},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": [t.clone() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "loader_rng": state.loader_rng.clone() if state.loader_rng is not None else None,
+    }
+    rng = {"python": _jsonable(random.getstate()),
+           "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    model = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
+    return Snapshot(step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
+                    samples_seen=state.samples_seen, model=model, trainer=trainer, rng=rng, meta=dict(meta or {}))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _tuple(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return tuple(_tuple(v) for v in obj)
+    return obj
+
+
+def apply_snapshot(snapshot: Snapshot, state: State) -> None:
+    """Restore model, optimizer, schedule, policies, counters and RNG so training continues exactly."""
+    state.model.load_state_dict(snapshot.model)
+    t = snapshot.trainer
+    if state.optimizer is not None and t.get("optimizer") is not None:
+        state.optimizer.load_state_dict(t["optimizer"])
+    if state.lr_scheduler is not None and t.get("lr_scheduler") is not None:
+        state.lr_scheduler.load_state_dict(t["lr_scheduler"])
+    if state.grad_scaler is not None and t.get("grad_scaler") is not None:
+        state.grad_scaler.load_state_dict(t["grad_scaler"])
+    saved = t.get("policies", {})
+    for i, policy in enumerate(state.policies):
+        key = _policy_key(i, policy)
+        if key in saved:
+            policy.load_state_dict(saved[key])
+    torch.set_rng_state(t["torch_rng"])
+    if t.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(t["cuda_rng"])
+    random.setstate(_tuple(snapshot.rng["python"]))
+    kind, keys, pos, has_gauss, cached = snapshot.rng["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    state.step, state.epoch = snapshot.step, snapshot.epoch
+    state.batch_in_epoch, state.samples_seen = snapshot.batch_in_epoch, snapshot.samples_seen
+    state.resume = {"loader_rng": t.get("loader_rng"), "batch_in_epoch": snapshot.batch_in_epoch}
