@@ -164,7 +164,7 @@ def _sources() -> list[Any]:
 
 
 def _source_file(source: Any, group: str, option: str) -> Path | None:
-    scheme, _, base = source.path.partition("://")
+    scheme, base = type(source).scheme(), source.path.split("://", 1)[-1]
     if scheme == "recipes":
         candidate = Path(base) / f"{option}.yaml"
     elif scheme == "file":

@@ -144,7 +144,8 @@ class Measurement(Policy):
         self.flops_per_sample: float | None = None
         self.budget_decision: dict[str, Any] | None = None
         self.samples = 0
-        self.peak_rss_bytes = 0
+        #: totals of earlier segments of a resumed run (from a checkpoint), added to this segment's
+        self._carried: dict[str, Any] = {"kwh": {}, "kg": 0.0, "duration_s": 0.0}
 
     # -- events -----------------------------------------------------------------------------------
     def __call__(self, event: Event, state: State) -> None:
@@ -216,8 +217,8 @@ class Measurement(Policy):
         if self.monitor is None:
             return {}
         _, intensity, renewable = self._account_new()
-        energy_kwh = self.monitor.total_kwh()
-        out = {"energy/total_kwh": energy_kwh, "carbon/total_kg_co2e": self._emissions_kg,
+        energy_kwh = self.monitor.total_kwh() + sum(self._carried["kwh"].values())
+        out = {"energy/total_kwh": energy_kwh, "carbon/total_kg_co2e": self._emissions_kg + self._carried["kg"],
                "cost/energy_usd": energy_kwh * self.carbon_cfg.pue * self.carbon_cfg.electricity_usd_per_kwh}
         if state.samples_seen:
             out["energy/j_per_sample"] = energy_kwh * J_PER_KWH / state.samples_seen
@@ -239,7 +240,7 @@ class Measurement(Policy):
         self._epoch_start_kg = self._emissions_kg
         self._epoch_kg.append(epoch_kg)
         state.metrics["carbon/per_epoch_kg"] = epoch_kg
-        state.metrics["carbon/total_kg_co2e"] = self._emissions_kg
+        state.metrics["carbon/total_kg_co2e"] = self._emissions_kg + self._carried["kg"]
         self._check_budget(state)
 
     def _check_budget(self, state: State) -> None:
@@ -248,10 +249,10 @@ class Measurement(Policy):
             return
         from greenstack.carbon.accounting import project_total
 
-        projected = project_total(self._emissions_kg, state.progress)
+        projected = project_total(self._emissions_kg + self._carried["kg"], state.progress)
         over = projected > budget
         action = self.carbon_cfg.budget_action if over else "continue"
-        self.budget_decision = {"after_epoch": state.epoch, "emissions_so_far_kg": self._emissions_kg,
+        self.budget_decision = {"after_epoch": state.epoch, "emissions_so_far_kg": self._emissions_kg + self._carried["kg"],
                                 "projected_total_kg": projected, "budget_kg": budget, "action": action,
                                 "at": datetime.now(timezone.utc).isoformat()}
         state.metrics["carbon/projected_total_kg"] = projected
@@ -276,6 +277,23 @@ class Measurement(Policy):
             self.monitor.stop()
             self._account_new()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Energy and emissions so far, so a resumed run reports the whole run, not the last segment."""
+        kwh = dict(self._carried["kwh"])
+        kg, duration = self._carried["kg"], self._carried["duration_s"]
+        if self.monitor is not None:
+            self._account_new()
+            for c, joules in self.monitor.total_energy_j().items():
+                kwh[c] = kwh.get(c, 0.0) + joules / J_PER_KWH
+            kg += self._emissions_kg
+            duration += self.monitor.duration_s()
+        return {"kwh": kwh, "kg": kg, "duration_s": duration, "epoch_kg": list(self._epoch_kg)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._carried = {"kwh": dict(state.get("kwh", {})), "kg": float(state.get("kg", 0.0)),
+                         "duration_s": float(state.get("duration_s", 0.0))}
+        self._epoch_kg = list(state.get("epoch_kg", []))
+
     # -- summary ----------------------------------------------------------------------------------
     def final(self, state: State, latency_ms: float | None, latency_batch: int) -> tuple[dict[str, Figure], dict]:
         """Summary figures (unit, provenance, source) and the CodeCarbon-compatible emissions row."""
@@ -292,8 +310,8 @@ class Measurement(Policy):
             e_prov = energy_figs["energy/total_kwh"].provenance
             result = account_emissions(starts, ends, sum(kwh.values()) if kwh else np.zeros(0), self.source,
                                        pue=self.carbon_cfg.pue, energy_provenance=e_prov)
-            local.update({c: float(v.sum()) for c, v in kwh.items()})
-            local["kg"] = result.total_emissions_kg
+            local.update({c: float(v.sum()) + self._carried["kwh"].get(c, 0.0) for c, v in kwh.items()})
+            local["kg"] = result.total_emissions_kg + self._carried["kg"]
         # every rank joins the reduction (collectives must match); only metering ranks add energy
         node = reduce_across_ranks({**local, "samples": float(state.samples_seen)})
         if mon is None or result is None:
@@ -374,7 +392,7 @@ class Measurement(Policy):
     def _emissions_row(self, state: State, figs: dict[str, Figure], result: Any, mon: Any) -> dict[str, Any]:
         import psutil
 
-        duration = mon.duration_s()
+        duration = mon.duration_s() + self._carried["duration_s"]
         energy = {c: figs[f"energy/{c}_kwh"].value if f"energy/{c}_kwh" in figs else 0.0 for c in ("cpu", "gpu", "ram")}
         power = {c: (energy[c] or 0.0) * J_PER_KWH / duration if duration > 0 else 0.0 for c in energy}
         kg = figs["carbon/total_kg_co2e"].value

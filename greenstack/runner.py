@@ -35,6 +35,8 @@ def build_policies(cfg: DictConfig) -> list[Policy]:
     policies: list[Policy] = []
     for group in POLICY_GROUPS:
         node = cfg.get(group) or {}
+        if isinstance(node, DictConfig) and "_target_" in node:  # a group option that is one policy
+            node = {group: node}
         for name, spec in node.items():
             if spec is None or not isinstance(spec, DictConfig) or "_target_" not in spec:
                 continue

@@ -27,12 +27,13 @@ def test_wheel_installs_into_fresh_venv_and_trains_outside_the_repo(tmp_path):
     py = env_dir / "bin" / "python"
     # the heavy dependencies (torch, timm, ...) come from this interpreter's site-packages, appended
     # after the fresh venv's own, so `greenstack` itself resolves to the wheel just installed
-    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
-    (site / "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     install = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
+    # (added after the install, or pip would find this environment's greenstack and skip the wheel)
+    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    (site / "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     where = subprocess.check_output([str(py), "-c", "import greenstack, greenstack.paths as p; "
                                      "print(greenstack.__file__); print(p.conf_dir()); print(p.recipes_dir())"],
                                     text=True, cwd=tmp_path).split()

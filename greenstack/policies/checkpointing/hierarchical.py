@@ -1,0 +1,285 @@
+"""Hierarchical checkpointing: memory every few steps, local disk less often, a durable store rarely.
+
+The training loop only waits for the in-memory snapshot (tensors copied to CPU). Encoding and writes
+to disk or an object store run on background threads, one per slow tier, so a slow store never stalls
+training; if a tier is still busy with the previous checkpoint, the new one is skipped for that tier
+(and counted). On SIGTERM/SIGUSR1 (Slurm `--signal`, spot notices) the policy writes a checkpoint
+synchronously within a time budget and stops the run with exit code 128 + signal; restarting with
+`checkpointing.resume=auto` in the same run dir continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from greenstack.checkpoint.codec import CheckpointError, encode
+from greenstack.checkpoint.crypto import KEY_ENV, LocalKey
+from greenstack.checkpoint.snapshot import Snapshot, apply_snapshot, capture
+from greenstack.checkpoint.store import Store
+from greenstack.engine.events import Event
+from greenstack.engine.policy import Policy
+from greenstack.engine.state import State
+from greenstack.errors import ConfigError, GreenstackError, Problem
+from greenstack.provenance import Figure
+
+log = logging.getLogger("greenstack")
+SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIGINT": signal.SIGINT}
+
+
+class Preempted(GreenstackError):
+    """The run was asked to stop by a signal and saved a checkpoint first."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class _TierWriter:
+    """One background thread writing encoded checkpoints to one store, keeping the last `keep`."""
+
+    def __init__(self, name: str, store: Store, keep: int) -> None:
+        self.name, self.store, self.keep = name, store, keep
+        self._queue: queue.Queue[Snapshot | None] = queue.Queue(maxsize=1)
+        self.key: Any = None
+        self.written = 0
+        self.skipped_busy = 0
+        self.errors: list[str] = []
+        self.write_s: list[float] = []
+        self._thread = threading.Thread(target=self._run, name=f"greenstack-ckpt-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, snapshot: Snapshot) -> bool:
+        try:
+            self._queue.put_nowait(snapshot)
+            return True
+        except queue.Full:
+            self.skipped_busy += 1
+            return False
+
+    def write_now(self, snapshot: Snapshot) -> None:
+        self._write(snapshot)
+
+    def _run(self) -> None:
+        while True:
+            snapshot = self._queue.get()
+            try:
+                if snapshot is None:
+                    return
+                self._write(snapshot)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, snapshot: Snapshot) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.store.write(snapshot.name, encode(snapshot, self.key))
+            self.written += 1
+            for old in self.store.names()[self.keep:]:
+                self.store.delete(old)
+        except Exception as e:  # a failing tier must not kill training; it is reported
+            self.errors.append(f"{snapshot.name}: {type(e).__name__}: {e}")
+            log.warning("checkpoint write to %s (%s) failed: %s", self.name, self.store, e)
+        self.write_s.append(time.perf_counter() - t0)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait for pending writes; False if they did not finish within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        self.flush(timeout_s)
+        try:
+            self._queue.put(None, timeout=1.0)
+        except queue.Full:
+            pass
+
+
+class HierarchicalCheckpointing(Policy):
+    """Memory / local / durable checkpoint tiers with async writes, exact resume and preemption handling."""
+
+    events = frozenset({Event.INIT, Event.FIT_START, Event.STEP_END, Event.FIT_END, Event.EXCEPTION})
+
+    def __init__(self, memory_every: int = 10, memory_keep: int = 2, local_every: int = 100, local_keep: int = 3,
+                 local_dir: str | None = None, durable_every: int = 1000, durable_keep: int = 2,
+                 durable_url: str | None = None, storage_options: dict[str, Any] | None = None,
+                 resume: str = "never", signals: list[str] | None = None, preempt_budget_s: float = 25.0,
+                 encryption: bool = False, key_env: str = KEY_ENV, key_file: str | None = None) -> None:
+        super().__init__(name="checkpointing")
+        problems = []
+        for key, value in (("memory_every", memory_every), ("local_every", local_every),
+                           ("durable_every", durable_every)):
+            if value < 0:
+                problems.append(Problem(f"checkpointing.{key}", value, "must be >= 0 (0 = off)"))
+        for key, value in (("memory_keep", memory_keep), ("local_keep", local_keep), ("durable_keep", durable_keep)):
+            if value < 1:
+                problems.append(Problem(f"checkpointing.{key}", value, "must be >= 1"))
+        if resume not in ("never", "auto", "required"):
+            problems.append(Problem("checkpointing.resume", resume, "must be never, auto or required",
+                                    "auto: continue from the newest valid checkpoint if there is one"))
+        unknown = [s for s in signals or [] if s not in SIGNALS]
+        if unknown:
+            problems.append(Problem("checkpointing.signals", unknown, "unknown signal names",
+                                    f"use {', '.join(SIGNALS)}"))
+        if preempt_budget_s <= 0:
+            problems.append(Problem("checkpointing.preempt_budget_s", preempt_budget_s, "must be > 0"))
+        if problems:
+            raise ConfigError(problems)
+        self.memory_every, self.local_every, self.durable_every = memory_every, local_every, durable_every
+        self.memory: deque[Snapshot] = deque(maxlen=memory_keep)
+        self.local_keep, self.durable_keep = local_keep, durable_keep
+        self.local_dir, self.durable_url, self.storage_options = local_dir, durable_url, storage_options
+        self.resume_mode = resume
+        self.signal_names = list(signals if signals is not None else ["SIGTERM", "SIGUSR1"])
+        self.preempt_budget_s = preempt_budget_s
+        self.key = LocalKey.from_config(key_env, key_file) if encryption else None
+        self.tiers: dict[str, _TierWriter] = {}
+        self.stall_s: list[float] = []
+        self.resumed_from: str | None = None
+        self.skipped_on_resume: list[str] = []
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _stores(self, state: State) -> dict[str, Store]:
+        stores = {}
+        local = self.local_dir or (str(Path(state.run_dir) / "checkpoints") if state.run_dir else None)
+        if local and self.local_every:
+            stores["local"] = Store(local)
+        if self.durable_url and self.durable_every:
+            stores["durable"] = Store(self.durable_url, self.storage_options)
+        return stores
+
+    def __call__(self, event: Event, state: State) -> None:
+        if event is Event.INIT:
+            stores = self._stores(state)
+            keep = {"local": self.local_keep, "durable": self.durable_keep}
+            for name, store in stores.items():
+                self.tiers[name] = _TierWriter(name, store, keep[name])
+                self.tiers[name].key = self.key
+            if self.resume_mode != "never":
+                self._resume(state, stores)
+        elif event is Event.FIT_START:
+            self._install_signals()
+        elif event is Event.STEP_END:
+            self._on_step(state)
+        elif event in (Event.FIT_END, Event.EXCEPTION):
+            self._restore_signals()
+            for tier in self.tiers.values():
+                tier.close()
+
+    def _resume(self, state: State, stores: dict[str, Store]) -> None:
+        candidates: list[tuple[Snapshot, str]] = []
+        any_found = False
+        for store in stores.values():
+            removed = store.clean_partial()
+            if removed:
+                log.warning("removed incomplete checkpoint writes in %s: %s", store, ", ".join(removed))
+            any_found = any_found or bool(store.names())
+            snapshot, name, skipped = store.load_latest(self.key)
+            self.skipped_on_resume += skipped
+            if snapshot is not None:
+                candidates.append((snapshot, f"{store}/{name}"))
+        if not candidates:
+            if any_found:
+                raise CheckpointRefused("checkpoints exist but none is valid: " + "; ".join(self.skipped_on_resume))
+            if self.resume_mode == "required":
+                raise ConfigError("resume=required but no checkpoint was found",
+                                  key="checkpointing.resume", value="required",
+                                  fix=f"looked in {', '.join(str(s) for s in stores.values())}")
+            log.info("checkpointing: no checkpoint to resume from; starting fresh")
+            return
+        snapshot, where = max(candidates, key=lambda c: c[0].step)
+        apply_snapshot(snapshot, state)
+        self.resumed_from = where
+        log.info("checkpointing: resumed from %s (step %d, epoch %d)", where, snapshot.step, snapshot.epoch)
+
+    # -- per step ---------------------------------------------------------------------------------
+    def _due(self, every: int, step: int) -> bool:
+        return bool(every) and step % every == 0
+
+    def _on_step(self, state: State) -> None:
+        if self._signal is not None:
+            self._preempt(state)
+        due_local = "local" in self.tiers and self._due(self.local_every, state.step)
+        due_durable = "durable" in self.tiers and self._due(self.durable_every, state.step)
+        if not (self._due(self.memory_every, state.step) or due_local or due_durable):
+            return
+        t0 = time.perf_counter()
+        snapshot = capture(state, meta={"run_dir": state.run_dir})
+        self.stall_s.append(time.perf_counter() - t0)
+        self.memory.append(snapshot)
+        if due_local:
+            self.tiers["local"].submit(snapshot)
+        if due_durable:
+            self.tiers["durable"].submit(snapshot)
+
+    # -- preemption -------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.signal_names:
+            signum = SIGNALS[name]
+            self._previous_handlers[signum] = signal.signal(signum, self._handler)
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        del frame
+        if self._signal is None:
+            log.warning("checkpointing: received %s; checkpointing after this step", signal.Signals(signum).name)
+        self._signal = signum
+
+    def _preempt(self, state: State) -> None:
+        signum = self._signal or signal.SIGTERM
+        t0 = time.monotonic()
+        snapshot = capture(state, meta={"run_dir": state.run_dir, "preempted_by": signal.Signals(signum).name})
+        saved = []
+        for tier in self.tiers.values():
+            left = self.preempt_budget_s - (time.monotonic() - t0)
+            if left <= 0 or not tier.flush(left):
+                continue
+            tier.write_now(snapshot)
+            saved.append(f"{tier.store}/{snapshot.name}")
+        took = time.monotonic() - t0
+        where = ", ".join(saved) or "no durable tier (memory only)"
+        raise Preempted(signum, f"preempted by {signal.Signals(signum).name} at step {state.step}: checkpoint "
+                                f"saved in {took:.2f} s to {where}; rerun the same command with "
+                                f"checkpointing.resume=auto to continue")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Figure]:
+        figs: dict[str, Figure] = {}
+        if self.stall_s:
+            figs["checkpoint/stall_ms_median"] = Figure(sorted(self.stall_s)[len(self.stall_s) // 2] * 1000, "ms",
+                                                        "measured", "in-memory snapshot time per checkpoint")
+        for name, tier in self.tiers.items():
+            figs[f"checkpoint/{name}_written"] = Figure(tier.written, "count", "measured", str(tier.store))
+            if tier.skipped_busy:
+                figs[f"checkpoint/{name}_skipped_busy"] = Figure(tier.skipped_busy, "count", "measured",
+                                                                 "previous write still running")
+            if tier.write_s:
+                figs[f"checkpoint/{name}_write_s_median"] = Figure(sorted(tier.write_s)[len(tier.write_s) // 2],
+                                                                   "s", "measured", "background write time")
+        if self.resumed_from:
+            figs["checkpoint/resumed_from"] = Figure(self.resumed_from, "", "measured", "checkpointing.resume")
+        return figs
+
+
+class CheckpointRefused(CheckpointError, GreenstackError):
+    """No checkpoint could be loaded although some exist (tampered, wrong key, corrupt)."""
+
+    exit_code = 3
