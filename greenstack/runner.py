@@ -21,7 +21,8 @@ from greenstack.tracking.base import Fanout, JsonlWriter, load_or_create_run_id
 from greenstack.validate import validate_config
 
 log = logging.getLogger("greenstack")
-POLICY_GROUPS = ("scheduler", "efficiency", "compression", "checkpointing", "federated", "policies")
+# checkpointing runs last so a snapshot sees the state after every other policy's STEP_END
+POLICY_GROUPS = ("scheduler", "efficiency", "compression", "federated", "policies", "checkpointing")
 
 
 def seed_everything(seed: int) -> None:
@@ -31,7 +32,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_policies(cfg: DictConfig) -> list[Policy]:
-    """Policies in recipe order: the five policy groups, then extra `policies`."""
+    """Policies in dispatch order: the policy groups, extra `policies`, and checkpointing last."""
     policies: list[Policy] = []
     for group in POLICY_GROUPS:
         node = cfg.get(group) or {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -51,11 +52,56 @@ def _policy_key(i: int, policy: Any) -> str:
     return f"{i:02d}:{getattr(policy, 'name', type(policy).__name__)}"
 
 
-def capture(state: State, meta: dict[str, Any] | None = None) -> Snapshot:
-    """Copy the state to CPU memory (the loop blocks only for this)."""
+class PendingSnapshot:
+    """A snapshot whose large tensors (parameters, optimizer state) are still being copied.
+
+    Parameters and optimizer state change only in the optimizer step, so they can be copied while the
+    next forward/backward runs; `result()` must be awaited before that step (the policy does this at
+    AFTER_BACKWARD). Buffers (e.g. BatchNorm statistics, updated by forward) were copied synchronously.
+    """
+
+    def __init__(self, snapshot: Snapshot, params: dict[str, torch.Tensor], optim_state: Any) -> None:
+        self._snapshot, self._error = snapshot, None
+        self._thread = threading.Thread(target=self._copy, args=(params, optim_state), daemon=True,
+                                        name="greenstack-snapshot")
+        self._thread.start()
+
+    def _copy(self, params: dict[str, torch.Tensor], optim_state: Any) -> None:
+        try:
+            self._snapshot.model.update({k: v.detach().to("cpu", copy=True) for k, v in params.items()})
+            if optim_state is not None:
+                self._snapshot.trainer["optimizer"]["state"] = _cpu_clone(optim_state)
+        except BaseException as e:  # re-raised in result()
+            self._error = e
+
+    def result(self) -> Snapshot:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._snapshot
+
+
+def capture_async(state: State, meta: dict[str, Any] | None = None) -> PendingSnapshot:
+    """Copy small state now and parameters/optimizer state in the background (see PendingSnapshot)."""
+    buffers = {name for name, _ in state.model.named_buffers()}
+    full = state.model.state_dict()
+    params = {k: v for k, v in full.items() if k not in buffers}
+    optim_sd = state.optimizer.state_dict() if state.optimizer is not None else None
+    snapshot = capture(state, meta, model={k: v.detach().to("cpu", copy=True) for k, v in full.items()
+                                           if k in buffers},
+                       optimizer=None if optim_sd is None else {"state": {},
+                                                                 "param_groups": copy.deepcopy(optim_sd["param_groups"])})
+    return PendingSnapshot(snapshot, params, optim_sd["state"] if optim_sd is not None else None)
+
+
+def capture(state: State, meta: dict[str, Any] | None = None, *, model: dict[str, torch.Tensor] | None = None,
+            optimizer: dict[str, Any] | None = None) -> Snapshot:
+    """Copy the state to CPU memory (`model`/`optimizer` given = already copied by the caller)."""
     np_state = np.random.get_state()
+    if optimizer is None and state.optimizer is not None:
+        optimizer = _cpu_clone(state.optimizer.state_dict())
     trainer = {
-        "optimizer": _cpu_clone(state.optimizer.state_dict()) if state.optimizer is not None else None,
+        "optimizer": optimizer,
         "lr_scheduler": _cpu_clone(state.lr_scheduler.state_dict()) if state.lr_scheduler is not None else None,
         "grad_scaler": _cpu_clone(state.grad_scaler.state_dict()) if state.grad_scaler is not None else None,
         "policies": {_policy_key(i, p): _cpu_clone(p.state_dict()) for i, p in enumerate(state.policies)},
@@ -65,7 +111,8 @@ def capture(state: State, meta: dict[str, Any] | None = None) -> Snapshot:
     }
     rng = {"python": _jsonable(random.getstate()),
            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    model = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
+    if model is None:
+        model = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
     return Snapshot(step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
                     samples_seen=state.samples_seen, model=model, trainer=trainer, rng=rng, meta=dict(meta or {}))
 

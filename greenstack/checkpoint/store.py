@@ -31,6 +31,7 @@ class Store:
     storage_options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        self._made = False
         self.local = "://" not in self.url or self.url.startswith("file://")
         if self.local:
             self.root = Path(self.url.removeprefix("file://")).expanduser()
@@ -64,6 +65,9 @@ class Store:
                 raise
             return
         base = f"{self.root_path.rstrip('/')}/{name}"
+        if not self._made:
+            self.fs.makedirs(self.root_path, exist_ok=True)  # creates the bucket on object stores
+            self._made = True
         for fname, data in files.items():
             if fname != MANIFEST:
                 self.fs.pipe_file(f"{base}/{fname}", data)
@@ -82,6 +86,7 @@ class Store:
             except FileNotFoundError:
                 return []
             found = [n for n in found if NAME.match(n)]
+            self.fs.invalidate_cache(self.root_path)
         return sorted(found, reverse=True)
 
     def read(self, name: str) -> dict[str, bytes]:

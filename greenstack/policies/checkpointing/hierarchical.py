@@ -1,6 +1,8 @@
 """Hierarchical checkpointing: memory every few steps, local disk less often, a durable store rarely.
 
-The training loop only waits for the in-memory snapshot (tensors copied to CPU). Encoding and writes
+The training loop only waits for the in-memory snapshot: buffers, RNG and counters are copied at the
+step's end, parameters and optimizer state while the next forward/backward runs (they only change in
+the optimizer step, before which the policy waits for the copy). Encoding and writes
 to disk or an object store run on background threads, one per slow tier, so a slow store never stalls
 training; if a tier is still busy with the previous checkpoint, the new one is skipped for that tier
 (and counted). On SIGTERM/SIGUSR1 (Slurm `--signal`, spot notices) the policy writes a checkpoint
@@ -21,7 +23,7 @@ from typing import Any
 
 from greenstack.checkpoint.codec import CheckpointError, encode
 from greenstack.checkpoint.crypto import KEY_ENV, LocalKey
-from greenstack.checkpoint.snapshot import Snapshot, apply_snapshot, capture
+from greenstack.checkpoint.snapshot import PendingSnapshot, Snapshot, apply_snapshot, capture, capture_async
 from greenstack.checkpoint.store import Store
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
@@ -106,7 +108,8 @@ class _TierWriter:
 class HierarchicalCheckpointing(Policy):
     """Memory / local / durable checkpoint tiers with async writes, exact resume and preemption handling."""
 
-    events = frozenset({Event.INIT, Event.FIT_START, Event.STEP_END, Event.FIT_END, Event.EXCEPTION})
+    events = frozenset({Event.INIT, Event.FIT_START, Event.AFTER_BACKWARD, Event.STEP_END, Event.FIT_END,
+                        Event.EXCEPTION})
 
     def __init__(self, memory_every: int = 10, memory_keep: int = 2, local_every: int = 100, local_keep: int = 3,
                  local_dir: str | None = None, durable_every: int = 1000, durable_keep: int = 2,
@@ -146,6 +149,7 @@ class HierarchicalCheckpointing(Policy):
         self.resumed_from: str | None = None
         self.skipped_on_resume: list[str] = []
         self._signal: int | None = None
+        self._pending: tuple[PendingSnapshot, list[str], float] | None = None
         self._previous_handlers: dict[int, Any] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -169,9 +173,12 @@ class HierarchicalCheckpointing(Policy):
                 self._resume(state, stores)
         elif event is Event.FIT_START:
             self._install_signals()
+        elif event is Event.AFTER_BACKWARD:
+            self._settle(state)  # the optimizer step is next: the background copy must be done
         elif event is Event.STEP_END:
             self._on_step(state)
         elif event in (Event.FIT_END, Event.EXCEPTION):
+            self._settle(state)
             self._restore_signals()
             for tier in self.tiers.values():
                 tier.close()
@@ -213,14 +220,26 @@ class HierarchicalCheckpointing(Policy):
         due_durable = "durable" in self.tiers and self._due(self.durable_every, state.step)
         if not (self._due(self.memory_every, state.step) or due_local or due_durable):
             return
+        self._settle(state)
         t0 = time.perf_counter()
-        snapshot = capture(state, meta={"run_dir": state.run_dir})
-        self.stall_s.append(time.perf_counter() - t0)
+        pending = capture_async(state, meta={"run_dir": state.run_dir})
+        tiers = [name for name, due in (("local", due_local), ("durable", due_durable)) if due]
+        self._pending = (pending, tiers, time.perf_counter() - t0)
+
+    def _settle(self, state: State) -> None:
+        """Finish the pending snapshot (waiting only for what the background copy has not done yet)."""
+        if self._pending is None:
+            return
+        pending, tiers, sync_s = self._pending
+        self._pending = None
+        t0 = time.perf_counter()
+        snapshot = pending.result()
+        stall = sync_s + (time.perf_counter() - t0)
+        self.stall_s.append(stall)
+        state.metrics["checkpoint/stall_ms"] = stall * 1000
         self.memory.append(snapshot)
-        if due_local:
-            self.tiers["local"].submit(snapshot)
-        if due_durable:
-            self.tiers["durable"].submit(snapshot)
+        for name in tiers:
+            self.tiers[name].submit(snapshot)
 
     # -- preemption -------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -243,6 +262,7 @@ class HierarchicalCheckpointing(Policy):
 
     def _preempt(self, state: State) -> None:
         signum = self._signal or signal.SIGTERM
+        self._settle(state)
         t0 = time.monotonic()
         snapshot = capture(state, meta={"run_dir": state.run_dir, "preempted_by": signal.Signals(signum).name})
         saved = []
