@@ -147,3 +147,57 @@ def test_policy_validates_all_arguments():
     keys = {p.key for p in err.value.problems}
     assert keys == {"checkpointing.memory_keep", "checkpointing.resume", "checkpointing.signals",
                     "checkpointing.preempt_budget_s"}
+
+
+def test_spot_notice_triggers_a_checkpoint_and_a_clean_stop(tmp_path):
+    import http.server
+    import json
+    import threading
+
+    from greenstack.policies.checkpointing.hierarchical import Preempted
+
+    calls = {"n": 0}
+
+    class FakeImds(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):  # IMDSv2 token
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"token-123")
+
+        def do_GET(self):
+            calls["n"] += 1
+            assert self.headers["X-aws-ec2-metadata-token"] == "token-123"
+            if calls["n"] < 3:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(json.dumps({"action": "terminate", "time": "2026-11-29T15:00:00Z"}).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        class Slow(torch.nn.Linear):
+            def forward(self, x):
+                time.sleep(0.01)
+                return super().forward(x)
+
+        x = torch.randn(8, 4)
+        batches = [{"inputs": x, "labels": (x[:, 0] > 0).long()}] * 200
+        policy = HierarchicalCheckpointing(memory_every=0, local_every=50, local_dir=str(tmp_path), signals=[],
+                                           spot_notice=True, spot_endpoint=f"http://127.0.0.1:{server.server_port}",
+                                           spot_interval_s=0.05)
+        trainer = Trainer(Slow(4, 2), batches, Optim(lr=0.1), TrainerConfig(max_duration="200ba", progress=False),
+                          policies=[policy], batch_size=8)
+        with pytest.raises(Preempted, match="spot terminate at 2026-11-29T15:00:00Z") as err:
+            trainer.fit()
+        assert err.value.exit_code == 128 + signal.SIGTERM
+        stopped_at = trainer.state.step
+        assert 0 < stopped_at < 200
+        assert Store(str(tmp_path)).names()[0] == f"step-{stopped_at:09d}"
+    finally:
+        server.shutdown()

@@ -115,7 +115,9 @@ class HierarchicalCheckpointing(Policy):
                  local_dir: str | None = None, durable_every: int = 1000, durable_keep: int = 2,
                  durable_url: str | None = None, storage_options: dict[str, Any] | None = None,
                  resume: str = "never", signals: list[str] | None = None, preempt_budget_s: float = 25.0,
-                 encryption: bool = False, key_env: str = KEY_ENV, key_file: str | None = None) -> None:
+                 encryption: bool = False, key_env: str = KEY_ENV, key_file: str | None = None,
+                 spot_notice: bool = False, spot_endpoint: str = "http://169.254.169.254",
+                 spot_interval_s: float = 5.0) -> None:
         super().__init__(name="checkpointing")
         problems = []
         for key, value in (("memory_every", memory_every), ("local_every", local_every),
@@ -132,6 +134,8 @@ class HierarchicalCheckpointing(Policy):
         if unknown:
             problems.append(Problem("checkpointing.signals", unknown, "unknown signal names",
                                     f"use {', '.join(SIGNALS)}"))
+        if spot_interval_s <= 0:
+            problems.append(Problem("checkpointing.spot_interval_s", spot_interval_s, "must be > 0"))
         if preempt_budget_s <= 0:
             problems.append(Problem("checkpointing.preempt_budget_s", preempt_budget_s, "must be > 0"))
         if problems:
@@ -150,6 +154,9 @@ class HierarchicalCheckpointing(Policy):
         self.skipped_on_resume: list[str] = []
         self._signal: int | None = None
         self._pending: tuple[PendingSnapshot, list[str], float] | None = None
+        self.spot_notice, self.spot_endpoint, self.spot_interval_s = spot_notice, spot_endpoint, spot_interval_s
+        self._spot: Any = None
+        self._reason = ""
         self._previous_handlers: dict[int, Any] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -173,6 +180,10 @@ class HierarchicalCheckpointing(Policy):
                 self._resume(state, stores)
         elif event is Event.FIT_START:
             self._install_signals()
+            if self.spot_notice:
+                from greenstack.checkpoint.spot import SpotNoticePoller
+
+                self._spot = SpotNoticePoller(self._on_spot_notice, self.spot_endpoint, self.spot_interval_s).start()
         elif event is Event.AFTER_BACKWARD:
             self._settle(state)  # the optimizer step is next: the background copy must be done
         elif event is Event.STEP_END:
@@ -180,6 +191,8 @@ class HierarchicalCheckpointing(Policy):
         elif event in (Event.FIT_END, Event.EXCEPTION):
             self._settle(state)
             self._restore_signals()
+            if self._spot is not None:
+                self._spot.stop()
             for tier in self.tiers.values():
                 tier.close()
 
@@ -260,6 +273,10 @@ class HierarchicalCheckpointing(Policy):
             log.warning("checkpointing: received %s; checkpointing after this step", signal.Signals(signum).name)
         self._signal = signum
 
+    def _on_spot_notice(self, notice: str) -> None:
+        self._reason = notice
+        self._signal = signal.SIGTERM
+
     def _preempt(self, state: State) -> None:
         signum = self._signal or signal.SIGTERM
         self._settle(state)
@@ -274,7 +291,8 @@ class HierarchicalCheckpointing(Policy):
             saved.append(f"{tier.store}/{snapshot.name}")
         took = time.monotonic() - t0
         where = ", ".join(saved) or "no durable tier (memory only)"
-        raise Preempted(signum, f"preempted by {signal.Signals(signum).name} at step {state.step}: checkpoint "
+        cause = self._reason or signal.Signals(signum).name
+        raise Preempted(signum, f"preempted by {cause} at step {state.step}: checkpoint "
                                 f"saved in {took:.2f} s to {where}; rerun the same command with "
                                 f"checkpointing.resume=auto to continue")
 
