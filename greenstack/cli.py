@@ -26,6 +26,7 @@ commands:
   doctor                   which energy meters and carbon sources work on this machine
   plan forecast-eval ...   rolling-origin evaluation of the carbon-intensity forecaster
   carbon sign|verify ...   sign or verify a carbon-intensity data file (Ed25519)
+  model keygen|sign|verify signed model artifacts with an ownership fingerprint
 
 global flag: --debug shows tracebacks.  Docs: README.md
 """
@@ -256,7 +257,13 @@ def carbon(argv: list[str]) -> int:
     return run_carbon(argv)
 
 
-COMMANDS = {"train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor, "plan": plan,
+def model(argv: list[str]) -> int:
+    from greenstack.model_sign import run_model
+
+    return run_model(argv)
+
+
+COMMANDS = {"model": model, "train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor, "plan": plan,
             "carbon": carbon}
 
 

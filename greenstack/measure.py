@@ -55,7 +55,7 @@ class EnergyConfig:
 class CarbonConfig:
     """Where intensity comes from, plus accounting knobs (PUE, price, budget, embodied emissions)."""
 
-    kind: Literal["embedded", "country", "static", "csv"] = "embedded"
+    kind: Literal["embedded", "country", "static", "csv", "electricitymaps", "watttime", "ukgrid"] = "embedded"
     zone: str | None = "DE-LU"
     intensity_g_per_kwh: float | None = None
     path: str | None = None
@@ -66,6 +66,13 @@ class CarbonConfig:
     budget_action: Literal["warn", "stop"] = "warn"
     embodied_kg_co2e: float | None = None
     embodied_lifetime_hours: float = 35040.0
+    # live providers only (electricitymaps, watttime, ukgrid): cache, HTTP behaviour, labelled fallbacks
+    cache_dir: str | None = None
+    cache_ttl_s: float = 3600.0
+    timeout_s: float = 10.0
+    retries: int = 3
+    fallback_zone: str | None = None
+    fallback_g_per_kwh: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +97,12 @@ class CarbonConfig:
 
     def source(self):  # noqa: ANN201 - IntensitySource, imported lazily
         """The intensity source this config describes."""
+        if self.kind in ("electricitymaps", "watttime", "ukgrid"):  # no network call until the first lookup
+            from greenstack.carbon.providers import make_live_source
+
+            return make_live_source(self.kind, self.zone, cache_dir=self.cache_dir, cache_ttl_s=self.cache_ttl_s,
+                                    timeout_s=self.timeout_s, retries=self.retries, fallback_zone=self.fallback_zone,
+                                    fallback_g_per_kwh=self.fallback_g_per_kwh)
         from greenstack.carbon.sources import make_source
 
         return make_source(self.kind, zone=self.zone, intensity_g_per_kwh=self.intensity_g_per_kwh,

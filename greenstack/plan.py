@@ -1,0 +1,261 @@
+"""`greenstack plan ...`: planning tools around carbon intensity (forecast evaluation first).
+
+Subcommands register themselves in `SUBCOMMANDS` (name -> `Subcommand`), so later tools
+(`plan backtest`, `plan region`) add one entry with their own argument setup and handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from greenstack.errors import ConfigError, DataError, Problem
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One `greenstack plan NAME` tool: its help line, argument setup and handler (returns exit code)."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register(name: str, subcommand: Subcommand) -> None:
+    """Add a `plan` subcommand (used by this module and by later planning tools)."""
+    SUBCOMMANDS[name] = subcommand
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as ConfigError (printed by the CLI, exit 2, no traceback)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(Problem(self.prog, None, message, f"see `{self.prog} --help`"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `greenstack plan` parser with every registered subcommand."""
+    parser = _Parser(prog="greenstack plan", description="planning tools around grid carbon intensity")
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
+    for name, spec in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=spec.help, description=spec.help)
+        spec.configure(p)
+        p.set_defaults(_run=spec.run)
+    return parser
+
+
+def run_plan(argv: list[str]) -> int:
+    """Entry point of `greenstack plan ...`; returns the exit code."""
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args = parser.parse_args(argv)
+    return int(args._run(args))
+
+
+# --- forecast-eval ---------------------------------------------------------------------------------
+
+def parse_hours(text: str, key: str = "--horizon") -> int:
+    """'72h', '3d' or '72' -> hours."""
+    raw = str(text).strip().lower()
+    try:
+        hours = float(raw[:-1]) * 24 if raw.endswith("d") else float(raw.removesuffix("h"))
+    except ValueError:
+        raise ConfigError(Problem(key, text, "not a duration", "e.g. 72h or 3d")) from None
+    if hours != int(hours) or not 1 <= hours <= 72:
+        raise ConfigError(Problem(key, text, "must be a whole number of hours from 1h to 72h", "e.g. 72h"))
+    return int(hours)
+
+
+def _configure_forecast_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", action="append", required=True, metavar="FILE",
+                   help="CSV to evaluate on (Electricity Maps export or timestamp,carbon_intensity); repeatable")
+    p.add_argument("--history", action="append", default=[], metavar="FILE",
+                   help="earlier data of the same zone, used for training only; repeatable")
+    p.add_argument("--horizon", default="72h", help="forecast horizon (default 72h)")
+    p.add_argument("--zone", default=None, help="zone id for solar/calendar features if the CSV has none")
+    p.add_argument("--origin-hour", type=int, default=0, help="UTC hour of the daily forecast origin (default 0)")
+    p.add_argument("--units", choices=("g_per_kwh", "lbs_per_mwh"), default="g_per_kwh",
+                   help="unit of the intensity column (lbs_per_mwh is converted)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _load(path: str, units: str, role: str) -> pd.DataFrame:
+    from greenstack.carbon import traces
+    from greenstack.carbon.forecast import LBS_PER_MWH_TO_G_PER_KWH, check_units
+
+    try:
+        df = traces.load_csv_trace(path)
+    except DataError as err:
+        hint = _lbs_hint(path, err) if units == "g_per_kwh" else None
+        raise DataError(([hint] if hint else []) + err.problems) from None
+    if units == "lbs_per_mwh":
+        df["carbon_intensity"] = df["carbon_intensity"] * LBS_PER_MWH_TO_G_PER_KWH
+    else:
+        check_units(df["carbon_intensity"].to_numpy(), Path(path).name)
+    df.attrs["role"] = role
+    df.attrs["exog"] = _read_exog(path)
+    return df
+
+
+def _lbs_hint(path: str, err: DataError) -> Problem | None:
+    """If the file failed the g/kWh range check and its magnitude looks like lbs/MWh, say so first."""
+    if not any("outside [0," in p.reason for p in err.problems):
+        return None
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception:  # noqa: BLE001 - only a hint; the original error is raised regardless
+        return None
+    col = next((c for c in raw.columns if "carbon" in c.lower() and "intensity" in c.lower()), None)
+    if col is None:
+        return None
+    values = pd.to_numeric(raw[col], errors="coerce").to_numpy()
+    from greenstack.carbon.forecast import check_units
+
+    try:
+        check_units(values, Path(path).name)
+    except DataError as hint:
+        return hint.problems[0]
+    return None
+
+
+def _read_exog(path: str) -> pd.DataFrame | None:
+    """Optional weather-forecast columns (`forecast_*` / `weather_*`) of a canonical CSV."""
+    head = pd.read_csv(path, nrows=0, encoding="utf-8-sig")
+    cols = [c for c in head.columns if str(c).lower().startswith(("forecast_", "weather_"))]
+    if not cols:
+        return None
+    tcol = next(c for c in head.columns if str(c).strip().lower() in ("timestamp", "datetime (utc)"))
+    raw = pd.read_csv(path, usecols=[tcol, *cols], encoding="utf-8-sig")
+    idx = pd.to_datetime(raw[tcol], utc=True, format="ISO8601")
+    return raw[cols].apply(pd.to_numeric, errors="coerce").set_index(pd.DatetimeIndex(idx))
+
+
+def _combine(trace: pd.DataFrame, history: list[pd.DataFrame], name: str) -> tuple[pd.Series, pd.DataFrame | None]:
+    """History + trace as one hourly series; history must end before the trace starts."""
+    from greenstack.carbon.forecast import hourly_series
+
+    start = trace["timestamp"].iloc[0]
+    parts = []
+    for h in sorted(history, key=lambda d: d["timestamp"].iloc[0]):
+        if h["timestamp"].iloc[-1] >= start:
+            raise DataError(Problem(f"--history {Path(h.attrs['path']).name}", h["timestamp"].iloc[-1].isoformat(),
+                                    f"history overlaps the evaluated trace {name} (it starts {start.isoformat()})",
+                                    "history must end before the trace starts (no look-ahead)"))
+        parts.append(h[["timestamp", "carbon_intensity"]])
+    parts.append(trace[["timestamp", "carbon_intensity"]])
+    df = pd.concat(parts, ignore_index=True)
+    if len(parts) > 1:
+        from greenstack.carbon.schema import validate_trace
+
+        df = validate_trace(df, f"history + {name}")
+    exogs = [d.attrs.get("exog") for d in [*history, trace] if d.attrs.get("exog") is not None]
+    exog = pd.concat(exogs).sort_index() if exogs else None
+    return hourly_series(df, name), exog
+
+
+def _history_for(trace: pd.DataFrame, history: list[pd.DataFrame], n_traces: int) -> list[pd.DataFrame]:
+    """History files that belong to this trace: same zone id, or any when zones are unknown."""
+    zone = trace.attrs.get("zone")
+    out = []
+    for h in history:
+        hz = h.attrs.get("zone")
+        if zone and hz:
+            if hz == zone:
+                out.append(h)
+        elif n_traces == 1 or h["timestamp"].iloc[-1] < trace["timestamp"].iloc[0]:
+            out.append(h)
+    return out
+
+
+def _run_forecast_eval(args: argparse.Namespace) -> int:
+    from greenstack.carbon.forecast import rolling_evaluate, zone_context
+
+    horizon = parse_hours(args.horizon)
+    if not 0 <= args.origin_hour <= 23:
+        raise ConfigError(Problem("--origin-hour", args.origin_hour, "must be 0..23"))
+    problems: list[Problem] = []
+    traces_in, history = [], []
+    for role, paths, bucket in (("trace", args.trace, traces_in), ("history", args.history, history)):
+        for path in paths:
+            try:
+                bucket.append(_load(path, args.units, role))
+            except ConfigError as err:  # collect every file's problems before failing
+                problems += err.problems
+    if problems:
+        raise DataError(problems)
+
+    results = []
+    progress = _progress(enabled=not args.json)
+    with progress:
+        for df in traces_in:
+            name = Path(df.attrs["path"]).name
+            series, exog = _combine(df, _history_for(df, history, len(traces_in)), name)
+            ctx = zone_context(args.zone or df.attrs.get("zone"))
+            task = progress.add_task(f"{name}", total=None)
+            ev = rolling_evaluate(series, df["timestamp"].iloc[0], horizon_h=horizon, context=ctx,
+                                  origin_hour=args.origin_hour, exog=exog,
+                                  progress=lambda i, n, task=task: progress.update(task, completed=i, total=n))
+            metrics = ev.day_metrics()
+            results.append({"trace": str(df.attrs["path"]), "zone": ctx.zone or None,
+                            "origins": len(ev.origins), "warmup_origins_skipped": ev.skipped_warmup,
+                            "horizon_h": horizon, "mape": metrics["mape"], "mae": metrics["mae"],
+                            "interval": {"quantiles": [min(ev.quantiles), max(ev.quantiles)],
+                                         "coverage": round(ev.coverage(), 3)},
+                            "seconds": round(ev.seconds, 2)})
+    if args.json:
+        print(json.dumps({"traces": results}, indent=2))
+    else:
+        print_eval_table(results)
+    return 0
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("forecast-eval {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not enabled)
+
+
+def print_eval_table(results: Sequence[dict[str, Any]], file: Any = None) -> None:
+    """Day-1/2/3 MAPE and MAE, greenstack vs seasonal-naive, as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="forecast-eval: greenstack vs seasonal-naive (same hour, most recent day)")
+    for col in ("trace", "day", "MAPE greenstack %", "MAPE naive %", "ratio", "MAE greenstack", "MAE naive"):
+        table.add_column(col, justify="left" if col in ("trace", "day") else "right")
+    for r in results:
+        for i, day in enumerate(r["mape"]["model"]):
+            m, nv = r["mape"]["model"][day], r["mape"]["naive"][day]
+            ratio = m / nv if nv else float("nan")
+            table.add_row(Path(r["trace"]).name if i == 0 else "", day, f"{m:.2f}", f"{nv:.2f}",
+                          f"{ratio:.2f}", f"{r['mae']['model'][day]:.1f}", f"{r['mae']['naive'][day]:.1f}")
+        table.add_section()
+    console = Console(file=file or sys.stdout, width=max(120, Console().width))
+    console.print(table)
+    for r in results:
+        console.print(f"{Path(r['trace']).name}: {r['origins']} daily origins"
+                      + (f" ({r['warmup_origins_skipped']} warm-up skipped)" if r["warmup_origins_skipped"] else "")
+                      + f", {int(r['interval']['quantiles'][0] * 100)}-{int(r['interval']['quantiles'][1] * 100)}% "
+                      f"interval coverage {r['interval']['coverage']:.0%}, {r['seconds']:.1f} s")
+
+
+register("forecast-eval", Subcommand(
+    help="rolling-origin evaluation of the 72 h carbon-intensity forecaster vs seasonal-naive",
+    configure=_configure_forecast_eval, run=_run_forecast_eval))
+
+__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "parse_hours", "print_eval_table", "register",
+           "run_plan"]
