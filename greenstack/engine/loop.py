@@ -118,7 +118,27 @@ class Trainer:
         self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
         self.policies = list(policies)
         self.sinks = list(sinks)
-        n_batches = len(train_loader)  # type: ignore[arg-type]
+        self.optim = optim
+        max_steps, steps_per_epoch = self._plan(train_loader, batch_size)
+        model.to(self.device)
+        optimizer, lr_scheduler = optim.build(model.parameters(), max_steps)
+        self.state = State(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, device=self.device,
+                           max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+                           run_dir=run_dir,
+                           optim_factory=lambda params: optim.build(params, self.state.max_steps))
+        self.state.set_batch_size = self.set_batch_size
+        self.state.evaluate = self.evaluate_split
+        eval_every = Duration.parse(config.eval_interval)
+        self.eval_steps = eval_every.to_steps(steps_per_epoch=steps_per_epoch, batch_size=batch_size)
+        self.eval_at_epoch_end = eval_every.unit == "ep" and eval_every.value == 1
+        self.step_times_s: list[float] = []
+        #: the most recent figures of each evaluation split ("val/accuracy", "test/loss", ...)
+        self.last_eval: dict[str, float] = {}
+
+    def _plan(self, train_loader: Any, batch_size: int) -> tuple[int, int]:
+        """(max_steps, steps_per_epoch) for this loader; sets `batches_per_epoch`."""
+        config = self.config
+        n_batches = len(train_loader)
         if config.limit_train_batches:
             n_batches = min(n_batches, config.limit_train_batches)
         if n_batches == 0:
@@ -131,19 +151,31 @@ class Trainer:
         if max_steps < 1:
             raise ConfigError("the run would take zero optimizer steps", key="trainer.max_duration",
                               value=config.max_duration)
-        model.to(self.device)
-        optimizer, lr_scheduler = optim.build(model.parameters(), max_steps)
-        self.state = State(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, device=self.device,
-                           max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                           run_dir=run_dir,
-                           optim_factory=lambda params: optim.build(params, max_steps))
-        self.state.evaluate = self.evaluate_split
-        eval_every = Duration.parse(config.eval_interval)
-        self.eval_steps = eval_every.to_steps(steps_per_epoch=steps_per_epoch, batch_size=batch_size)
-        self.eval_at_epoch_end = eval_every.unit == "ep" and eval_every.value == 1
-        self.step_times_s: list[float] = []
-        #: the most recent figures of each evaluation split ("val/accuracy", "test/loss", ...)
-        self.last_eval: dict[str, float] = {}
+        return max_steps, steps_per_epoch
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Rebuild the train loader with a new batch size before training starts (batch-size search).
+
+        Same dataset, collate, workers and shuffling generator; the run length, optimizer and schedule
+        are re-planned for the new number of steps. Policies adjust the learning rate themselves.
+        """
+        from torch.utils.data import DataLoader, RandomSampler
+
+        state, old = self.state, self.train_loader
+        if state.step:
+            raise RuntimeError("the batch size can only change before the first step")
+        if not isinstance(old, DataLoader):
+            raise TypeError("batch-size changes need a torch DataLoader")
+        self.train_loader = DataLoader(old.dataset, batch_size=batch_size,
+                                       shuffle=isinstance(old.sampler, RandomSampler), generator=old.generator,
+                                       num_workers=old.num_workers, collate_fn=old.collate_fn, drop_last=old.drop_last)
+        state.max_steps, state.steps_per_epoch = self._plan(self.train_loader, batch_size)
+        state.batch_size = batch_size
+        state.optimizer, state.lr_scheduler = self.optim.build(state.model.parameters(), state.max_steps)
+        eval_every = Duration.parse(self.config.eval_interval)
+        self.eval_steps = eval_every.to_steps(steps_per_epoch=state.steps_per_epoch, batch_size=batch_size)
+        for policy in self.policies:
+            policy.resolve_window(state)
 
     # -- events -----------------------------------------------------------------------------------
     def dispatch(self, event: Event) -> None:

@@ -49,6 +49,8 @@ class State:
     loader_rng: torch.Tensor | None = None
     #: set by a resuming policy before training: {"loader_rng": Tensor, "batch_in_epoch": int}
     resume: dict[str, Any] | None = None
+    #: `set_batch_size(n)`: rebuild the train loader and re-plan the run (only before the first step)
+    set_batch_size: Callable[[int], None] | None = None
     #: `evaluate(model, "val" | "test") -> {"<split>/accuracy", "<split>/loss", ...}` set by the loop
     evaluate: Callable[[torch.nn.Module, str], dict[str, float]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)

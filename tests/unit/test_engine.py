@@ -146,3 +146,31 @@ def test_policy_window_end_before_start_is_rejected():
     p = Recorder(start="5ba", end="2ba")
     with pytest.raises(ConfigError, match="before start"):
         p.resolve_window(State(model=torch.nn.Linear(1, 1), max_steps=10, steps_per_epoch=5))
+
+
+def test_set_batch_size_rebuilds_loader_and_replans_before_training():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.randn(64, 4)
+    ds = TensorDataset(x, (x[:, 0] > 0).long())
+    collate = lambda b: {"inputs": torch.stack([t[0] for t in b]), "labels": torch.stack([t[1] for t in b])}  # noqa: E731
+    loader = DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=collate)
+    seen = []
+
+    class Grow(Policy):
+        events = frozenset({Event.INIT, Event.BATCH_START})
+
+        def __call__(self, event, state):
+            if event is Event.INIT:
+                state.set_batch_size(16)
+            else:
+                seen.append(state.batch["labels"].shape[0])
+
+    trainer = Trainer(torch.nn.Linear(4, 2), loader, Optim(lr=0.1), TrainerConfig(max_duration="2ep", progress=False),
+                      policies=[Grow()], batch_size=8)
+    assert trainer.state.max_steps == 16
+    state = trainer.fit()
+    assert state.batch_size == 16 and state.max_steps == 8 and state.step == 8
+    assert set(seen) == {16}
+    with pytest.raises(RuntimeError, match="before the first step"):
+        state.set_batch_size(32)
