@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,8 +69,10 @@ class State:
         self.model = model.to(self.device)
         if rebuild_optimizer and self.optim_factory is not None:
             self.optimizer, self.lr_scheduler = self.optim_factory(self.model.parameters())
-            for _ in range(self.step):
-                self.lr_scheduler.step()
+            with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping an optimizer step
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(self.step):
+                    self.lr_scheduler.step()
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop after the current step; the first reason given wins."""

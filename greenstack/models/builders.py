@@ -82,8 +82,14 @@ def build_timm(name: str, num_classes: int, in_chans: int = 3, pretrained: bool 
     extra = dict(kwargs or {})
     if checkpoint_path:
         extra["pretrained_cfg_overlay"] = {"file": str(Path(checkpoint_path).expanduser())}
-    return timm.create_model(name, pretrained=bool(checkpoint_path), num_classes=num_classes,
-                             in_chans=in_chans, **extra)
+    from greenstack.compression.spec import attach_spec
+
+    model = timm.create_model(name, pretrained=bool(checkpoint_path), num_classes=num_classes,
+                              in_chans=in_chans, **extra)
+    # how to rebuild this architecture (timm kwargs can't be recovered from a built model): used by
+    # compressed-artifact loaders and distillation students
+    return attach_spec(model, {"builder": "timm", "name": name, "num_classes": num_classes, "in_chans": in_chans,
+                               "kwargs": dict(kwargs or {})})
 
 
 def build_transformers(num_classes: int, path: str | None = None, config: dict[str, Any] | None = None,

@@ -14,7 +14,9 @@ from greenstack.validate import validate_config
 from tests.conftest import FAST, read_jsonl
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
-SMALL = {"text_minilm": ["data.batch_size=4", "data.max_length=16"]}
+SMALL = {"text_minilm": ["data.batch_size=4", "data.max_length=16"],
+         "compress_cnn_digits": ["data.batch_size=16", "compression.export.latency_repeats=2"],
+         "distill_text": ["data.batch_size=4", "data.max_length=16"]}
 
 
 def test_recipes_exist():
