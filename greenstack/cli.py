@@ -25,6 +25,8 @@ commands:
   cp GROUP/OPTION DEST     copy a recipe or config option to edit (e.g. cp recipe/quickstart my.yaml)
   doctor                   which energy meters and carbon sources work on this machine
   plan forecast-eval ...   rolling-origin evaluation of the carbon-intensity forecaster
+  plan backtest ...        backtest carbon-aware start times against the oracle on a trace
+  plan region ...          where and when a CPU job should run (carbon x price)
   carbon sign|verify ...   sign or verify a carbon-intensity data file (Ed25519)
   model keygen|sign|verify signed model artifacts with an ownership fingerprint
 

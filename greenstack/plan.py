@@ -259,3 +259,17 @@ register("forecast-eval", Subcommand(
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "parse_hours", "print_eval_table", "register",
            "run_plan"]
+
+
+# --- backtest and region (greenstack.scheduling) ----------------------------------------------------
+
+def _register_scheduling() -> None:
+    from greenstack.scheduling import commands
+
+    register("backtest", Subcommand(help=commands.BACKTEST_HELP, configure=commands.configure_backtest,
+                                    run=commands.run_backtest_command))
+    register("region", Subcommand(help=commands.REGION_HELP, configure=commands.configure_region,
+                                  run=commands.run_region_command))
+
+
+_register_scheduling()

@@ -277,11 +277,16 @@ class HierarchicalCheckpointing(Policy):
         self._reason = notice
         self._signal = signal.SIGTERM
 
-    def _preempt(self, state: State) -> None:
-        signum = self._signal or signal.SIGTERM
+    def checkpoint_now(self, state: State, reason: str) -> str:
+        """Write a checkpoint synchronously to every tier within `preempt_budget_s`; returns where it went.
+
+        Used for preemption and by other policies (e.g. the scheduler's pause) that need a durable
+        point before they stop or wait.
+        """
         self._settle(state)
         t0 = time.monotonic()
-        snapshot = capture(state, meta={"run_dir": state.run_dir, "preempted_by": signal.Signals(signum).name})
+        snapshot = capture(state, meta={"run_dir": state.run_dir, "reason": reason})
+        self.memory.append(snapshot)
         saved = []
         for tier in self.tiers.values():
             left = self.preempt_budget_s - (time.monotonic() - t0)
@@ -289,11 +294,15 @@ class HierarchicalCheckpointing(Policy):
                 continue
             tier.write_now(snapshot)
             saved.append(f"{tier.store}/{snapshot.name}")
-        took = time.monotonic() - t0
-        where = ", ".join(saved) or "no durable tier (memory only)"
+        return ", ".join(saved) or "memory only (no disk tier configured)"
+
+    def _preempt(self, state: State) -> None:
+        signum = self._signal or signal.SIGTERM
         cause = self._reason or signal.Signals(signum).name
-        raise Preempted(signum, f"preempted by {cause} at step {state.step}: checkpoint "
-                                f"saved in {took:.2f} s to {where}; rerun the same command with "
+        t0 = time.monotonic()
+        where = self.checkpoint_now(state, f"preempted by {cause}")
+        raise Preempted(signum, f"preempted by {cause} at step {state.step}: checkpoint saved in "
+                                f"{time.monotonic() - t0:.2f} s to {where}; rerun the same command with "
                                 f"checkpointing.resume=auto to continue")
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""What every scheduler policy shares: its intensity source, a clock, start-now requests, decisions.
+
+Why an injectable clock and sleep: the policies wait on wall-clock time; tests and backtests drive
+them with a fake clock and a synthetic trace instead of real hours. Why several start-now routes:
+a waiting run must be startable at once from wherever its owner is - the config
+(`scheduler.start_now=true`), the environment (`GREENSTACK_START_NOW=1`), a signal to the process
+(SIGUSR2) or a file in the run dir (`touch RUN_DIR/START_NOW`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from greenstack.engine.policy import Policy
+from greenstack.engine.state import State
+from greenstack.errors import ConfigError, Problem
+from greenstack.provenance import Figure
+from greenstack.scheduling.decisions import Decision, DecisionRecorder
+from greenstack.scheduling.timeparse import format_hours
+
+log = logging.getLogger("greenstack")
+START_NOW_ENV = "GREENSTACK_START_NOW"
+START_NOW_FILE = "START_NOW"
+START_SIGNAL = signal.SIGUSR2
+
+
+def build_source(zone: str | None, trace: str | None, carbon: Any, key: str) -> Any:
+    """The IntensitySource a policy plans on: a CSV trace, a shipped zone, or the run's carbon config."""
+    if trace:
+        from greenstack.carbon.sources import CsvTraceSource
+
+        return CsvTraceSource(trace, zone=zone)
+    if zone:
+        from greenstack.carbon.sources import make_source
+
+        try:
+            return make_source("embedded", zone=zone)
+        except ConfigError as err:
+            raise ConfigError([Problem(f"{key}.zone", p.value, p.reason, p.fix) for p in err.problems]) from None
+    if carbon is not None and hasattr(carbon, "source"):
+        return carbon.source()
+    return None
+
+
+class SchedulerPolicy(Policy):
+    """Base of the scheduler policies (see the module docstring)."""
+
+    def __init__(self, *, name: str, zone: str | None = None, trace: str | None = None, carbon: Any = None,
+                 start_now: bool = False, clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], None] | None = None, key: str = "scheduler") -> None:
+        super().__init__(name=name)
+        self.key = key  # config path in error messages
+        self.zone, self.trace, self.carbon = zone, trace, carbon
+        self.start_now = bool(start_now)
+        self.clock = clock or time.time
+        self.sleep = sleep or time.sleep
+        self.recorder = DecisionRecorder(name)
+        self._source: Any = build_source(zone, trace, carbon, self.key)
+        self._signalled = False
+        self._previous_handler: Any = None
+        self.waited_s = 0.0
+
+    # -- shared helpers -----------------------------------------------------------------------------
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        """JSON-able record of every decision so far (see `greenstack.scheduling.decisions`)."""
+        return self.recorder.decisions
+
+    def source(self) -> Any:
+        if self._source is None:
+            raise ConfigError(Problem(f"{self.key}.zone", None, "no carbon-intensity source to plan on",
+                                      f"set {self.key}.zone=GB, {self.key}.trace=FILE, or "
+                                      f"{self.key}.carbon=${{carbon}} (the run's carbon config)"))
+        return self._source
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), tz=timezone.utc)
+
+    def record(self, state: State | None, action: str, inputs: dict[str, Any], choice: dict[str, Any], *,
+               expected_saving_pct: float | None = None, provenance: str = "estimated",
+               notes: list[str] | None = None, numbers: dict[str, float] | None = None) -> dict[str, Any]:
+        decision = Decision(self.name, action, self.now(), inputs, choice, expected_saving_pct, provenance,
+                            list(notes or []))
+        return self.recorder.record(decision, state.metrics if state is not None else None, numbers)
+
+    # -- start-now requests -------------------------------------------------------------------------
+    def install_start_signal(self) -> None:
+        """SIGUSR2 -> start at once (main thread only; the previous handler is restored afterwards)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(START_SIGNAL, self._on_signal)
+
+    def restore_start_signal(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(START_SIGNAL, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self._signalled = True
+
+    @staticmethod
+    def resumed_run(state: State | None) -> str | None:
+        """Why this looks like a resumed run (checkpoints in its run dir): it must not wait again.
+
+        Why a file check: checkpoints are restored at INIT after the scheduler has run (checkpointing
+        goes last), so the scheduler cannot see restored state when it decides whether to wait.
+        """
+        run_dir = getattr(state, "run_dir", None)
+        ckpt = Path(run_dir) / "checkpoints" if run_dir else None
+        if ckpt is not None and ckpt.is_dir() and any(ckpt.glob("step-*")):
+            return f"{ckpt} holds checkpoints: a resumed run starts at once (its first segment chose the window)"
+        return None
+
+    def start_request(self, state: State | None) -> str | None:
+        """Why the run should start at once, if someone asked: config, signal, environment or file."""
+        if self.start_now:
+            return "config start_now=true"
+        if self._signalled:
+            return "SIGUSR2"
+        if os.environ.get(START_NOW_ENV, "").strip().lower() in ("1", "true", "yes"):
+            return f"{START_NOW_ENV}=1"
+        run_dir = getattr(state, "run_dir", None)
+        if run_dir and (Path(run_dir) / START_NOW_FILE).exists():
+            return f"{Path(run_dir) / START_NOW_FILE} exists"
+        return None
+
+    def wait_until(self, target_s: float, state: State | None, *, tick_s: float, countdown_every_s: float,
+                   describe: Callable[[float], str], on_tick: Callable[[], float | None] | None = None) -> str:
+        """Sleep (in ticks) until `target_s` or a start request; returns why waiting ended.
+
+        `on_tick` may return a new target (re-planning); the countdown is logged every
+        `countdown_every_s` seconds with `describe(seconds_left)`.
+        """
+        t_start = self.clock()
+        last_report = -float("inf")
+        reason = "planned start reached"
+        self.install_start_signal()
+        try:
+            while True:
+                now = self.clock()
+                request = self.start_request(state)
+                if request is not None:
+                    reason = f"started early: {request}"
+                    break
+                if on_tick is not None:
+                    new_target = on_tick()
+                    if new_target is not None:
+                        target_s = new_target
+                left = target_s - now
+                if left <= 0:
+                    break
+                if now - last_report >= countdown_every_s:
+                    log.info("%s: %s", self.name, describe(left))
+                    last_report = now
+                self.sleep(min(tick_s, left))
+        finally:
+            self.restore_start_signal()
+            self.waited_s += max(0.0, self.clock() - t_start)
+        return reason
+
+    @staticmethod
+    def countdown_text(left_s: float, start: datetime, saving_pct: float | None) -> str:
+        saving = f", expected saving {saving_pct:.1f} % vs now" if saving_pct is not None else ""
+        return (f"starting in {format_hours(left_s / 3600)} at {start.strftime('%Y-%m-%dT%H:%MZ')}{saving} "
+                f"(start at once: kill -USR2 {os.getpid()}, {START_NOW_ENV}=1 or touch RUN_DIR/{START_NOW_FILE})")
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Figure]:
+        figs: dict[str, Figure] = {}
+        src = f"greenstack.policies.scheduler.{self.name}"
+        savings = [d["expected_saving_pct"] for d in self.decisions if isinstance(d["expected_saving_pct"], (int, float))]
+        if savings:
+            last = next(d for d in reversed(self.decisions) if isinstance(d["expected_saving_pct"], (int, float)))
+            on = last["inputs"].get("source") if isinstance(last.get("inputs"), dict) else None
+            figs["scheduler/expected_saving_pct"] = Figure(round(savings[-1], 3), "%", "estimated",
+                                                           f"{src}: {last['action']}" + (f" on {on}" if on else ""))
+        figs["scheduler/wait_s"] = Figure(round(self.waited_s, 3), "s", "measured", f"{src} clock")
+        figs["scheduler/decisions"] = Figure(json.dumps(self.decisions), "json", "estimated",
+                                             f"{src}: every decision (inputs, choice, expected saving)")
+        return figs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decisions": list(self.decisions), "waited_s": self.waited_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        earlier = list(state.get("decisions", []))
+        self.recorder.decisions[:0] = [d for d in earlier if d not in self.recorder.decisions]
+        self.waited_s += float(state.get("waited_s", 0.0))

@@ -1,0 +1,217 @@
+"""`scheduler=forecast_window`: wait for the lowest-carbon window before the deadline, then train.
+
+At INIT (before the clock and meters start) the policy asks the intensity outlook for the hours up
+to the deadline, picks the start whose window of `duration` has the lowest expected intensity
+(`greenstack.scheduling.windows.best_window`, optimising the mean forecast by default), records the
+decision, and waits with a countdown. While waiting it re-plans every hour with fresh data
+(`replan`). SIGUSR2, `GREENSTACK_START_NOW=1`, `touch RUN_DIR/START_NOW` or `start_now=true` start at
+once. Inside a Slurm allocation it does not sleep (the resources would idle while reserved): it
+records the `--begin` value the launcher should use (`slurm_begin`) and starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from greenstack.carbon.forecast import HORIZON_H
+from greenstack.engine.events import Event
+from greenstack.engine.state import State
+from greenstack.errors import ConfigError, Problem
+from greenstack.policies.scheduler._base import SchedulerPolicy
+from greenstack.scheduling.outlook import Outlook, hour_floor, intensity_outlook
+from greenstack.scheduling.slurm import slurm_begin
+from greenstack.scheduling.timeparse import parse_deadline, parse_hours
+from greenstack.scheduling.windows import TIE_RTOL, WindowChoice, best_window, planning_values, window_costs
+
+__all__ = ["ForecastWindow", "Plan", "plan_window", "slurm_begin"]
+
+
+class Plan:
+    """A chosen start: when, what it is expected to save, and on which outlook."""
+
+    def __init__(self, start: datetime, choice: WindowChoice, outlook: Outlook, deadline: datetime) -> None:
+        self.start, self.choice, self.outlook, self.deadline = start, choice, outlook, deadline
+
+    @property
+    def expected_saving_pct(self) -> float:
+        return self.choice.expected_saving_pct
+
+    def inputs(self, objective: Any, duration_h: float) -> dict[str, Any]:
+        o = self.outlook
+        return {"duration_h": duration_h, "deadline": self.deadline, "objective": objective,
+                "outlook": o.describe(), "source": o.source,
+                "expected_g_per_kwh_by_hour": [round(float(v), 2) for v in o.values(objective)]}
+
+    def choice_dict(self) -> dict[str, Any]:
+        c = self.choice
+        return {"start": self.start, "start_offset_h": c.start_h, "latest_start_h": c.latest_start_h,
+                "expected_mean_g_per_kwh": c.cost / c.duration_h, "run_now_mean_g_per_kwh": c.cost_now / c.duration_h,
+                "horizon_limited": c.horizon_limited}
+
+
+def plan_window(source: Any, now: datetime, deadline: datetime, duration_h: float, *, objective: Any = "mean",
+                horizon_h: int = HORIZON_H) -> Plan:
+    """The lowest-carbon start in [now, deadline - duration] on the source's outlook (no sleeping).
+
+    Raises ConfigError when the deadline leaves less than the job's duration.
+    """
+    left_h = (deadline - now).total_seconds() / 3600
+    if left_h < duration_h:
+        raise ConfigError(Problem("deadline", deadline.isoformat(),
+                                  f"leaves {left_h:.2f} h from {now.isoformat()} for a {duration_h:g} h job",
+                                  "give a later deadline or a shorter duration"))
+    t0 = hour_floor(now)
+    latest_start_h = int(math.floor((deadline - timedelta(hours=duration_h) - t0).total_seconds() / 3600 + 1e-9))
+    span = latest_start_h + int(math.ceil(duration_h - 1e-9))
+    outlook = intensity_outlook(source, now, span, horizon_h=horizon_h)
+    values = outlook.values(objective)
+    if len(values) < math.ceil(duration_h - 1e-9):  # shorter than the job: run now, said so
+        outlook.notes.append("the outlook is shorter than the job: starting now")
+        values = list(values) + [values[-1]] * (math.ceil(duration_h) - len(values))
+    choice = best_window(values, duration_h, latest_start_h=latest_start_h)
+    if choice.horizon_limited and not outlook.horizon_limited:
+        outlook.notes.append(f"latest start clipped to hour {choice.latest_start_h} of the outlook")
+    start = now if choice.start_h == 0 else t0 + timedelta(hours=choice.start_h)
+    return Plan(start, choice, outlook, deadline)
+
+
+class ForecastWindow(SchedulerPolicy):
+    """Wait for the lowest-carbon window of `duration` before `deadline` (see module docstring)."""
+
+    events = frozenset({Event.INIT})
+
+    def __init__(self, duration: str | float = "1h", deadline: str | float = "24h", objective: str | float = "mean",
+                 min_saving_pct: float = 0.0, replan: bool = True, start_now: bool = False,
+                 horizon_h: int = HORIZON_H, tick_s: float = 1.0, countdown_every_s: float = 60.0,
+                 slurm: str = "begin", zone: str | None = None, trace: str | None = None, carbon: Any = None,
+                 clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> None:
+        problems: list[Problem] = []
+        key = "scheduler"
+        self.duration_h = self._parse(lambda: parse_hours(duration, f"{key}.duration"), problems, 1.0)
+        self.deadline_text = deadline
+        now = datetime.fromtimestamp((clock or time.time)(), tz=timezone.utc)
+        self.deadline = self._parse(lambda: parse_deadline(deadline, now, f"{key}.deadline"), problems, None)
+        if self.deadline is not None and not problems:
+            left_h = (self.deadline - now).total_seconds() / 3600
+            if left_h < self.duration_h:
+                problems.append(Problem(f"{key}.deadline", deadline,
+                                        f"leaves {left_h:.2f} h, shorter than the job ({duration})",
+                                        f"give a deadline of at least {duration} (or a shorter duration)"))
+        try:
+            planning_values([1.0], {0.5: [1.0]}, objective=objective, mean=[1.0])
+        except ConfigError as err:
+            problems += [Problem(f"{key}.objective", p.value, p.reason, p.fix) for p in err.problems]
+        if not min_saving_pct >= 0:
+            problems.append(Problem(f"{key}.min_saving_pct", min_saving_pct, "must be >= 0"))
+        if not 1 <= horizon_h <= 144:
+            problems.append(Problem(f"{key}.horizon_h", horizon_h, "must be 1..144 hours"))
+        for k, v in (("tick_s", tick_s), ("countdown_every_s", countdown_every_s)):
+            if not v > 0:
+                problems.append(Problem(f"{key}.{k}", v, "must be > 0"))
+        if slurm not in ("begin", "sleep"):
+            problems.append(Problem(f"{key}.slurm", slurm, "must be begin or sleep",
+                                    "begin: inside a Slurm job record the --begin value and start; sleep: wait anyway"))
+        try:
+            super().__init__(name="forecast_window", zone=zone, trace=trace, carbon=carbon, start_now=start_now,
+                             clock=clock, sleep=sleep)
+        except ConfigError as err:
+            problems += err.problems
+        if problems:
+            raise ConfigError(problems)
+        self.objective, self.min_saving_pct, self.replan = objective, float(min_saving_pct), bool(replan)
+        self.horizon_h, self.tick_s, self.countdown_every_s, self.slurm = horizon_h, tick_s, countdown_every_s, slurm
+        self.plan: Plan | None = None
+
+    @staticmethod
+    def _parse(fn: Callable[[], Any], problems: list[Problem], default: Any) -> Any:
+        try:
+            return fn()
+        except ConfigError as err:
+            problems.extend(err.problems)
+            return default
+
+    def make_plan(self, now: datetime | None = None) -> Plan:
+        """The plan at `now` (default: the policy's clock), without waiting: for launchers and tests."""
+        return plan_window(self.source(), now or self.now(), self.deadline, self.duration_h,
+                           objective=self.objective, horizon_h=self.horizon_h)
+
+    def __call__(self, event: Event, state: State) -> None:
+        if event is not Event.INIT or self.decisions:
+            return
+        request = self.start_request(state) or self.resumed_run(state)
+        if request is not None:
+            self.record(state, "start_now", {"requested_by": request}, {"start": self.now()},
+                        notes=[f"start requested ({request}): not waiting"])
+            return
+        left_h = (self.deadline - self.now()).total_seconds() / 3600
+        if left_h <= self.duration_h:  # validated at construction; the time since then used up the slack
+            self.record(state, "start_now", {"deadline": self.deadline, "duration_h": self.duration_h},
+                        {"start": self.now()}, expected_saving_pct=0.0,
+                        notes=[f"the deadline leaves {left_h:.2f} h for a {self.duration_h:g} h job: no slack to use"])
+            return
+        plan = self.make_plan()
+        self.plan = plan
+        saving = plan.expected_saving_pct
+        numbers = {"expected_mean_g_per_kwh": plan.choice.cost / plan.choice.duration_h,
+                   "run_now_mean_g_per_kwh": plan.choice.cost_now / plan.choice.duration_h,
+                   "planned_start_s": plan.start.timestamp(), "planned_wait_h": plan.choice.start_h}
+        if plan.choice.start_h > 0 and saving < self.min_saving_pct:
+            self.record(state, "start_now", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
+                        expected_saving_pct=0.0, numbers=numbers, notes=plan.outlook.notes + [
+                            f"best window saves {saving:.1f} % < min_saving_pct {self.min_saving_pct:g}: starting now"])
+            return
+        if plan.choice.start_h == 0:
+            self.record(state, "start_now", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
+                        expected_saving_pct=saving, numbers=numbers,
+                        notes=plan.outlook.notes + ["now is the lowest-carbon window before the deadline"])
+            return
+        if os.environ.get("SLURM_JOB_ID") and self.slurm == "begin":
+            begin = slurm_begin(plan.start, self.now())
+            self.record(state, "slurm_begin", plan.inputs(self.objective, self.duration_h),
+                        {**plan.choice_dict(), "slurm_begin": begin}, expected_saving_pct=saving, numbers=numbers,
+                        notes=plan.outlook.notes + [
+                            f"inside Slurm job {os.environ['SLURM_JOB_ID']}: not sleeping on reserved resources; "
+                            f"submit with --begin={begin} to start in the chosen window"])
+            return
+        self.record(state, "wait", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
+                    expected_saving_pct=saving, numbers=numbers, notes=plan.outlook.notes)
+        self._wait(state, plan)
+
+    def _wait(self, state: State, plan: Plan) -> None:
+        current = {"plan": plan, "hour": hour_floor(self.now())}
+
+        def replan() -> float | None:
+            """Each new hour: keep the planned start unless a fresh plan finds a strictly cheaper window."""
+            now = self.now()
+            if not self.replan or hour_floor(now) == current["hour"] or now >= current["plan"].start:
+                return None
+            current["hour"] = hour_floor(now)
+            fresh = self.make_plan(now)
+            values = fresh.outlook.values(self.objective)
+            k_cur = int(round((current["plan"].start - hour_floor(now)).total_seconds() / 3600))
+            costs = window_costs(values, self.duration_h) if len(values) >= math.ceil(self.duration_h) else []
+            if 0 <= k_cur < len(costs) and fresh.choice.cost >= costs[k_cur] * (1 - TIE_RTOL):
+                return None  # the planned window is still (one of) the best
+            self.record(state, "replan", fresh.inputs(self.objective, self.duration_h), fresh.choice_dict(),
+                        expected_saving_pct=fresh.expected_saving_pct, notes=fresh.outlook.notes,
+                        numbers={"planned_start_s": fresh.start.timestamp()})
+            current["plan"] = fresh
+            self.plan = fresh
+            return fresh.start.timestamp()
+
+        reason = self.wait_until(plan.start.timestamp(), state, tick_s=self.tick_s,
+                                 countdown_every_s=self.countdown_every_s, on_tick=replan,
+                                 describe=lambda left: self.countdown_text(left, current["plan"].start,
+                                                                           current["plan"].expected_saving_pct))
+        final = current["plan"]
+        early = reason.startswith("started early")
+        self.record(state, "start", {"reason": reason, "planned_start": final.start},
+                    {"start": self.now(), "waited_s": round(self.waited_s, 3)},
+                    expected_saving_pct=None if early else final.expected_saving_pct,
+                    numbers={"wait_s": self.waited_s},
+                    notes=[f"{reason} after waiting {self.waited_s / 3600:.2f} h"])

@@ -1,0 +1,24 @@
+"""`scheduler=immediate` (the default): start at once, and say so in the run's decisions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from greenstack.engine.events import Event
+from greenstack.engine.state import State
+from greenstack.policies.scheduler._base import SchedulerPolicy
+
+
+class Immediate(SchedulerPolicy):
+    """No waiting, no lookups (no network): one recorded decision "start now", expected saving 0 %."""
+
+    events = frozenset({Event.INIT})
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(name="immediate", **kw)
+
+    def __call__(self, event: Event, state: State) -> None:
+        if event is Event.INIT and not self.decisions:
+            self.record(state, "start_now", {"policy": "immediate"}, {"start": self.now().isoformat()},
+                        expected_saving_pct=0.0, provenance="measured",
+                        notes=["scheduler=immediate: no carbon-aware scheduling (try scheduler=forecast_window)"])

@@ -1,0 +1,190 @@
+"""The cloud price catalog: on-demand and spot prices per zone and instance kind.
+
+Why a shipped, dated file: region choice trades carbon against price, and a scheduler must work
+offline and reproducibly. `data/cloud_prices.csv` is a labelled snapshot (see data/README.md) that
+users replace with their own export; like carbon traces, a catalog is validated with pandera and
+every offending row is named (row, line, column, value) before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.errors import SchemaErrors
+
+from greenstack.errors import ConfigError, DataError, Problem
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "data" / "cloud_prices.csv"
+KINDS = ("cpu", "gpu")
+REQUIRED = ("zone", "provider", "region", "instance_type", "kind", "on_demand_usd_per_h", "spot_usd_per_h", "as_of")
+MAX_ROWS_PER_PROBLEM = 10
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One instance type in one region: on-demand and (optional) spot price per hour."""
+
+    zone: str
+    provider: str
+    region: str
+    instance_type: str
+    kind: str
+    on_demand_usd_per_h: float
+    spot_usd_per_h: float | None
+    as_of: str
+    source: str
+
+    @property
+    def spot_ratio(self) -> float:
+        """spot / on-demand (1.0 without a spot market: no discount to gain)."""
+        if self.spot_usd_per_h is None or self.on_demand_usd_per_h <= 0:
+            return 1.0
+        return self.spot_usd_per_h / self.on_demand_usd_per_h
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"zone": self.zone, "provider": self.provider, "region": self.region,
+                "instance_type": self.instance_type, "kind": self.kind,
+                "on_demand_usd_per_h": self.on_demand_usd_per_h, "spot_usd_per_h": self.spot_usd_per_h,
+                "spot_ratio": round(self.spot_ratio, 4), "as_of": self.as_of}
+
+
+@lru_cache(maxsize=1)
+def _schema() -> pa.DataFrameSchema:
+    price = [pa.Check(lambda s: s > 0, name="positive_price")]
+    return pa.DataFrameSchema(
+        {
+            "zone": pa.Column(str, pa.Check.str_length(min_value=1, name="non_empty"), nullable=False),
+            "provider": pa.Column(str, pa.Check.str_length(min_value=1, name="non_empty"), nullable=False),
+            "region": pa.Column(str, pa.Check.str_length(min_value=1, name="non_empty"), nullable=False),
+            "instance_type": pa.Column(str, pa.Check.str_length(min_value=1, name="non_empty"), nullable=False),
+            "kind": pa.Column(str, pa.Check.isin(list(KINDS), name="kind"), nullable=False),
+            "on_demand_usd_per_h": pa.Column("float64", price, nullable=False, coerce=True),
+            "spot_usd_per_h": pa.Column("float64", price, nullable=True, coerce=True),
+            "as_of": pa.Column(str, pa.Check.str_matches(r"^\d{4}-\d{2}-\d{2}$", name="date"), nullable=False),
+        },
+        strict=False, name="cloud price catalog",
+    )
+
+
+_REASONS = {  # pandera check name prefix -> (reason, fix)
+    "str_length": ("empty", "fill it in"),
+    "isin": ("unknown instance kind", f"one of {', '.join(KINDS)}"),
+    "positive_price": ("a price must be > 0 USD/h", "leave spot_usd_per_h empty where there is no spot market"),
+    "str_matches": ("not a YYYY-MM-DD date", "e.g. 2024-06-01"),
+    "not_nullable": ("missing value", "every row needs a value here"),
+}
+
+
+@dataclass(frozen=True)
+class PriceCatalog:
+    """A validated catalog; `offer(zone, kind)` is the cheapest on-demand offer of that kind in the zone."""
+
+    frame: pd.DataFrame
+    path: str
+
+    @property
+    def as_of(self) -> str:
+        dates = sorted(set(self.frame["as_of"]))
+        return dates[0] if len(dates) == 1 else f"{dates[0]}..{dates[-1]}"
+
+    def zones(self, kind: str | None = None) -> list[str]:
+        df = self.frame if kind is None else self.frame[self.frame["kind"] == kind]
+        return sorted(set(df["zone"]))
+
+    def offer(self, zone: str, kind: str) -> Offer:
+        """The zone's offer of this kind (cheapest on-demand if several); ConfigError if none."""
+        rows = self.frame[(self.frame["zone"].str.upper() == str(zone).upper()) & (self.frame["kind"] == kind)]
+        if rows.empty:
+            have = ", ".join(self.zones(kind)) or "none"
+            raise ConfigError(Problem("catalog", f"{zone}/{kind}", f"no {kind} price for zone {zone!r} in {self.path}",
+                                      f"add a row for it, or choose among: {have}"))
+        row = rows.sort_values("on_demand_usd_per_h").iloc[0]
+        spot = row["spot_usd_per_h"]
+        return Offer(str(row["zone"]), str(row["provider"]), str(row["region"]), str(row["instance_type"]), kind,
+                     float(row["on_demand_usd_per_h"]), None if pd.isna(spot) else float(spot), str(row["as_of"]),
+                     str(row.get("source", "")))
+
+
+def load_price_catalog(path: str | Path | None = None) -> PriceCatalog:
+    """Read and validate a price catalog CSV (default: the shipped snapshot). Raises DataError naming rows."""
+    p = Path(path).expanduser() if path else DEFAULT_CATALOG
+    return _load(str(p.resolve()) if p.exists() else str(p))
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> PriceCatalog:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(Problem("catalog", path, "price catalog not found",
+                                  f"give an existing CSV with columns {', '.join(REQUIRED)}"))
+    try:
+        raw = pd.read_csv(p, dtype=str, keep_default_na=False, comment="#", encoding="utf-8-sig")
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise DataError(Problem(p.name, None, f"cannot read as CSV: {err}")) from err
+    raw.columns = [str(c).strip() for c in raw.columns]
+    missing = [c for c in REQUIRED if c not in raw.columns]
+    if missing:
+        raise DataError(Problem(f"{p.name}.columns", list(raw.columns), f"missing column(s) {missing}",
+                                "see greenstack/scheduling/data/README.md for the format"))
+    if raw.empty:
+        raise DataError(Problem(p.name, 0, "the catalog has no rows"))
+    df = raw.copy()
+    for col in df.columns:
+        df[col] = df[col].str.strip()
+    problems: list[Problem] = []
+    flagged: set[tuple[int, str]] = set()
+    for col in ("on_demand_usd_per_h", "spot_usd_per_h"):
+        num = pd.to_numeric(df[col].replace("", None), errors="coerce")
+        bad = num.isna() & (df[col] != "")
+        for row in df.index[bad][:MAX_ROWS_PER_PROBLEM]:
+            problems.append(Problem(_row(p.name, row, col), df.at[row, col], "not a number",
+                                    "use a plain decimal number, e.g. 0.526"))
+        flagged |= {(int(r), col) for r in df.index[bad]}
+        df[col] = num
+    try:
+        df = _schema().validate(df, lazy=True)
+    except SchemaErrors as err:
+        problems += _translate(err.failure_cases, df, p.name, flagged)
+    above = df["spot_usd_per_h"].notna() & df["on_demand_usd_per_h"].notna() & (
+        df["spot_usd_per_h"] > df["on_demand_usd_per_h"])
+    for row in df.index[above][:MAX_ROWS_PER_PROBLEM]:
+        problems.append(Problem(_row(p.name, row, "spot_usd_per_h"), float(df.at[row, "spot_usd_per_h"]),
+                                f"spot price above the on-demand price {float(df.at[row, 'on_demand_usd_per_h']):g}",
+                                "check the two price columns"))
+    if problems:
+        raise DataError(problems)
+    dup = df.duplicated(["zone", "kind", "instance_type", "region"], keep="first")
+    if dup.any():
+        rows = df.index[dup]
+        raise DataError([Problem(f"{p.name}[row {r}, line {r + 2}]", f"{df.at[r, 'zone']}/{df.at[r, 'instance_type']}",
+                                 "duplicate offer (same zone, kind, region and instance type)",
+                                 "keep one row per offer") for r in rows[:MAX_ROWS_PER_PROBLEM]])
+    return PriceCatalog(df.reset_index(drop=True), str(p))
+
+
+def _row(name: str, row: int, col: str) -> str:
+    return f"{name}[row {row}, line {row + 2}].{col}"
+
+
+def _translate(fc: pd.DataFrame, df: pd.DataFrame, name: str, flagged: set[tuple[int, str]]) -> list[Problem]:
+    """pandera failure cases -> one Problem per offending row (capped), skipping rows already reported."""
+    problems: list[Problem] = []
+    for (column, check), group in fc.groupby(["column", "check"], sort=False, dropna=False):
+        kind = next((k for k in _REASONS if str(check).startswith(k)), str(check))
+        reason, fix = _REASONS.get(kind, (f"failed check {check}", ""))
+        col = str(column)
+        rows = sorted({int(i) for i in group["index"].dropna()} - {r for r, c in flagged if c == col})
+        if group["index"].isna().all():
+            problems.append(Problem(f"{name}.{col}", group["failure_case"].iloc[0], reason, fix))
+            continue
+        for r in rows[:MAX_ROWS_PER_PROBLEM]:
+            value = df.at[r, col] if col in df.columns else None
+            problems.append(Problem(_row(name, r, col), value.item() if hasattr(value, "item") else value, reason, fix))
+        if len(rows) > MAX_ROWS_PER_PROBLEM:
+            problems.append(Problem(f"{name}.{col}", None, f"{len(rows) - MAX_ROWS_PER_PROBLEM} more rows fail {kind}"))
+    return problems
