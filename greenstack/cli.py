@@ -29,6 +29,9 @@ commands:
   plan region ...          where and when a CPU job should run (carbon x price)
   carbon sign|verify ...   sign or verify a carbon-intensity data file (Ed25519)
   model keygen|sign|verify signed model artifacts with an ownership fingerprint
+  report tco|compare|html  cost of a run (vs a measured baseline), multirun Pareto table/plot, report.html
+  pool create|request|settle|status|budget|log   shared carbon budget pool (SQLite file or PostgreSQL URL)
+  audit verify|show PATH   check a hash-chained decision log (names the first tampered line)
 
 global flag: --debug shows tracebacks.  Docs: README.md
 """
@@ -265,8 +268,26 @@ def model(argv: list[str]) -> int:
     return run_model(argv)
 
 
+def report(argv: list[str]) -> int:
+    from greenstack.report_cli import run_report
+
+    return run_report(argv)
+
+
+def pool(argv: list[str]) -> int:
+    from greenstack.report_cli import run_pool
+
+    return run_pool(argv)
+
+
+def audit(argv: list[str]) -> int:
+    from greenstack.report_cli import run_audit
+
+    return run_audit(argv)
+
+
 COMMANDS = {"model": model, "train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor, "plan": plan,
-            "carbon": carbon}
+            "carbon": carbon, "report": report, "pool": pool, "audit": audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

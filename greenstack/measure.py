@@ -73,6 +73,7 @@ class CarbonConfig:
     retries: int = 3
     fallback_zone: str | None = None
     fallback_g_per_kwh: float | None = None
+    pool: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +89,12 @@ class CarbonConfig:
             problems.append(Problem("carbon.embodied_kg_co2e", self.embodied_kg_co2e, "must be >= 0 or null"))
         if not self.embodied_lifetime_hours > 0:
             problems.append(Problem("carbon.embodied_lifetime_hours", self.embodied_lifetime_hours, "must be > 0"))
+        try:
+            from greenstack.ledger.allocation import PoolConfig
+
+            PoolConfig.from_node(self.pool)
+        except ConfigError as e:
+            problems.extend(e.problems)
         try:
             self.source()
         except ConfigError as e:

@@ -15,7 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from greenstack.engine.loop import Trainer
 from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError
+from greenstack.ledger.allocation import PoolAllocation
+from greenstack.ledger.audit import attach_to_recorders, record_policy_decisions, run_audit_log
 from greenstack.measure import Measurement
+from greenstack.report.html import finish_run_report
 from greenstack.report.summary import RunReport
 from greenstack.tracking.base import Fanout, JsonlWriter, load_or_create_run_id
 from greenstack.validate import validate_config
@@ -64,7 +67,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_id = load_or_create_run_id(run_dir)
     run_name = cfg.get("run_name") or run_dir.name
     tracker = instantiate(cfg.tracker)
-    measurement = Measurement(instantiate(cfg.energy), instantiate(cfg.carbon), log_interval=trainer_cfg.log_interval)
+    carbon = instantiate(cfg.carbon)
+    measurement = Measurement(instantiate(cfg.energy), carbon, log_interval=trainer_cfg.log_interval)
+    audit = run_audit_log(run_dir, actor=f"run {run_id}")
+    attach_to_recorders(audit, policies)  # scheduler decisions go to audit.jsonl as they are taken
+    pool = PoolAllocation.for_run(carbon, run_id=run_id, audit=audit)  # None without carbon.pool
+    if pool is not None:
+        pool.reserve_before_training()  # a denial raises PoolDenied (exit 3) before anything spins up
+        policies.append(pool)
     report = RunReport(cfg, run_dir=run_dir, run_id=run_id, measurement=measurement)
     jsonl = JsonlWriter(run_dir)
     exit_code = 1
@@ -76,10 +86,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                           batch_size=data.batch_size, run_dir=str(run_dir))
         state = trainer.fit()
         summary = report.finish(state, trainer=trainer, data=data, policies=policies)
+        if pool is not None:
+            pool.settle(summary["flat"].get("carbon/total_kg_co2e"))
+        if measurement.budget_decision is not None:
+            audit.append("budget", measurement.budget_decision)
+        finish_run_report(run_dir, tracker)  # report.html + plots/ (+ W&B media); never fails the run
         tracker.summary(summary["flat"])
         exit_code = 0
         return summary
     finally:
+        record_policy_decisions(audit, policies)  # efficiency/alert/compression decisions, also of a failed run
+        if pool is not None:
+            pool.close()  # a failed run settles what it logged so far
         jsonl.close()
         report.close()
         tracker.finish(exit_code=exit_code)

@@ -1,0 +1,393 @@
+"""Hash-chained audit log: every decision a run (or a carbon pool) takes, in a file nobody can quietly edit.
+
+Why a chain: scheduling, region, pause, alert, allocation and compression decisions change what a run
+emits, so a later reader must be able to trust that the log was not edited after the fact. Each JSONL
+line carries its sequence number (1-based, equal to its line number), the hash of the previous line and
+its own SHA-256 over its canonical JSON, so editing, inserting, deleting or reordering a line breaks the
+chain at a line `verify` can name. A deleted *tail* leaves a valid chain; the head file written next to
+the log (`PATH.head`, the last sequence number and hash) catches that. With `GREENSTACK_AUDIT_KEY` set the
+hashes become HMAC-SHA256 under that key, so rewriting the whole chain also needs the key.
+
+Lines are written in canonical form (sorted keys, no spaces), so even a whitespace-only edit is caught.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "greenstack.audit/1"
+GENESIS = "0" * 64
+KEY_ENV = "GREENSTACK_AUDIT_KEY"
+#: decision kinds greenstack writes; other kinds are accepted (a policy may add its own)
+DECISION_KINDS = ("schedule", "region", "pause", "alert", "allocation", "settlement", "compression",
+                  "budget", "pool")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy (NaN/inf -> None, tuples -> lists, numpy scalars -> Python) so hashing is stable."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "item") and callable(value.item):
+        return _plain(value.item())
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def canonical(obj: Mapping[str, Any]) -> str:
+    """The one serialisation that is hashed and written: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _key() -> bytes | None:
+    key = os.environ.get(KEY_ENV)
+    return key.encode() if key else None
+
+
+def digest(body: Mapping[str, Any], key: bytes | None = None) -> str:
+    """SHA-256 (or HMAC-SHA256 under `key`) of a record without its `hash` field."""
+    data = canonical(body).encode()
+    return hmac.new(key, data, hashlib.sha256).hexdigest() if key else hashlib.sha256(data).hexdigest()
+
+
+def make_record(seq: int, prev: str, kind: str, data: Mapping[str, Any], *, actor: str | None = None,
+                at: datetime | None = None, key: bytes | None = None) -> dict[str, Any]:
+    """One chained record (with its hash) following the record whose hash is `prev`."""
+    if not kind or not isinstance(kind, str):
+        raise ValueError(f"audit kind must be a non-empty string, got {kind!r}")
+    body: dict[str, Any] = {
+        "schema": SCHEMA, "seq": int(seq), "prev": prev, "kind": kind,
+        "at": (at or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="microseconds"),
+        "data": _plain(dict(data)),
+    }
+    if actor:
+        body["actor"] = str(actor)
+    if key:
+        body["mac"] = "hmac-sha256"
+    return {**body, "hash": digest(body, key)}
+
+
+def chain_next(last_line: str | None, kind: str, data: Mapping[str, Any], *, actor: str | None = None,
+               key: bytes | None = None) -> tuple[dict[str, Any], str]:
+    """The record (and its canonical line) that follows `last_line` (None for the first record)."""
+    if last_line is None:
+        seq, prev = 1, GENESIS
+    else:
+        last = json.loads(last_line)
+        seq, prev = int(last["seq"]) + 1, str(last["hash"])
+    record = make_record(seq, prev, kind, data, actor=actor, key=key)
+    return record, canonical(record)
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    """Where the chain breaks: the 1-based line number and what is wrong there."""
+
+    line: int
+    reason: str
+
+    def format(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of `verify`: ok only when every line checks out and the head (if any) matches."""
+
+    path: str
+    lines: int
+    problems: list[AuditProblem] = field(default_factory=list)
+    head_checked: bool = False
+    keyed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_bad_line(self) -> int | None:
+        return self.problems[0].line if self.problems else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "ok": self.ok, "lines": self.lines, "head_checked": self.head_checked,
+                "keyed": self.keyed, "problems": [{"line": p.line, "reason": p.reason} for p in self.problems]}
+
+
+def verify_lines(lines: Sequence[str], *, head: Mapping[str, Any] | None = None, key: bytes | None = None,
+                 source: str = "<lines>") -> VerifyResult:
+    """Check a chain given as raw lines (a file's, or exported from a pool's database).
+
+    Reports the first break in the chain (later lines are only re-checked for their own hashes, since a
+    single insertion or deletion shifts every following sequence number) and a head mismatch.
+    """
+    result = VerifyResult(path=source, lines=len(lines), keyed=key is not None)
+    problems = result.problems
+    hashes: list[str] = []  # hash field of each line so far
+    prev_ok = True
+    chain_broken = False
+    for n, raw in enumerate(lines, start=1):
+        text = raw.rstrip("\n")
+        prev_hash = hashes[-1] if hashes else GENESIS
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            problems.append(AuditProblem(n, f"not a JSON record ({e}): edited or inserted"))
+            chain_broken, prev_ok = True, False
+            hashes.append("")
+            continue
+        missing = [k for k in ("seq", "prev", "kind", "at", "data", "hash") if k not in record]
+        if missing:
+            problems.append(AuditProblem(n, f"record lacks {', '.join(missing)}: edited or inserted"))
+            chain_broken, prev_ok = True, False
+            hashes.append(str(record.get("hash", "")))
+            continue
+        body = {k: v for k, v in record.items() if k != "hash"}
+        own_ok = hmac.compare_digest(str(record["hash"]), digest(body, key))
+        if not own_ok:
+            problems.append(AuditProblem(n, "content does not match its hash: this line was edited"
+                                            + ("" if key else " (or it was written under GREENSTACK_AUDIT_KEY)")))
+        elif canonical(record) != text:
+            problems.append(AuditProblem(n, "line is not in canonical form: this line was edited"))
+        seq = record["seq"]
+        if not chain_broken and seq != n:
+            chain_broken = True
+            if n >= 2 and text == lines[n - 2].rstrip("\n"):
+                problems.append(AuditProblem(n, f"inserted: a copy of line {n - 1}"))
+            elif seq == n - 1 and n >= 2 and record["prev"] == (hashes[-2] if n >= 3 else GENESIS):
+                problems.append(AuditProblem(n - 1, f"inserted: line {n} carries sequence {n - 1} and also "
+                                                    f"chains to line {n - 2}"))
+            elif isinstance(seq, int) and not isinstance(seq, bool) and seq > n:
+                gone = f"line {n} of the original log was" if seq == n + 1 else \
+                    f"lines {n}-{seq - 1} of the original log were"
+                problems.append(AuditProblem(n, f"sequence number {seq}, expected {n}: {gone} deleted "
+                                                "(or lines were moved)"))
+            else:
+                problems.append(AuditProblem(n, f"sequence number {seq!r}, expected {n}: a line was inserted "
+                                                "or moved here"))
+        elif not chain_broken and record["prev"] != prev_hash and own_ok:
+            chain_broken = True
+            if n == 1:
+                problems.append(AuditProblem(1, "first line does not start the chain: earlier lines were deleted "
+                                                "or this line was replaced"))
+            elif prev_ok:
+                problems.append(AuditProblem(n - 1, f"edited or replaced (its hash was recomputed): line {n} "
+                                                    "no longer chains to it"))
+            else:
+                problems.append(AuditProblem(n, f"does not chain to line {n - 1}"))
+        hashes.append(str(record["hash"]))
+        prev_ok = own_ok
+    prev_hash = hashes[-1] if hashes else GENESIS
+    if head is not None:
+        result.head_checked = True
+        want_n, want_hash = int(head.get("seq", -1)), str(head.get("hash", ""))
+        if want_n > len(lines):
+            gone = f"line {want_n} was" if want_n == len(lines) + 1 else f"lines {len(lines) + 1}-{want_n} were"
+            problems.append(AuditProblem(len(lines) + 1, f"missing: the head records {want_n} lines, the log "
+                                                         f"has {len(lines)} ({gone} deleted)"))
+        elif want_n < len(lines):
+            problems.append(AuditProblem(want_n + 1, f"appended after the last recorded line {want_n} "
+                                                     "(inserted without updating the head)"))
+        elif lines and prev_hash != want_hash:
+            problems.append(AuditProblem(len(lines), "last line differs from the one the head recorded: "
+                                                     "edited or replaced"))
+    problems.sort(key=lambda p: p.line)
+    return result
+
+
+def head_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".head")
+
+
+def verify(path: str | Path, *, require_head: bool = True, key: bytes | None = None) -> VerifyResult:
+    """Verify a JSONL audit file (and its head file); see `verify_lines`.
+
+    A missing head file is itself a problem unless `require_head=False`: without it, deleting the last
+    lines cannot be detected.
+    """
+    path = Path(path)
+    key = _key() if key is None else key
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    head = None
+    hp = head_path(path)
+    if hp.is_file():
+        try:
+            head = json.loads(hp.read_text(encoding="utf-8"))
+        except ValueError:
+            head = {"seq": -1, "hash": ""}
+    result = verify_lines(lines, head=head, key=key, source=str(path))
+    if head is None and require_head:
+        result.problems.append(AuditProblem(len(lines), f"head file {hp.name} is missing, so deleted tail lines "
+                                                        "cannot be ruled out (pass --no-head to check only "
+                                                        "the chain)"))
+    if text and not text.endswith("\n"):
+        result.problems.append(AuditProblem(len(lines), "last line is not newline-terminated: truncated"))
+    return result
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock on the log itself so concurrent writers (threads, processes, ranks) never fork the chain."""
+    import fcntl
+
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _last_line(path: Path) -> str | None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        block, data = 4096, b""
+        while size > 0 and data.count(b"\n") < 2:
+            step = min(block, size)
+            size -= step
+            f.seek(size)
+            data = f.read(step) + data
+    lines = [ln for ln in data.split(b"\n") if ln.strip()]
+    return lines[-1].decode("utf-8") if lines else None
+
+
+RUN_AUDIT_FILE = "audit.jsonl"
+_ACTION_KINDS = {"pause": "pause", "resume": "pause", "arm": "pause", "choose_region": "region"}
+
+
+def decision_kind(record: Mapping[str, Any], default: str = "schedule") -> str:
+    """Audit kind of a scheduler decision record from its `action` (pause/resume -> pause, region choice -> region)."""
+    return _ACTION_KINDS.get(str(record.get("action", "")), default)
+
+
+def policy_kind(policy: Any) -> str:
+    """Audit kind for a policy's decisions: alert, compression, efficiency or schedule, from where it lives."""
+    where = f"{type(policy).__module__}.{type(policy).__name__}".lower()
+    for word, kind in (("alert", "alert"), ("compression", "compression"), ("scheduler", "schedule"),
+                       ("efficiency", "efficiency")):
+        if word in where:
+            return kind
+    return "decision"
+
+
+def record_policy_decisions(audit: AuditLog, policies: Iterable[Any]) -> int:
+    """At the end of a run, append the `decisions` lists of policies that were not hooked up live.
+
+    Policies with a decision recorder (`policy.recorder.listeners`) are skipped: their listener already
+    wrote each decision when it was taken. Decisions already in the log (a resumed run restores its
+    policies' decisions) are not written twice. Returns how many records were appended.
+    """
+    seen = {canonical(_plain(r.get("data", {}))) for r in audit.records()}
+    added = 0
+    for policy in policies:
+        recorder = getattr(policy, "recorder", None)
+        if recorder is not None and audit_listening(recorder):
+            continue
+        decisions = getattr(policy, "decisions", None)
+        if not isinstance(decisions, list):
+            continue
+        for decision in decisions:
+            if not isinstance(decision, Mapping):
+                continue
+            data = {"policy": getattr(policy, "name", type(policy).__name__), **decision}
+            if canonical(_plain(data)) in seen:
+                continue
+            audit.append(decision_kind(decision, policy_kind(policy)), data)
+            seen.add(canonical(_plain(data)))
+            added += 1
+    return added
+
+
+def audit_listening(recorder: Any) -> bool:
+    return any(getattr(fn, "__qualname__", "").startswith("AuditLog.listener") for fn in getattr(recorder, "listeners", []))
+
+
+def attach_to_recorders(audit: AuditLog, policies: Iterable[Any]) -> int:
+    """Hook the log into every policy's decision recorder, so decisions are written as they are taken."""
+    n = 0
+    for policy in policies:
+        recorder = getattr(policy, "recorder", None)
+        if recorder is not None and isinstance(getattr(recorder, "listeners", None), list) \
+                and not audit_listening(recorder):
+            recorder.listeners.append(audit.listener())
+            n += 1
+    return n
+
+
+def run_audit_log(run_dir: str | Path, *, actor: str | None = None) -> AuditLog:
+    """The decision log of a run (`<run_dir>/audit.jsonl`); policies call this with `state.run_dir`.
+
+    Only global rank 0 writes (RANK unset counts as 0), so a multi-process run records each decision
+    once. For the report to shade a scheduler's chosen window, a `schedule` (or `region`) record carries
+    `{"window": {"start": ISO, "end": ISO}}` or a scheduler decision's `choice.start` + `inputs.duration_h`.
+    """
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return AuditLog(Path(run_dir) / RUN_AUDIT_FILE, actor=actor, enabled=rank == 0)
+
+
+class AuditLog:
+    """Append-only, hash-chained JSONL decision log (`audit.jsonl` in the run dir by default)."""
+
+    def __init__(self, path: str | Path, *, actor: str | None = None, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.actor = actor
+        self.enabled = enabled  # False on non-zero ranks: one writer per run
+
+    def append(self, kind: str, data: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Record one decision; returns the written record ({} when disabled). Safe under concurrent writers."""
+        if not self.enabled:
+            return {}
+        payload = {**(data or {}), **fields}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(self.path):
+            record, line = chain_next(_last_line(self.path), kind, payload, actor=self.actor, key=_key())
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            from greenstack.io import atomic_write_bytes
+
+            atomic_write_bytes(head_path(self.path),
+                               (canonical({"seq": record["seq"], "hash": record["hash"]}) + "\n").encode())
+        return record
+
+    def listener(self, kind: str | None = None) -> Callable[[Mapping[str, Any]], None]:
+        """A callback for decision recorders (e.g. `recorder.listeners.append(audit.listener())`): each
+        decision dict is appended as it is taken; the kind comes from its `action` unless given."""
+        def append(record: Mapping[str, Any]) -> None:
+            self.append(kind or decision_kind(record), record)
+
+        return append
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record, parsed (no verification: call `verify` for that)."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def verify(self) -> VerifyResult:
+        return verify(self.path)
