@@ -30,7 +30,7 @@ GENESIS = "0" * 64
 KEY_ENV = "GREENSTACK_AUDIT_KEY"
 #: decision kinds greenstack writes; other kinds are accepted (a policy may add its own)
 DECISION_KINDS = ("schedule", "region", "pause", "alert", "allocation", "settlement", "compression",
-                  "budget", "pool")
+                  "budget", "pool", "checkpoint")
 
 
 def _plain(value: Any) -> Any:
@@ -288,7 +288,7 @@ def policy_kind(policy: Any) -> str:
     """Audit kind for a policy's decisions: alert, compression, efficiency or schedule, from where it lives."""
     where = f"{type(policy).__module__}.{type(policy).__name__}".lower()
     for word, kind in (("alert", "alert"), ("compression", "compression"), ("scheduler", "schedule"),
-                       ("efficiency", "efficiency")):
+                       ("efficiency", "efficiency"), ("checkpointing", "checkpoint")):
         if word in where:
             return kind
     return "decision"

@@ -80,6 +80,11 @@ def test_tampered_checkpoint_is_refused_on_resume(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     ckpts = sorted((run_dir / "checkpoints").iterdir())
     assert ckpts
+    # every snapshot is in the run's hash-chained audit log, with its stall time
+    records = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    snapshots = [r for r in records if r["kind"] == "checkpoint" and r["data"]["action"] == "snapshot"]
+    assert [r["data"]["step"] for r in snapshots] == [1, 2, 3, 4]
+    assert all(r["data"]["stall_ms"] >= 0 for r in snapshots)
     for ckpt in ckpts:
         weights = ckpt / "model.safetensors"
         data = bytearray(weights.read_bytes())

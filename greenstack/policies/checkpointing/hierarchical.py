@@ -157,6 +157,8 @@ class HierarchicalCheckpointing(Policy):
         self.spot_notice, self.spot_endpoint, self.spot_interval_s = spot_notice, spot_endpoint, spot_interval_s
         self._spot: Any = None
         self._reason = ""
+        #: JSON-able record of checkpoints taken, resumes and preemptions (written to the run's audit log)
+        self.decisions: list[dict[str, Any]] = []
         self._previous_handlers: dict[int, Any] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -220,6 +222,8 @@ class HierarchicalCheckpointing(Policy):
         snapshot, where = max(candidates, key=lambda c: c[0].step)
         apply_snapshot(snapshot, state)
         self.resumed_from = where
+        self.decisions.append({"kind": "checkpoint", "action": "restore", "from": where, "step": snapshot.step,
+                               "skipped": list(self.skipped_on_resume)})
         log.info("checkpointing: resumed from %s (step %d, epoch %d)", where, snapshot.step, snapshot.epoch)
 
     # -- per step ---------------------------------------------------------------------------------
@@ -251,8 +255,10 @@ class HierarchicalCheckpointing(Policy):
         self.stall_s.append(stall)
         state.metrics["checkpoint/stall_ms"] = stall * 1000
         self.memory.append(snapshot)
-        for name in tiers:
-            self.tiers[name].submit(snapshot)
+        queued = [name for name in tiers if self.tiers[name].submit(snapshot)]
+        self.decisions.append({"kind": "checkpoint", "action": "snapshot", "step": snapshot.step,
+                               "stall_ms": round(stall * 1000, 3), "tiers": ["memory", *queued],
+                               "skipped_busy": [name for name in tiers if name not in queued]})
 
     # -- preemption -------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -294,6 +300,8 @@ class HierarchicalCheckpointing(Policy):
                 continue
             tier.write_now(snapshot)
             saved.append(f"{tier.store}/{snapshot.name}")
+        self.decisions.append({"kind": "checkpoint", "action": "checkpoint_now", "reason": reason,
+                               "step": snapshot.step, "saved": saved, "seconds": round(time.monotonic() - t0, 3)})
         return ", ".join(saved) or "memory only (no disk tier configured)"
 
     def _preempt(self, state: State) -> None:
