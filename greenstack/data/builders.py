@@ -246,9 +246,41 @@ def load_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
+def _text_loaders(sets: tuple[_TextDataset, _TextDataset, _TextDataset], batch_size: int, seed: int,
+                  num_workers: int, collate: Callable, group_by_length: bool
+                  ) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
+    """Like `_loaders`, but the train loader draws its order from a `LengthGroupedSampler`.
+
+    Ungrouped, that sampler yields exactly RandomSampler's order from the same generator, so runs are
+    unchanged; the `efficiency.padding` policy (or `group_by_length=true`) switches grouping on.
+    """
+    from greenstack.efficiency.sampler import LengthGroupedSampler
+
+    generator = torch.Generator().manual_seed(seed)
+    train_set = sets[0]
+    sampler = LengthGroupedSampler(train_set, [len(ids) for ids in train_set.encodings], generator=generator,
+                                   group_by_length=group_by_length, bucket_size=50 * batch_size)
+    train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, generator=generator,
+                       num_workers=num_workers, collate_fn=collate)
+    evals = [DataLoader(d, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+             if len(d) else None for d in sets[1:]]
+    return train, evals[0], evals[1]
+
+
+def _check_text_options(pad_to_multiple_of: int, group_by_length: bool) -> None:
+    problems = []
+    if not isinstance(pad_to_multiple_of, int) or isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1:
+        problems.append(Problem("data.pad_to_multiple_of", pad_to_multiple_of, "must be an integer >= 1",
+                                "8 suits tensor cores"))
+    if not isinstance(group_by_length, bool):
+        problems.append(Problem("data.group_by_length", group_by_length, "must be true or false"))
+    if problems:
+        raise ConfigError(problems)
+
+
 def _text_module(texts: list[str], raw_labels: list[str], *, tokenizer: str, max_length: int, batch_size: int,
                  val_fraction: float, test_fraction: float, split_seed: int, seed: int, num_workers: int,
-                 source: str) -> DataModule:
+                 source: str, group_by_length: bool = False, pad_to_multiple_of: int = 1) -> DataModule:
     tok = load_tokenizer(tokenizer)
     class_names = sorted(set(raw_labels))
     index = {c: i for i, c in enumerate(class_names)}
@@ -256,8 +288,8 @@ def _text_module(texts: list[str], raw_labels: list[str], *, tokenizer: str, max
     encodings = tok(texts, truncation=True, max_length=max_length)["input_ids"]
     tr, va, te = split_indices(labels, val_fraction, test_fraction, split_seed)
     sets = tuple(_TextDataset([encodings[i] for i in ix], [labels[i] for i in ix]) for ix in (tr, va, te))
-    collate = PadCollate(tok.pad_token_id or 0)
-    train, val, test = _loaders(sets, batch_size, seed, num_workers, collate=collate)  # type: ignore[arg-type]
+    collate = PadCollate(tok.pad_token_id or 0, multiple_of=pad_to_multiple_of)
+    train, val, test = _text_loaders(sets, batch_size, seed, num_workers, collate, group_by_length)  # type: ignore[arg-type]
     return DataModule(train=train, val=val, test=test, num_classes=len(class_names), kind="text",
                       batch_size=batch_size, class_names=class_names, source=source)
 
@@ -279,9 +311,15 @@ def check_text_csv(path: str, text_column: str, label_column: str, key: str = "d
 
 def text_csv(path: str, text_column: str = "text", label_column: str = "label", tokenizer: str = "minilm",
              max_length: int = 128, batch_size: int = 32, val_fraction: float = 0.1, test_fraction: float = 0.1,
-             split_seed: int = 0, seed: int = 0, num_workers: int = 0) -> DataModule:
-    """A user's CSV of texts and labels, tokenised with a local tokenizer (default: shipped MiniLM)."""
+             split_seed: int = 0, seed: int = 0, num_workers: int = 0, group_by_length: bool = False,
+             pad_to_multiple_of: int = 1) -> DataModule:
+    """A user's CSV of texts and labels, tokenised with a local tokenizer (default: shipped MiniLM).
+
+    Batches are padded to their own longest sequence (rounded up to `pad_to_multiple_of`);
+    `group_by_length` batches similar lengths together (see greenstack.efficiency.sampler).
+    """
     _check_fractions(val_fraction, test_fraction, batch_size)
+    _check_text_options(pad_to_multiple_of, group_by_length)
     problems = check_text_csv(path, text_column, label_column)
     if problems:
         raise ConfigError(problems)
@@ -297,7 +335,8 @@ def text_csv(path: str, text_column: str = "text", label_column: str = "label", 
         raise ConfigError("need at least 2 distinct labels", key="data.path", value=path)
     return _text_module(texts, labels, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                         val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
-                        seed=seed, num_workers=num_workers, source=f"text_csv:{path}")
+                        seed=seed, num_workers=num_workers, source=f"text_csv:{path}",
+                        group_by_length=group_by_length, pad_to_multiple_of=pad_to_multiple_of)
 
 
 _WORDS = {
@@ -324,10 +363,13 @@ def synthetic_text_rows(num_samples: int, num_classes: int, seed: int) -> tuple[
 
 def synthetic_text(num_samples: int = 256, num_classes: int = 4, tokenizer: str = "minilm", max_length: int = 32,
                    batch_size: int = 32, val_fraction: float = 0.125, test_fraction: float = 0.125,
-                   split_seed: int = 0, seed: int = 0, num_workers: int = 0) -> DataModule:
+                   split_seed: int = 0, seed: int = 0, num_workers: int = 0, group_by_length: bool = False,
+                   pad_to_multiple_of: int = 1) -> DataModule:
     """Synthetic topic-classification sentences, tokenised with a real local tokenizer."""
     _check_fractions(val_fraction, test_fraction, batch_size)
+    _check_text_options(pad_to_multiple_of, group_by_length)
     texts, labels = synthetic_text_rows(num_samples, num_classes, split_seed)
     return _text_module(texts, labels, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
                         val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
-                        seed=seed, num_workers=num_workers, source="synthetic topic sentences")
+                        seed=seed, num_workers=num_workers, source="synthetic topic sentences",
+                        group_by_length=group_by_length, pad_to_multiple_of=pad_to_multiple_of)

@@ -1,0 +1,104 @@
+"""Dynamic padding with length-grouped batches for text; measures the padding the run actually did."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from greenstack.efficiency.sampler import LengthGroupedSampler, plan_padding
+from greenstack.engine.events import Event
+from greenstack.engine.state import State
+from greenstack.errors import ConfigError, Problem
+from greenstack.policies.efficiency._common import MODES, EfficiencyPolicy, is_number, train_loader_of
+from greenstack.provenance import Figure
+
+
+class DynamicPadding(EfficiencyPolicy):
+    """Groups text samples of similar length into batches when that saves work.
+
+    The text builders pad each batch to its own longest sequence and give the train loader a
+    `LengthGroupedSampler`. Before training, this policy counts the tokens one epoch would process
+    with random vs length-grouped batches (exact counts from a copy of the loader's generator) and,
+    in `auto`, groups when that saves at least `min_saving` of them. During training it counts real
+    vs padded tokens of every batch, so the report shows the padding the run really paid for.
+    """
+
+    key = "padding"
+    events = frozenset({Event.FIT_START, Event.BATCH_START})
+
+    def __init__(self, enabled: bool = True, mode: Literal["auto", "on", "off"] = "auto",
+                 min_saving: float = 0.1) -> None:
+        problems: list[Problem] = []
+        super().__init__(enabled, problems)
+        if mode not in MODES:
+            problems.append(Problem(self.param("mode"), mode, "unknown mode", "use auto, on or off"))
+        if not is_number(min_saving) or not 0.0 <= min_saving < 1.0:
+            problems.append(Problem(self.param("min_saving"), min_saving, "must be a fraction in [0, 1)"))
+        if problems:
+            raise ConfigError(problems)
+        self.mode, self.min_saving = mode, float(min_saving)
+        self._real: torch.Tensor | None = None
+        self._total = 0
+        self._checked_batch = False
+
+    def __call__(self, event: Event, state: State) -> None:
+        if event is Event.FIT_START:
+            self._plan(state)
+        else:
+            self._count(state)
+
+    def _plan(self, state: State) -> None:
+        loader = train_loader_of(state)
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, LengthGroupedSampler):
+            return  # decided at the first batch, when we can see whether the data is text at all
+        multiple_of = int(getattr(loader.collate_fn, "multiple_of", 1))
+        plan = plan_padding(sampler, state.batch_size or int(loader.batch_size or 1), multiple_of)
+        saving = 1.0 - plan.grouped_ratio
+        source = (f"token counts of one epoch's batches (batch {state.batch_size}, {len(sampler.lengths)} samples), "
+                  "random vs length-grouped order")
+        self.figures["efficiency/padding_grouped_token_ratio"] = Figure(plan.grouped_ratio, "x", "measured", source)
+        what = (f"length-grouped batches process {saving:.0%} fewer tokens per epoch "
+                f"({plan.grouped_tokens:,} vs {plan.random_tokens:,}; {plan.real_tokens:,} real)")
+        restored = None if self.restored is None else self.restored.get("on")
+        if restored is not None:
+            group, what = bool(restored), "decision restored from the checkpoint"
+        elif self.mode == "off":
+            group, what = sampler.group_by_length, f"mode=off: left data.group_by_length={sampler.group_by_length}"
+        elif self.mode == "on" or sampler.group_by_length:
+            group = True
+        else:
+            group = saving >= self.min_saving
+            if not group:
+                what += f", below min_saving {self.min_saving:.0%}"
+        sampler.group_by_length = group
+        self.decide(state, group, what, random_tokens=plan.random_tokens, grouped_tokens=plan.grouped_tokens,
+                    real_tokens=plan.real_tokens)
+
+    def _count(self, state: State) -> None:
+        inputs = state.batch.get("inputs") if isinstance(state.batch, dict) else None
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        if not self._checked_batch:
+            self._checked_batch = True
+            if mask is None and not self.decided:
+                self.warn(state, "no effect — the inputs are not padded token sequences")
+                self.decide(state, False, "no text inputs")
+            elif not self.decided:
+                self.warn(state, "cannot group by length — the train loader has no LengthGroupedSampler "
+                                 "(use the text_csv or synthetic_text data builders)")
+                self.decide(state, False, "no LengthGroupedSampler; batches are padded as the loader does")
+        if mask is None:
+            return
+        real = mask.sum()  # stays on the device: no host sync per step
+        self._real = real if self._real is None else self._real + real
+        self._total += mask.numel()
+
+    def summary(self) -> dict[str, Any]:
+        figures = super().summary()
+        if self._real is not None and self._total:
+            fraction = 1.0 - float(self._real) / self._total
+            figures["efficiency/padding_fraction"] = Figure(
+                fraction, "fraction", "measured", f"padded / processed tokens over the run's {self._total:,} "
+                                                  "training tokens (attention masks)")
+        return figures
