@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the workload and per-iteration timing."""
+"""Shared pieces of the benchmarks (the workload, per-iteration timing); the scripts print the BENCH line."""
 
 from __future__ import annotations
 
