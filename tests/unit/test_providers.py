@@ -247,3 +247,18 @@ def test_disk_cache_ttl_and_corrupt_files(tmp_path):
     cache.path("p", "Z", {"a": 2}).write_text("{not json")
     assert cache.get("p", "Z", {"a": 2}, now=100.0) is None
     assert len(list(cache.entries("p", "Z"))) == 1
+
+
+def test_history_chunks_cover_the_past_part_in_day_aligned_limited_pieces():
+    from greenstack.carbon.providers.base import history_chunks
+
+    day = 86400.0
+    now = 100 * day + 5.5 * 3600  # 05:30 UTC on day 100
+    chunks = history_chunks(90 * day + 7200, 200 * day, now, lookback_s=31 * day, max_chunk_s=3 * day)
+    assert chunks[0][0] == 90 * day  # floored to the UTC day
+    assert chunks[-1][1] == 100 * day + 6 * 3600  # up to the next full hour after now
+    assert all(u - t <= 3 * day for t, u in chunks)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))  # contiguous
+    far = history_chunks(0.0, now, now, lookback_s=31 * day, max_chunk_s=40 * day)
+    assert far[0][0] == 69 * day  # lookback limit (then day-aligned)
+    assert history_chunks(now + 1, now + day, now, lookback_s=day, max_chunk_s=day) == []

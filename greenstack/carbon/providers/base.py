@@ -51,6 +51,27 @@ def iso_z(epoch_s: float) -> str:
     return pd.Timestamp(epoch_s, unit="s", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def history_chunks(start_s: float, end_s: float, now_s: float, *, lookback_s: float,
+                   max_chunk_s: float) -> list[tuple[float, float]]:
+    """[t, u) ranges covering the past part of [start_s, end_s) that a history endpoint can serve.
+
+    The range ends at the next full hour after min(end, now), starts no earlier than `lookback_s`
+    before that (providers keep a limited history), aligned to a UTC day so cached responses are
+    reused, and is cut into pieces of at most `max_chunk_s` (the endpoint's range limit).
+    """
+    if start_s >= now_s:
+        return []
+    hi = float(pd.Timestamp(min(end_s, now_s), unit="s", tz="UTC").ceil("h").timestamp())
+    lo = max(start_s, hi - lookback_s)
+    t = float(pd.Timestamp(lo, unit="s", tz="UTC").floor("D").timestamp())
+    chunks = []
+    while t < hi:
+        u = min(t + max_chunk_s, hi)
+        chunks.append((t, u))
+        t = u
+    return chunks
+
+
 def age_text(seconds: float) -> str:
     """A human age: 42 s, 12 min, 5.0 h, 3.2 d."""
     if seconds < 60:

@@ -11,7 +11,13 @@ from typing import Any
 
 import pandas as pd
 
-from greenstack.carbon.providers.base import LiveProvider, ProviderRequest, _shape_error, records_frame
+from greenstack.carbon.providers.base import (
+    LiveProvider,
+    ProviderRequest,
+    _shape_error,
+    history_chunks,
+    records_frame,
+)
 
 RANGE_MAX_S = 14 * 86400.0
 MAX_LOOKBACK_S = 31 * 86400.0
@@ -30,16 +36,8 @@ class UkGridProvider(LiveProvider):
     basis = "direct (operational)"
 
     def requests_for(self, start_s: float, end_s: float, now_s: float) -> list[ProviderRequest]:
-        out: list[ProviderRequest] = []
-        if start_s < now_s:
-            hi = float(pd.Timestamp(min(end_s, now_s), unit="s", tz="UTC").ceil("h").timestamp())
-            lo = max(start_s, hi - MAX_LOOKBACK_S)
-            lo = float(pd.Timestamp(lo, unit="s", tz="UTC").floor("D").timestamp())
-            t = lo
-            while t < hi:
-                u = min(t + RANGE_MAX_S, hi)
-                out.append(ProviderRequest("history", f"/intensity/{_uk_time(t)}/{_uk_time(u)}"))
-                t = u
+        out = [ProviderRequest("history", f"/intensity/{_uk_time(t)}/{_uk_time(u)}")
+               for t, u in history_chunks(start_s, end_s, now_s, lookback_s=MAX_LOOKBACK_S, max_chunk_s=RANGE_MAX_S)]
         if end_s > now_s:
             frm = float(pd.Timestamp(now_s, unit="s", tz="UTC").floor("h").timestamp())
             out.append(ProviderRequest("forecast", f"/intensity/{_uk_time(frm)}/fw48h"))

@@ -12,7 +12,14 @@ from typing import Any
 
 import pandas as pd
 
-from greenstack.carbon.providers.base import LiveProvider, ProviderRequest, _shape_error, iso_z, records_frame
+from greenstack.carbon.providers.base import (
+    LiveProvider,
+    ProviderRequest,
+    _shape_error,
+    history_chunks,
+    iso_z,
+    records_frame,
+)
 from greenstack.carbon.providers.http import ProviderError
 from greenstack.errors import DataError, Problem
 
@@ -74,17 +81,9 @@ class WattTimeProvider(LiveProvider):
 
     def requests_for(self, start_s: float, end_s: float, now_s: float) -> list[ProviderRequest]:
         base = (("region", self.zone), ("signal_type", self.signal_type))
-        out: list[ProviderRequest] = []
-        if start_s < now_s:
-            hi = float(pd.Timestamp(min(end_s, now_s), unit="s", tz="UTC").ceil("h").timestamp())
-            lo = max(start_s, hi - MAX_LOOKBACK_S)
-            lo = float(pd.Timestamp(lo, unit="s", tz="UTC").floor("D").timestamp())
-            t = lo
-            while t < hi:
-                u = min(t + HISTORICAL_MAX_S, hi)
-                out.append(ProviderRequest("history", "/v3/historical",
-                                           (*base, ("start", iso_z(t)), ("end", iso_z(u)))))
-                t = u
+        out = [ProviderRequest("history", "/v3/historical", (*base, ("start", iso_z(t)), ("end", iso_z(u))))
+               for t, u in history_chunks(start_s, end_s, now_s, lookback_s=MAX_LOOKBACK_S,
+                                          max_chunk_s=HISTORICAL_MAX_S)]
         if end_s > now_s:
             out.append(ProviderRequest("forecast", "/v3/forecast", (*base, ("horizon_hours", "72"))))
         return out
