@@ -6,7 +6,7 @@ A `ConfigError` carries one or more `Problem`s so that validation can list every
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,3 +54,12 @@ class ConfigError(GreenstackError):
 
 class DataError(ConfigError):
     """Input data (carbon traces, hardware tables, datasets) failed validation."""
+
+
+def collecting(problems: list[Problem], fn: Callable[[], Any], default: Any = None) -> Any:
+    """`fn()`, or `default` after adding its ConfigError's problems to `problems` (to report all at once)."""
+    try:
+        return fn()
+    except ConfigError as err:
+        problems.extend(err.problems)
+        return default

@@ -32,7 +32,7 @@ import numpy as np
 
 from greenstack.engine.events import Event
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, Problem, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy
 from greenstack.scheduling.outlook import hour_floor, intensity_now, intensity_outlook, observed_levels
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
@@ -57,11 +57,7 @@ class PauseResume(SchedulerPolicy):
         key = "scheduler"
 
         def parse(fn: Callable[[], Any], default: Any) -> Any:
-            try:
-                return fn()
-            except ConfigError as err:
-                problems.extend(err.problems)
-                return default
+            return collecting(problems, fn, default)
 
         if mode not in MODES:
             problems.append(Problem(f"{key}.mode", mode, "unknown mode", f"one of {', '.join(MODES)}"))

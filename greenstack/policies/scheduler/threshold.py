@@ -18,7 +18,7 @@ import numpy as np
 
 from greenstack.engine.events import Event
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, Problem, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy
 from greenstack.scheduling.outlook import intensity_now, observed_levels
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
@@ -38,11 +38,7 @@ class Threshold(SchedulerPolicy):
         key = "scheduler"
 
         def parse(fn: Callable[[], Any], default: Any) -> Any:
-            try:
-                return fn()
-            except ConfigError as err:
-                problems.extend(err.problems)
-                return default
+            return collecting(problems, fn, default)
 
         if threshold_g_per_kwh is not None and not 0 < threshold_g_per_kwh <= 2000:
             problems.append(Problem(f"{key}.threshold_g_per_kwh", threshold_g_per_kwh,
