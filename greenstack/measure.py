@@ -163,7 +163,6 @@ class Measurement(Policy):
         self._flop_counter: Any = None
         self.flops_per_sample: float | None = None
         self.budget_decision: dict[str, Any] | None = None
-        self.samples = 0
         #: totals of earlier segments of a resumed run (from a checkpoint), added to this segment's
         self._carried: dict[str, Any] = {"kwh": {}, "kg": 0.0, "duration_s": 0.0}
 
@@ -193,7 +192,6 @@ class Measurement(Policy):
             if self._flop_counter is not None:
                 self._flop_counter.__exit__(None, None, None)
                 self._flop_counter = None
-            self.samples = state.samples_seen
             self.close()
 
     def _start(self) -> None:
