@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,10 +57,30 @@ def _items(items: Any) -> dict[str, Any]:
     return {(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in items}
 
 
+def wait_complete(path: str | Path, timeout_s: float = 60.0) -> list[Any]:
+    """The run file's records once its `exit` record is on disk.
+
+    The file is written by the separate wandb-core process, which buffers 32 KiB blocks and may
+    flush after `run.finish()` (or the training process) has returned; reading at once can see
+    only the header on a loaded machine.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = list(iter_records(path))
+        except ValueError:  # a block caught half-written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {timeout_s:.0f} s ({len(records)} records)")
+        time.sleep(0.2)
+
+
 def read_run(path: str | Path) -> dict[str, Any]:
-    """{"run_id", "config", "history": [row, ...], "summary"} of one offline run file."""
+    """{"run_id", "config", "history": [row, ...], "summary"} of one finished offline run file."""
     out: dict[str, Any] = {"run_id": None, "config": {}, "history": [], "summary": {}}
-    for record in iter_records(path):
+    for record in wait_complete(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out["run_id"] = record.run.run_id
