@@ -22,6 +22,7 @@ from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
+from greenstack.engine.resize import BatchResize
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 
@@ -119,24 +120,30 @@ class Trainer:
         self.policies = list(policies)
         self.sinks = list(sinks)
         self.optim = optim
+        self.duration = Duration.parse(config.max_duration)
         max_steps, steps_per_epoch = self._plan(train_loader, batch_size)
+        #: the run length the LR schedule was built for (a later batch-size change re-times it)
+        self.planned_steps = max_steps
         model.to(self.device)
         optimizer, lr_scheduler = optim.build(model.parameters(), max_steps)
         self.state = State(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, device=self.device,
                            max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                           run_dir=run_dir,
+                           run_dir=run_dir, train_loader=train_loader,
                            optim_factory=lambda params: optim.build(params, self.state.max_steps))
         self.state.set_batch_size = self.set_batch_size
         self.state.evaluate = self.evaluate_split
         eval_every = Duration.parse(config.eval_interval)
         self.eval_steps = eval_every.to_steps(steps_per_epoch=steps_per_epoch, batch_size=batch_size)
         self.eval_at_epoch_end = eval_every.unit == "ep" and eval_every.value == 1
+        # the loop's own policy, last: applies batch-size requests between epochs (see engine/resize.py)
+        self.policies.append(BatchResize(self))
+        self._progress: _Progress | None = None
         self.step_times_s: list[float] = []
         #: the most recent figures of each evaluation split ("val/accuracy", "test/loss", ...)
         self.last_eval: dict[str, float] = {}
 
-    def _plan(self, train_loader: Any, batch_size: int) -> tuple[int, int]:
-        """(max_steps, steps_per_epoch) for this loader; sets `batches_per_epoch`."""
+    def _epoch_plan(self, train_loader: Any, batch_size: int) -> int:
+        """Steps per epoch of this loader; sets `batches_per_epoch`."""
         config = self.config
         n_batches = len(train_loader)
         if config.limit_train_batches:
@@ -145,37 +152,64 @@ class Trainer:
             raise ConfigError("the training set yields no batches", key="data.batch_size",
                               value=batch_size, fix="use a smaller batch size or more data")
         self.batches_per_epoch = n_batches
-        steps_per_epoch = max(1, n_batches // config.grad_accum)
-        max_steps = Duration.parse(config.max_duration).to_steps(steps_per_epoch=steps_per_epoch,
-                                                                 batch_size=batch_size * config.grad_accum)
+        return max(1, n_batches // config.grad_accum)
+
+    def _plan(self, train_loader: Any, batch_size: int) -> tuple[int, int]:
+        """(max_steps, steps_per_epoch) for this loader; sets `batches_per_epoch`."""
+        steps_per_epoch = self._epoch_plan(train_loader, batch_size)
+        max_steps = self.duration.to_steps(steps_per_epoch=steps_per_epoch,
+                                           batch_size=batch_size * self.config.grad_accum)
         if max_steps < 1:
             raise ConfigError("the run would take zero optimizer steps", key="trainer.max_duration",
-                              value=config.max_duration)
+                              value=self.config.max_duration)
         return max_steps, steps_per_epoch
 
     def set_batch_size(self, batch_size: int) -> None:
         """Rebuild the train loader with a new batch size before training starts (batch-size search).
 
-        Same dataset, collate, workers and shuffling generator; the run length, optimizer and schedule
-        are re-planned for the new number of steps. Policies adjust the learning rate themselves.
+        Same dataset, sampler, collate, workers and shuffling generator; the run length, optimizer and
+        schedule are re-planned for the new number of steps. Policies adjust the learning rate
+        themselves. Between epochs, ask with `state.extras["batch_size_request"]` (engine/resize.py).
         """
-        from torch.utils.data import DataLoader, RandomSampler
-
-        state, old = self.state, self.train_loader
+        state = self.state
         if state.step:
-            raise RuntimeError("the batch size can only change before the first step")
+            raise RuntimeError("set_batch_size works before the first step; later, put a request in "
+                               "state.extras['batch_size_request'] (applied at the next epoch start)")
+        self.rebuild_loader(batch_size)
+        state.max_steps, _ = self._plan(self.train_loader, batch_size)
+        self.planned_steps = state.max_steps
+        state.optimizer, state.lr_scheduler = self.optim.build(state.model.parameters(), state.max_steps)
+        self.refresh_plan()
+
+    def rebuild_loader(self, batch_size: int) -> None:
+        """The train loader with another batch size: same dataset, sampler (and its generator), collate,
+        workers; custom samplers keep their own logic (`sampler.set_batch_size(n)` is called if present).
+        Updates `batches_per_epoch`, `state.steps_per_epoch`, `state.batch_size`, `state.train_loader`."""
+        from torch.utils.data import DataLoader
+
+        old = self.train_loader
         if not isinstance(old, DataLoader):
             raise TypeError("batch-size changes need a torch DataLoader")
-        self.train_loader = DataLoader(old.dataset, batch_size=batch_size,
-                                       shuffle=isinstance(old.sampler, RandomSampler), generator=old.generator,
-                                       num_workers=old.num_workers, collate_fn=old.collate_fn, drop_last=old.drop_last)
-        state.max_steps, state.steps_per_epoch = self._plan(self.train_loader, batch_size)
-        state.batch_size = batch_size
-        state.optimizer, state.lr_scheduler = self.optim.build(state.model.parameters(), state.max_steps)
+        if hasattr(old.sampler, "set_batch_size"):
+            old.sampler.set_batch_size(batch_size)
+        self.train_loader = DataLoader(old.dataset, batch_size=batch_size, sampler=old.sampler,
+                                       generator=old.generator, num_workers=old.num_workers,
+                                       collate_fn=old.collate_fn, drop_last=old.drop_last,
+                                       pin_memory=old.pin_memory, persistent_workers=old.persistent_workers,
+                                       prefetch_factor=old.prefetch_factor)
+        state = self.state
+        state.steps_per_epoch = self._epoch_plan(self.train_loader, batch_size)
+        state.batch_size, state.train_loader = batch_size, self.train_loader
+
+    def refresh_plan(self) -> None:
+        """Re-derive what depends on the run's length after a re-plan: eval cadence, policy windows."""
+        state = self.state
         eval_every = Duration.parse(self.config.eval_interval)
-        self.eval_steps = eval_every.to_steps(steps_per_epoch=state.steps_per_epoch, batch_size=batch_size)
+        self.eval_steps = eval_every.to_steps(steps_per_epoch=state.steps_per_epoch, batch_size=state.batch_size)
         for policy in self.policies:
             policy.resolve_window(state)
+        if self._progress is not None:
+            self._progress.total = state.max_steps
 
     # -- events -----------------------------------------------------------------------------------
     def dispatch(self, event: Event) -> None:
@@ -253,7 +287,7 @@ class Trainer:
             policy.resolve_window(state)
         self.dispatch(Event.INIT)
         self.dispatch(Event.FIT_START)
-        progress = _Progress(enabled=cfg.progress, total=state.max_steps)
+        progress = self._progress = _Progress(enabled=cfg.progress, total=state.max_steps)
         try:
             with progress:
                 self._train(progress)
@@ -382,7 +416,7 @@ class _Progress:
 
     def advance(self, state: State) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, completed=state.step,
+            self._bar.update(self._task, completed=state.step, total=self.total,
                              info=f"epoch {state.epoch} loss {self.loss:.4f}")
 
     def __exit__(self, *exc: Any) -> None:

@@ -50,7 +50,10 @@ class State:
     loader_rng: torch.Tensor | None = None
     #: set by a resuming policy before training: {"loader_rng": Tensor, "batch_in_epoch": int}
     resume: dict[str, Any] | None = None
-    #: `set_batch_size(n)`: rebuild the train loader and re-plan the run (only before the first step)
+    #: the loader training draws from (rebuilt when the batch size changes)
+    train_loader: Any = None
+    #: `set_batch_size(n)`: rebuild the train loader and re-plan the run (only before the first step;
+    #: later, put `{"batch_size", "lr_scaling", "by", "reason"}` in extras["batch_size_request"])
     set_batch_size: Callable[[int], None] | None = None
     #: `evaluate(model, "val" | "test") -> {"<split>/accuracy", "<split>/loss", ...}` set by the loop
     evaluate: Callable[[torch.nn.Module, str], dict[str, float]] | None = None

@@ -20,6 +20,7 @@ from greenstack.efficiency.probe import Comparison, Timing
 from greenstack.engine.events import Event
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
+from greenstack.engine.policy import Policy
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError
 from greenstack.models import build_timm, build_transformers
@@ -328,3 +329,25 @@ def test_a_probe_that_runs_out_of_memory_is_read_as_memory_pressure(monkeypatch)
     state = trainer.fit()
     assert ckpt.on and state.model.grad_checkpointing and "memory is tight" in ckpt.reason
     assert amp.on is False and state.autocast_dtype is None  # auto never switches on unmeasured
+
+
+def test_low_gpu_utilization_mid_run_doubles_the_batch_at_the_next_epoch():
+    class LowUtil(Policy):  # stands in for the NVML sampler: utilisation stays low all run
+        events = frozenset({Event.STEP_END})
+
+        def __call__(self, event, state):
+            state.metrics["efficiency/gpu_utilization"] = 20.0
+
+    alerts = Alerts(low_gpu_utilization={"threshold_percent": 50, "patience": 2, "max_doublings": 0},
+                    utilization_reader=lambda: 90.0)  # busy during the pre-training probe: no change then
+    d = synthetic_image(num_samples=128, num_classes=2, batch_size=8, image_size=16)  # 96 to train on
+    trainer = Trainer(flat(d), d.train, Optim(lr=1e-3), TrainerConfig(max_duration="3ep", progress=False),
+                      policies=[LowUtil(), alerts], batch_size=8)
+    state = trainer.fit()
+    # epoch 0: 12 steps of 8; the request from step 2 is applied at epoch 1 (6 steps of 16), and the
+    # request made in epoch 1 at epoch 2 (3 steps of 32)
+    assert [(c["from"], c["to"], c["step"]) for c in state.extras["batch_size_changes"]] == [(8, 16, 12), (16, 32, 18)]
+    assert state.step == state.max_steps == 21 and trainer.train_loader.batch_size == 32
+    applied = [x for x in alerts.decisions if "applied" in x]
+    assert [x["applied"]["to"] for x in applied] == [16, 32]
+    assert applied[0]["applied"]["lr_factor"] == pytest.approx(2 ** 0.5)

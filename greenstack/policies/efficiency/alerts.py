@@ -16,10 +16,11 @@ Hand-off contract with the scheduler (its pause policy lives in greenstack/polic
 sees it and removes the key once it has acted (`state.extras.pop("pause_requested")`). If the intensity
 falls back below the threshold before anyone acted, this policy removes its own request.
 
-The loop can change the batch size only before the first step, so low GPU utilisation acts at
-FIT_START, on readings taken while a copy of the model trains a few steps; a mid-run firing records
-`state.extras["batch_size_request"] = {"batch_size", "lr_scaling", "reason", ...}` for a loop that
-supports it (applied at the next epoch boundary, LR scaled by `lr_scaling`).
+Low GPU utilisation acts twice: at FIT_START, on readings taken while a copy of the model trains a
+few steps (the batch size is set before the first step); and mid-run, by putting
+`state.extras["batch_size_request"] = {"batch_size", "lr_scaling", "reason", "by"}`, which the loop
+applies at the next epoch start (engine/resize.py: same sampler, re-planned run, LR scaled by
+`lr_scaling`); the applied change is then logged as a decision of this policy.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
 PAUSE_KEY = "pause_requested"
-BATCH_REQUEST_KEY = "batch_size_request"
+BATCH_REQUEST_KEY = "batch_size_request"  # = greenstack.engine.resize.REQUEST_KEY
+CHANGES_KEY = "batch_size_changes"  # = greenstack.engine.resize.CHANGES_KEY
 UTIL_METRIC, CARBON_METRIC, MEMORY_METRIC = ("efficiency/gpu_utilization", "carbon/intensity_g_per_kwh",
                                              "efficiency/memory_pressure")
 
@@ -160,6 +162,7 @@ class Alerts(EfficiencyPolicy):
         }
         self.utilization_reader, self.memory_reader = utilization_reader, memory_reader
         self.fired: dict[str, int] = dict.fromkeys(self.rules, 0)
+        self._applied_seen = 0  # batch-size changes (state.extras) already logged as decisions
         self.acted: dict[str, int] = dict.fromkeys(self.rules, 0)
 
     def action(self, name: str) -> str:
@@ -170,6 +173,8 @@ class Alerts(EfficiencyPolicy):
         if event is Event.FIT_START:
             self._fit_start(state)
         elif event is Event.STEP_END:
+            if len(state.extras.get(CHANGES_KEY, ())) > self._applied_seen:
+                self._record_applied(state)
             if self.action("low_gpu_utilization") != "off" and UTIL_METRIC in state.metrics:
                 self._utilization(state, float(state.metrics[UTIL_METRIC]))
             if self.action("carbon_intensity") != "off" and CARBON_METRIC in state.metrics:
@@ -216,17 +221,32 @@ class Alerts(EfficiencyPolicy):
         rule = self.rules["low_gpu_utilization"]
         if not rule.update(value):
             return
+        pending = state.extras.get(BATCH_REQUEST_KEY)
+        if isinstance(pending, dict) and pending.get("by") == self.name:
+            return  # already asked; the loop applies it at the next epoch start
         target = self._doubled(state, state.batch_size)
         if target is None:
             self._fire(state, "low_gpu_utilization", value, "no larger batch possible", acted=False)
             return
         request = {"batch_size": target, "reason": f"{UTIL_METRIC}={value:.3g} < {rule.threshold:g}",
                    "by": self.name, "step": state.step, "lr_scaling": self.settings["low_gpu_utilization"]["lr_scaling"]}
-        if self.action("low_gpu_utilization") == "act":
+        act = self.action("low_gpu_utilization") == "act"
+        if act:
             state.extras[BATCH_REQUEST_KEY] = request
         self._fire(state, "low_gpu_utilization", value,
-                   f"requested batch size {target} (state.extras['{BATCH_REQUEST_KEY}']; the loop changes the "
-                   "batch size only before the first step)", acted=False, batch_size=target)
+                   f"raise the batch size {state.batch_size} → {target} at the next epoch start "
+                   f"(LR by the {request['lr_scaling']} rule)", acted=act, batch_size=target)
+
+    def _record_applied(self, state: State) -> None:
+        """Log the batch-size changes the loop made on this policy's requests (engine/resize.py)."""
+        changes = [c for c in state.extras.get(CHANGES_KEY, []) if c.get("by") == self.name]
+        for change in changes[self._applied_seen:]:
+            self.decisions.append(self._entry(state, alert="low_gpu_utilization", applied=dict(change),
+                                              did=f"batch size {change['from']} → {change['to']} at step "
+                                                  f"{change['step']} (LR ×{change['lr_factor']:.3g})"))
+        if len(changes) > self._applied_seen:  # readings at the new size count afresh (it may fire again)
+            self.rules["low_gpu_utilization"].consecutive = 0  # type: ignore[union-attr]
+        self._applied_seen = len(changes)
 
     def _carbon(self, state: State, value: float) -> None:
         rule = self.rules["carbon_intensity"]
