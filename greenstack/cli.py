@@ -19,7 +19,8 @@ from greenstack.errors import ConfigError, GreenstackError, Problem
 USAGE = """usage: greenstack <command> [args]
 
 commands:
-  train [overrides]        train (Hydra app: recipe=NAME, key=value, -m for multirun, --cfg job)
+  train [overrides]        train (Hydra app: recipe=NAME, key=value, -m for multirun, --cfg job);
+                           -m ... launcher=slurm submits the jobs to Slurm; a job table follows every multirun
   validate [overrides]     compose and check a config; lists every problem, exit 2 if any
   ls [GROUP]               config groups, options and recipes, with where each came from
   cp GROUP/OPTION DEST     copy a recipe or config option to edit (e.g. cp recipe/quickstart my.yaml)
@@ -101,16 +102,38 @@ def _task(cfg: Any) -> dict[str, Any]:
     class JobFailed(CompactHydraException):
         pass
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     try:
         summary = runner.run(cfg, run_dir)
     except GreenstackError as e:
+        _record_job(hydra_cfg, run_dir, "FAILED", error=f"{type(e).__name__}: {e}")
         if _failure.get("debug"):
             raise
         _failure["code"] = report_error(e)
         raise JobFailed(f"job in {run_dir} failed: {type(e).__name__}") from None
+    except Exception as e:
+        _record_job(hydra_cfg, run_dir, "FAILED", error=f"{type(e).__name__}: {e}")
+        raise
+    _record_job(hydra_cfg, run_dir, "COMPLETED", summary=summary)
     _print_run_summary(summary, run_dir)
     return summary
+
+
+def _record_job(hydra_cfg: Any, run_dir: str, state: str, *, summary: dict[str, Any] | None = None,
+                error: str | None = None) -> None:
+    """One row of the job table printed after a multirun run in this process (the basic launcher)."""
+    from hydra.types import RunMode
+
+    from greenstack.launch import jobs as jobtable
+
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    metric, kg = jobtable.figures_from_summary(summary)
+    log_file = Path(run_dir) / f"{hydra_cfg.job.name}.log"
+    jobtable.record(jobtable.JobOutcome(num=int(hydra_cfg.job.num), overrides=list(hydra_cfg.overrides.task),
+                                        state=state, run_dir=run_dir, log_path=str(log_file), metric=metric,
+                                        emissions_kg=kg, error=error))
 
 
 def _print_run_summary(summary: dict[str, Any], run_dir: str) -> None:
@@ -142,14 +165,23 @@ def train(argv: list[str]) -> int:
         if problems:
             print_problems(problems, f"greenstack: config invalid ({len(problems)} problems); nothing was run")
             return 2
+    from greenstack.launch import jobs as jobtable
+
     sys.argv = ["greenstack train", *argv]
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_task)
+    jobtable.clear()
+    code = 0
     try:
         app()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        return _failure.get("code", code) if code else 0
-    return 0
+        code = _failure.get("code", code) if code else 0
+    outcomes = jobtable.outcomes() if multirun else []
+    if outcomes:
+        jobtable.print_table(outcomes)
+        if any(o.failed for o in outcomes) and code == 0:
+            code = 1
+    return code
 
 
 # -- validate / ls / cp ----------------------------------------------------------------------------

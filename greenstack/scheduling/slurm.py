@@ -30,3 +30,8 @@ def slurm_begin(start: datetime, now: datetime | None = None, *, controller_tz: 
     now = now or datetime.now(timezone.utc)
     seconds = (start - now).total_seconds()
     return "now" if seconds <= 0 else f"now+{math.ceil(seconds)}"
+
+
+#: set by the Slurm launcher on a job it submitted with a planned --begin (ISO-8601 UTC start, saving %)
+PLANNED_START_ENV = "GREENSTACK_PLANNED_START"
+PLANNED_SAVING_ENV = "GREENSTACK_PLANNED_SAVING_PCT"

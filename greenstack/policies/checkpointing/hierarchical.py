@@ -7,7 +7,9 @@ to disk or an object store run on background threads, one per slow tier, so a sl
 training; if a tier is still busy with the previous checkpoint, the new one is skipped for that tier
 (and counted). On SIGTERM/SIGUSR1 (Slurm `--signal`, spot notices) the policy writes a checkpoint
 synchronously within a time budget and stops the run with exit code 128 + signal; restarting with
-`checkpointing.resume=auto` in the same run dir continues bit-for-bit.
+`checkpointing.resume=auto` in the same run dir continues bit-for-bit. Requests made through
+`greenstack.launch.preemption` (the Slurm launcher's signal handler) are honoured the same way, and
+the saved checkpoint is reported back there so the launcher can requeue the job.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
+from greenstack.launch import preemption
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
@@ -182,6 +185,7 @@ class HierarchicalCheckpointing(Policy):
                 self._resume(state, stores)
         elif event is Event.FIT_START:
             self._install_signals()
+            preemption.register(self)
             if self.spot_notice:
                 from greenstack.checkpoint.spot import SpotNoticePoller
 
@@ -193,6 +197,7 @@ class HierarchicalCheckpointing(Policy):
         elif event in (Event.FIT_END, Event.EXCEPTION):
             self._settle(state)
             self._restore_signals()
+            preemption.unregister(self)
             if self._spot is not None:
                 self._spot.stop()
             for tier in self.tiers.values():
@@ -231,6 +236,9 @@ class HierarchicalCheckpointing(Policy):
         return bool(every) and step % every == 0
 
     def _on_step(self, state: State) -> None:
+        if self._signal is None and preemption.requested() is not None:
+            self._signal = preemption.requested()
+            self._reason = f"{signal.Signals(self._signal).name} (via the launcher)"
         if self._signal is not None:
             self._preempt(state)
         due_local = "local" in self.tiers and self._due(self.local_every, state.step)
@@ -309,6 +317,7 @@ class HierarchicalCheckpointing(Policy):
         cause = self._reason or signal.Signals(signum).name
         t0 = time.monotonic()
         where = self.checkpoint_now(state, f"preempted by {cause}")
+        preemption.mark_saved(where, state.step, signum)
         raise Preempted(signum, f"preempted by {cause} at step {state.step}: checkpoint saved in "
                                 f"{time.monotonic() - t0:.2f} s to {where}; rerun the same command with "
                                 f"checkpointing.resume=auto to continue")

@@ -6,7 +6,9 @@ to the deadline, picks the start whose window of `duration` has the lowest expec
 decision, and waits with a countdown. While waiting it re-plans every hour with fresh data
 (`replan`). SIGUSR2, `GREENSTACK_START_NOW=1`, `touch RUN_DIR/START_NOW` or `start_now=true` start at
 once. Inside a Slurm allocation it does not sleep (the resources would idle while reserved): it
-records the `--begin` value the launcher should use (`slurm_begin`) and starts.
+records the `--begin` value the launcher should use (`slurm_begin`) and starts. Under
+`launcher=slurm` the launcher plans at submit time and submits with `--begin`; the job then finds
+the plan in its environment (`GREENSTACK_PLANNED_START`) and starts at once, recording that plan.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.scheduler._base import SchedulerPolicy
 from greenstack.scheduling.outlook import Outlook, hour_floor, intensity_outlook
-from greenstack.scheduling.slurm import slurm_begin
+from greenstack.scheduling.slurm import PLANNED_SAVING_ENV, PLANNED_START_ENV, slurm_begin
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
 from greenstack.scheduling.windows import TIE_RTOL, WindowChoice, best_window, planning_values, window_costs
 
@@ -147,6 +149,17 @@ class ForecastWindow(SchedulerPolicy):
         if request is not None:
             self.record(state, "start_now", {"requested_by": request}, {"start": self.now()},
                         notes=[f"start requested ({request}): not waiting"])
+            return
+        planned = os.environ.get(PLANNED_START_ENV) if os.environ.get("SLURM_JOB_ID") else None
+        if planned:
+            try:
+                saving: float | None = float(os.environ.get(PLANNED_SAVING_ENV, ""))
+            except ValueError:
+                saving = None
+            self.record(state, "start", {"planned_start": planned, "planned_by": "launcher (sbatch --begin)"},
+                        {"start": self.now(), "slurm_job_id": os.environ["SLURM_JOB_ID"]},
+                        expected_saving_pct=saving,
+                        notes=[f"Slurm released the job at the window planned when it was submitted ({planned})"])
             return
         left_h = (self.deadline - self.now()).total_seconds() / 3600
         if left_h <= self.duration_h:  # validated at construction; the time since then used up the slack

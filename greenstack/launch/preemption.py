@@ -1,0 +1,76 @@
+"""A process-wide preemption request, so a signal is honoured at a step boundary, not inside a handler.
+
+Why: Slurm (through submitit) announces a timeout or preemption with a signal. A handler runs
+between two bytecodes of the training loop, possibly in the middle of an optimizer step, so it must
+not snapshot the model itself. The launcher's handler (and the checkpointing policy's own) only
+*request* a checkpoint here; the checkpointing policy saves at the next step end, stops the run, and
+marks the request honoured so the launcher can requeue the job. Single process, single request.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+_lock = threading.Lock()
+
+
+@dataclass
+class _Registry:
+    requested_signum: int | None = None
+    #: where the preemption checkpoint went and at which step, once a policy has saved it
+    saved: dict[str, Any] | None = None
+    listeners: list[Any] = field(default_factory=list)
+
+
+_state = _Registry()
+
+
+def request(signum: int) -> None:
+    """Ask the running checkpointing policy to save and stop at the next step boundary."""
+    with _lock:
+        if _state.requested_signum is None:
+            _state.requested_signum = signum
+
+
+def requested() -> int | None:
+    """The signal number of the pending request, or None."""
+    return _state.requested_signum
+
+
+def mark_saved(where: str, step: int, signum: int) -> None:
+    """Called by the checkpointing policy once the preemption checkpoint is written."""
+    with _lock:
+        _state.saved = {"where": where, "step": step, "signal": signal.Signals(signum).name}
+
+
+def saved() -> dict[str, Any] | None:
+    """{'where', 'step', 'signal'} of the checkpoint written for a preemption in this process, or None."""
+    return _state.saved
+
+
+def register(policy: Any) -> None:
+    """A checkpointing policy that honours requests is training (from FIT_START to FIT_END)."""
+    with _lock:
+        _state.listeners.append(policy)
+
+
+def unregister(policy: Any) -> None:
+    with _lock:
+        if policy in _state.listeners:
+            _state.listeners.remove(policy)
+
+
+def honoured() -> bool:
+    """True while a policy is training that will save at the next step when a request is made."""
+    return bool(_state.listeners)
+
+
+def reset() -> None:
+    """Forget requests and saves (a new job in this process, or a test)."""
+    with _lock:
+        _state.requested_signum = None
+        _state.saved = None
+        _state.listeners.clear()

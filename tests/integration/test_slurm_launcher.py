@@ -1,0 +1,193 @@
+"""`launcher=slurm` on a real single-node Slurm with accounting (tests/infra/slurm.sh, started by .ci/run).
+
+Each test runs `greenstack train -m ... launcher=slurm` as a user would and checks what Slurm and the
+run dirs say: results and W&B runs of a 3-job sweep, a carbon-aware `--begin` (reason BeginTime),
+USR1 preemption -> checkpoint -> requeue -> the same weights as an uninterrupted job, and a failing
+job that makes the sweep exit non-zero with the job table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import _env, read_jsonl
+from tests.helpers.wandb_reader import find_run_files, read_run
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+ENABLED = os.environ.get("GREENSTACK_TEST_SLURM") == "1"
+# one CPU per job (2-core CI machine), one thread so results do not depend on the thread count
+SMALL = ["data=synthetic_image", "model.name=resnet10t", "data.num_samples=64", "data.batch_size=16",
+         "data.image_size=32", "trainer.limit_eval_batches=1", "trainer.progress=false", "trainer.log_interval=1",
+         "energy.interval_s=0.2", "launcher=slurm", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.timeout_min=30"]
+
+
+@pytest.fixture(autouse=True)
+def slurm():
+    if not ENABLED:
+        if os.environ.get("CI"):
+            pytest.fail("CI must start Slurm (bash tests/infra/slurm.sh) and set GREENSTACK_TEST_SLURM=1")
+        pytest.skip("no Slurm: run `bash tests/infra/slurm.sh` (root) and set GREENSTACK_TEST_SLURM=1")
+    assert shutil.which("sbatch") and shutil.which("sacct"), "Slurm client commands missing"
+
+
+def _greenstack(*args: str) -> list[str]:
+    return [sys.executable, "-m", "greenstack", "train", "-m", *args]
+
+
+def _run(tmp_path: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(_greenstack(*args), cwd=tmp_path, env=_env({"OMP_NUM_THREADS": "1"}),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _max_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    try:
+        return max((r.get("step", 0) for r in read_jsonl(path)), default=0)
+    except ValueError:  # a line caught half-written
+        return 0
+
+
+def test_three_job_sweep_results_and_wandb_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = _run(tmp_path, "optim.lr=1e-3,3e-3,1e-2", *SMALL, "trainer.max_duration=2ba", "tracker=wandb",
+                f"hydra.sweep.dir={sweep}")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "3 jobs, 0 failed" in out
+    ids = set()
+    for num, lr in enumerate((1e-3, 3e-3, 1e-2)):
+        job = sweep / str(num)
+        summary = json.loads((job / "sustainability.json").read_text())
+        assert summary["metrics"]["train/steps"]["value"] == 2
+        assert summary["metrics"]["carbon/total_kg_co2e"]["value"] > 0
+        files = find_run_files(job)
+        assert len(files) == 1
+        run = read_run(files[0])
+        assert run["run_id"] == summary["run_id"]
+        assert run["config"]["optim"]["lr"] == pytest.approx(lr)
+        assert run["summary"]["carbon/total_kg_co2e"] == pytest.approx(summary["metrics"]["carbon/total_kg_co2e"]["value"])
+        ids.add(run["run_id"])
+    assert len(ids) == 3
+    # every job really ran under Slurm: accounting knows three completed array tasks
+    array_ids = {job.split("_")[0] for job in _job_ids(sweep)}
+    assert len(array_ids) == 1
+    states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", array_ids.pop()],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(s.split("|")[1] for s in states) == ["COMPLETED"] * 3
+
+
+def _job_ids(sweep: Path) -> set[str]:
+    """Slurm job ids of a sweep's jobs (submitit's folders: `ID` or `ARRAYID_TASK`)."""
+    folder = sweep / ".submitit"
+    return {p.name for p in folder.iterdir() if p.name[0].isdigit()} if folder.is_dir() else set()
+
+
+def _trace(path: Path, low_from_h: int) -> Path:
+    """An hourly trace: dirty now, clean `low_from_h` hours from now (for 3 hours)."""
+    now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    rows = ["timestamp,carbon_intensity"]
+    for h in range(-48, 72):
+        rows.append(f"{now + timedelta(hours=h):%Y-%m-%dT%H:%M:%SZ},{100 if low_from_h <= h < low_from_h + 3 else 500}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_forecast_window_plans_begin_at_submit_time(tmp_path):
+    trace = _trace(tmp_path / "trace.csv", low_from_h=4)
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(_greenstack("seed=0", *SMALL, "trainer.max_duration=2ba", "tracker=none",
+                                        "scheduler=forecast_window", f"scheduler.trace={trace}",
+                                        "scheduler.duration=1h", "scheduler.deadline=24h",
+                                        f"hydra.sweep.dir={sweep}"),
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id, reason, deadline = None, "", time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            listing = subprocess.run(["squeue", "-h", "-o", "%i|%r"], capture_output=True, text=True).stdout
+            mine = [line.split("|") for line in listing.splitlines() if line.split("|")[0] in _job_ids(sweep)]
+            if mine:
+                job_id, reason = mine[0]
+                break
+            time.sleep(0.5)
+        assert job_id, "the job never showed up in squeue"
+        assert reason == "BeginTime"
+        # Slurm's planned start is the clean window, about 4 h from now (controller local time)
+        scontrol = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+        assert "StartTime=" in scontrol and "Reason=BeginTime" in scontrol
+        subprocess.run(["scancel", job_id], check=True)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out + err
+    assert "carbon-aware plan" in text and "--begin=now+" in text and "expected saving 80.0 %" in text
+    begin_s = int(text.split("--begin=now+")[1].split()[0])
+    assert 3 * 3600 <= begin_s <= 4 * 3600 + 60
+    assert proc.returncode != 0
+    assert "1 jobs, 1 failed" in text and "CANCELLED" in text
+
+
+def test_usr1_checkpoints_requeues_and_matches_an_uninterrupted_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["run_name=reference,preempted", *SMALL, "data.num_samples=160", "trainer.max_duration=40ba",
+            "tracker=wandb", "checkpointing=hierarchical", "checkpointing.memory_every=1",
+            "checkpointing.local_every=2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(_greenstack(*args), cwd=tmp_path, env=_env({"OMP_NUM_THREADS": "1"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = sweep / "1"
+        deadline = time.monotonic() + 240
+        while _max_step(victim) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and _max_step(victim) < 40, "the job finished before it could be interrupted"
+        job_id = next(job for job in _job_ids(sweep) if job.endswith("_1"))
+        subprocess.run(["scancel", "--signal=USR1", "--full", job_id], check=True)
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out + err
+    assert proc.returncode == 0, text[-4000:]
+    assert "2 jobs, 0 failed" in text
+    log = "\n".join(p.read_text() for p in (sweep / ".submitit").glob(f"{job_id}/*.out"))
+    log += "\n".join(p.read_text() for p in (sweep / ".submitit").glob(f"{job_id}/*.err"))
+    assert "preempted by SIGUSR1" in log and "requeueing job" in log
+    summary = json.loads((victim / "sustainability.json").read_text())
+    assert "checkpoint/resumed_from" in summary["metrics"]
+    reference, resumed = load_file(str(sweep / "0" / "model.safetensors")), load_file(str(victim / "model.safetensors"))
+    assert resumed.keys() == reference.keys()
+    assert all((resumed[k] == reference[k]).all() for k in reference), "weights differ after requeue"
+    # one W&B run, continued: two offline segments with the run id of the run dir
+    segments = sorted((victim / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2
+    assert {p.name.rsplit("-", 1)[-1] for p in segments} == {summary["run_id"]}
+    restarts = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-o", "JobID,State", "-j", job_id],
+                              capture_output=True, text=True, check=True).stdout
+    assert "REQUEUED" in restarts or "PREEMPTED" in restarts, restarts
+
+
+def test_failing_job_fails_the_sweep_with_a_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = _run(tmp_path, "checkpointing=hierarchical", "checkpointing.resume=never,required", *SMALL,
+                "trainer.max_duration=2ba", "tracker=none", f"hydra.sweep.dir={sweep}")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "2 jobs, 1 failed" in out and "COMPLETED" in out and "FAILED" in out
+    assert "Traceback" not in done.stderr.split("greenstack sweep")[-1]
+    pointer = next(line for line in done.stderr.splitlines() if line.startswith("job 1 FAILED"))
+    log_file = Path(pointer.rsplit("see its log: ", 1)[1].strip())
+    assert "resume=required but no checkpoint was found" in log_file.read_text()
+    assert (sweep / "0" / "model.safetensors").is_file()  # the good job still finished
