@@ -145,10 +145,29 @@ def _print_run_summary(summary: dict[str, Any], run_dir: str) -> None:
         table.add_column(col, overflow="fold")
     colours = {"measured": "green", "estimated": "yellow", "fallback": "red"}
     for key, fig in summary["metrics"].items():
-        value = fig["value"]
-        text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(key, f"{text} {fig['unit']}", f"[{colours[fig['provenance']]}]{fig['provenance']}[/]")
+        table.add_row(key, summary_cell(fig["value"], fig["unit"]),
+                      f"[{colours[fig['provenance']]}]{fig['provenance']}[/]")
     _console(stderr=False).print(table)
+
+
+def summary_cell(value: Any, unit: str) -> str:
+    """One short table cell: numbers with their unit, "n/a" for figures this machine cannot give,
+    a count for lists and mappings (decision logs belong in sustainability.json, not on screen)."""
+    if value is None:
+        return "n/a"
+    if unit == "json" and isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} entr{'y' if len(value) == 1 else 'ies'} (sustainability.json)"
+    if isinstance(value, dict):
+        return f"{len(value)} keys (sustainability.json)"
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{text} {unit}".strip()
 
 
 def train(argv: list[str]) -> int:
