@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from greenstack.engine.loop import Trainer
 from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError
+from greenstack.federated import launch as federated
 from greenstack.ledger.allocation import PoolAllocation
 from greenstack.ledger.audit import attach_to_recorders, record_policy_decisions, run_audit_log
 from greenstack.measure import Measurement
 from greenstack.report.html import finish_run_report
 from greenstack.report.summary import RunReport
-from greenstack.tracking.base import Fanout, JsonlWriter, load_or_create_run_id
+from greenstack.tracking.base import Fanout, JsonlWriter, NullTracker, load_or_create_run_id
 from greenstack.validate import validate_config
 
 log = logging.getLogger("greenstack")
@@ -58,16 +60,30 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(problems)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if federated.wants_spawn(cfg):  # several workers asked for and no launcher around: start them here
+        return federated.spawn(cfg, run_dir)
+    worker = federated.join(cfg)  # None unless federated=ddp/geo
+    try:
+        return _run(cfg, run_dir, worker)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None) -> dict[str, Any]:
+    rank = worker.rank if worker is not None else int(os.environ.get("RANK", "0") or 0)
     seed_everything(int(cfg.seed))
     data = instantiate(cfg.data, seed=int(cfg.seed))
     model = instantiate(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans)
+    if worker is not None:  # every worker trains on its own disjoint shard
+        data.train = federated.shard_loader(data.train, worker.rank, worker.world_size)
     optim = instantiate(cfg.optim)
     trainer_cfg = instantiate(cfg.trainer)
     policies = build_policies(cfg)
-    run_id = load_or_create_run_id(run_dir)
+    run_id = load_or_create_run_id(run_dir) if worker is None else federated.shared_run_id(run_dir, worker)
     run_name = cfg.get("run_name") or run_dir.name
-    tracker = instantiate(cfg.tracker)
-    carbon = instantiate(cfg.carbon)
+    tracker = instantiate(cfg.tracker) if rank == 0 else NullTracker()
+    carbon = instantiate(cfg.carbon, **(worker.carbon_override() if worker is not None else {}))
     measurement = Measurement(instantiate(cfg.energy), carbon, log_interval=trainer_cfg.log_interval)
     audit = run_audit_log(run_dir, actor=f"run {run_id}")
     attach_to_recorders(audit, policies)  # scheduler decisions go to audit.jsonl as they are taken
@@ -76,7 +92,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         pool.reserve_before_training()  # a denial raises PoolDenied (exit 3) before anything spins up
         policies.append(pool)
     report = RunReport(cfg, run_dir=run_dir, run_id=run_id, measurement=measurement)
-    jsonl = JsonlWriter(run_dir)
+    jsonl = JsonlWriter(run_dir) if rank == 0 else federated.NullSink()
     exit_code = 1
     tracker.start(run_dir=run_dir, run_id=run_id, run_name=str(run_name),
                   config=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]

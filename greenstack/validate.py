@@ -224,6 +224,7 @@ def validate_config(cfg: DictConfig) -> list[Problem]:
         _walk(_drop(container, bad), "", problems, _domain_checks())
         return problems
     _walk(OmegaConf.to_container(body, resolve=True), "", problems, _domain_checks())
+    problems += importlib.import_module("greenstack.federated.config").check_federated(body)
     if not isinstance(cfg.get("seed", 0), int):
         problems.append(Problem("seed", cfg.get("seed"), "expected int"))
     return problems

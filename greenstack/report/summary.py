@@ -77,7 +77,9 @@ class RunReport:
 
     def finish(self, state: State, *, trainer: Any, data: Any, policies: list[Policy]) -> dict[str, Any]:
         weights = self.run_dir / "model.safetensors"
-        save_weights(state.model, weights)
+        writer = state.rank == 0  # a multi-process run has one set of outputs, written by rank 0
+        if writer:
+            save_weights(state.model, weights)
         n_params = sum(p.numel() for p in state.model.parameters())
         step_times = trainer.step_times_s
         metrics: dict[str, Figure] = {
@@ -86,8 +88,8 @@ class RunReport:
             "train/samples": Figure(state.samples_seen, "samples", "measured", "loop"),
             "time/median_step_s": Figure(statistics.median(step_times) if step_times else None, "s",
                                          "measured", "time.perf_counter per optimizer step"),
-            "efficiency/model_size_mb": Figure(round(weights.stat().st_size / 1e6, 4), "MB", "measured",
-                                               "size of model.safetensors"),
+            "efficiency/model_size_mb": Figure(round(weights.stat().st_size / 1e6, 4) if writer else None, "MB",
+                                               "measured", "size of model.safetensors"),
             "model/parameters": Figure(n_params, "count", "measured", "sum of parameter numel"),
         }
         final = trainer.last_eval
@@ -120,11 +122,16 @@ class RunReport:
                      "torch": torch.__version__, "device": str(state.device)},
             "metrics": {k: v.to_dict() for k, v in metrics.items()},
         }
+        for policy in policies:  # geo-distributed runs: per-region energy, emissions, steps, bytes
+            region_report = getattr(policy, "region_report", None)
+            if callable(region_report) and region_report() is not None:
+                summary["federated"] = region_report()
         if self.measurement is not None:
             summary["energy_meters"] = self.measurement.meter_notes
             summary["carbon_source"] = self.measurement.source.describe()
             summary["carbon_budget"] = self.measurement.budget_decision
-        atomic_write_json(self.run_dir / "sustainability.json", summary)
+        if writer:
+            atomic_write_json(self.run_dir / "sustainability.json", summary)
         summary["flat"] = {k: v.value for k, v in metrics.items() if isinstance(v.value, (int, float))}
         return summary
 

@@ -1,0 +1,264 @@
+"""Starting the workers of a federated run and joining the process group.
+
+`greenstack train federated=geo` with RANK unset spawns the workers itself through torch's elastic
+launcher (one machine, c10d rendezvous on a free 127.0.0.1 port); under an external `torchrun` or
+Slurm launch (RANK/WORLD_SIZE set) each process joins the group directly. Every worker then runs the
+normal run path; collectives carry timeouts so a dead peer fails the run instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from greenstack.errors import ConfigError, GreenstackError
+from greenstack.federated.config import GEO_TARGETS, Region, federated_world_size, parse_regions, rank_regions
+
+log = logging.getLogger("greenstack")
+DEFAULT_TIMEOUT_S = 300.0
+#: "forkserver": workers fork from a fresh single-threaded server that imported greenstack once, so they
+#: start in seconds without inheriting the launcher's threads (plain fork can deadlock on their locks)
+START_METHOD = os.environ.get("GREENSTACK_START_METHOD", "forkserver")
+PRELOAD = ["torch", "greenstack.runner", "greenstack.federated.launch"]
+
+
+def preload_forkserver(modules: list[str] | None = None) -> None:
+    """Import the heavy modules once in the forkserver instead of in every worker."""
+    import multiprocessing.forkserver
+
+    multiprocessing.forkserver.set_forkserver_preload(list(modules or PRELOAD))
+
+
+class WorkerFailed(GreenstackError):
+    """A worker process of a federated run failed; the message names its rank and cause."""
+
+    exit_code = 1
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1 (for the rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def federated_node(cfg: Any) -> dict[str, Any] | None:
+    """The `federated` node as a plain dict, or None for `federated=none`."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = cfg.get("federated")
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    return dict(node) if isinstance(node, Mapping) and "_target_" in node else None
+
+
+def wants_spawn(cfg: Any) -> bool:
+    """Whether this process should spawn the workers itself (several asked for, no launcher around)."""
+    node = federated_node(cfg)
+    return node is not None and federated_world_size(node) > 1 and "RANK" not in os.environ
+
+
+def spawn(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
+    """Run `runner.run` in every worker via `torch.distributed.launcher.api.elastic_launch`; rank 0's summary.
+
+    A failing worker makes the agent stop the others; the error names its rank and cause.
+    """
+    from omegaconf import OmegaConf
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from greenstack.tracking.base import load_or_create_run_id
+
+    node = federated_node(cfg) or {}
+    nprocs = federated_world_size(node)
+    load_or_create_run_id(run_dir)  # created once here, so every worker reads the same id
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    timeout_s = float(node.get("timeout_s", DEFAULT_TIMEOUT_S))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=f"greenstack-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+                          monitor_interval=0.2, start_method=START_METHOD, rdzv_configs={"timeout": int(timeout_s)})
+    if START_METHOD == "forkserver":
+        preload_forkserver()
+    log.info("federated: spawning %d workers on this machine (elastic launcher, c10d rendezvous)", nprocs)
+    try:
+        results = elastic_launch(config, worker_main)(container, str(run_dir))
+    except ChildFailedError as e:
+        rank, failure = root_failure(e.failures)
+        others = sorted(r for r in e.failures if r != rank)
+        also = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} lost their peer)" \
+            if others else ""
+        # square brackets would be read as console markup when the CLI prints the message
+        cause = _cause(failure).replace("[", "(").replace("]", ")")
+        raise WorkerFailed(f"federated worker rank {rank} failed (exit code {failure.exitcode}): {cause}{also}") \
+            from None
+    return results[0]
+
+
+#: what a worker reports when a *peer* died: a consequence, not the cause
+_PEER_ERRORS = ("gloo", "nccl", "connection closed", "connection reset", "distbackenderror", "broken pipe",
+                "timed out", "timeout", "terminated", "sigterm")
+
+
+def root_failure(failures: Mapping[int, Any]) -> tuple[int, Any]:
+    """The failure that caused the others: the earliest one that is not a lost-peer error from the backend."""
+    def is_consequence(failure: Any) -> bool:
+        text = _cause(failure).lower()
+        return any(marker in text for marker in _PEER_ERRORS) or getattr(failure, "signal_name", lambda: "")() \
+            in ("SIGTERM", "SIGKILL")
+
+    ranked = sorted(failures.items(), key=lambda kv: (is_consequence(kv[1]), kv[1].timestamp, kv[0]))
+    return ranked[0]
+
+
+def _cause(failure: Any) -> str:
+    message = getattr(failure, "message", "") or ""
+    if isinstance(message, Mapping):
+        message = message.get("message", "")
+    text = str(message).strip()
+    if not text or text.startswith("To enable traceback"):
+        sig = getattr(failure, "signal_name", lambda: "")()
+        return f"killed by {sig}" if sig and sig != "<N/A>" else "no error message (see the worker's output above)"
+    return text.splitlines()[0][:2000]
+
+
+def worker_main(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
+    """Entry point of a spawned worker: the normal run path; only rank 0 returns the summary."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_worker)(container, run_dir)
+
+
+def _worker(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
+    from omegaconf import OmegaConf
+
+    from greenstack import runner
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(message)s")
+    if rank != 0:  # one voice per run: other ranks report warnings and errors only
+        logging.getLogger("greenstack").setLevel(logging.WARNING)
+    else:  # the run's train.log (Hydra's, opened by the launching process) gets rank 0's lines too
+        handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - [rank 0] %(message)s"))
+        logging.getLogger().addHandler(handler)
+    summary = runner.run(OmegaConf.create(container), run_dir)
+    if rank != 0:
+        return None
+    return {k: v for k, v in summary.items() if k in ("run_id", "metrics", "flat", "stopped_early")}
+
+
+@dataclass
+class WorkerContext:
+    """This process's place in a federated run: rank, world and (geo) region."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    region: Region | None
+    backend: str
+    owns_group: bool
+
+    def carbon_override(self) -> dict[str, Any]:
+        """The region's carbon settings, laid over the run's `carbon` config."""
+        return dict(self.region.carbon) if self.region is not None else {}
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join(cfg: Any) -> WorkerContext | None:
+    """Join (or, for a single process, create) the process group of a federated run; None for `none`.
+
+    gloo on CPU, NCCL when the run trains on CUDA; `timeout_s` bounds every collective so a worker
+    that died is reported instead of waited for forever.
+    """
+    node = federated_node(cfg)
+    if node is None:
+        return None
+    expected = federated_world_size(node)
+    timeout = timedelta(seconds=float(node.get("timeout_s", DEFAULT_TIMEOUT_S)))
+    backend = str(node.get("backend", "auto"))
+    if backend == "auto":
+        device = str(cfg.get("trainer", {}).get("device", "auto"))
+        cuda = torch.cuda.is_available() and device != "cpu"
+        backend = "nccl" if cuda and dist.is_nccl_available() else "gloo"
+    owns = not dist.is_initialized()
+    if "RANK" in os.environ:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != expected:
+            raise ConfigError(f"the launch has {world} processes but the federated config asks for {expected}",
+                              key="WORLD_SIZE", value=world, fix="match torchrun --nproc-per-node/srun --ntasks "
+                                                                  "to the regions' total capacity")
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        if owns:
+            if "MASTER_ADDR" not in os.environ and "SLURM_JOB_ID" in os.environ:
+                raise ConfigError("MASTER_ADDR is not set", key="MASTER_ADDR",
+                                  fix="export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -1)")
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank % max(torch.cuda.device_count(), 1))
+            dist.init_process_group(backend, timeout=timeout)
+        threads = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(threads, 1)))
+    else:
+        if expected != 1:  # the runner spawns in this case; reaching here is a programming error
+            raise ConfigError("several workers requested without a launcher", key="federated", value=expected)
+        local_rank = 0
+        if owns:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    region = None
+    if str(node["_target_"]).endswith(GEO_TARGETS):
+        region = rank_regions(parse_regions(node.get("regions")))[rank]
+    return WorkerContext(rank, world, local_rank, region, backend, owns)
+
+
+def shard_loader(loader: Any, rank: int, world_size: int) -> Any:
+    """The train loader restricted to every `world_size`-th sample from `rank` (same batch size, shuffling).
+
+    Shards are disjoint, so workers see different data, like a DistributedSampler, while the loader keeps
+    the generator the loop uses for exact resume.
+    """
+    from torch.utils.data import DataLoader, RandomSampler, Subset
+
+    if world_size <= 1 or not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return loader  # custom batch samplers (length grouping) keep the full set on every worker
+    per_worker = len(loader.dataset) // world_size  # type: ignore[arg-type]
+    # equal shards: every worker plans the same number of steps, so their collectives line up
+    dataset = Subset(loader.dataset, list(range(rank, per_worker * world_size, world_size)))  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=loader.batch_size, shuffle=isinstance(loader.sampler, RandomSampler),
+                      generator=loader.generator, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      drop_last=loader.drop_last)
+
+
+def shared_run_id(run_dir: str | Path, worker: WorkerContext) -> str:
+    """Rank 0's run id (created in the run dir if new), broadcast so every worker reports under one id."""
+    from greenstack.tracking.base import load_or_create_run_id
+
+    box = [load_or_create_run_id(run_dir) if worker.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+class NullSink:
+    """Metrics sink of ranks other than 0: rank 0 writes the run's one metrics.jsonl."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        del metrics, step
+
+    def close(self) -> None:
+        """Nothing to release."""

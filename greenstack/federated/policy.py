@@ -1,0 +1,578 @@
+"""The `federated` group's policies: plain data parallel (`ddp`) and geo-distributed local-SGD (`geo`).
+
+Both hook into the loop through ordinary events, and both expect the runner to have joined the process
+group (`greenstack.federated.launch.join`). `GeoTraining` does DiLoCo-style rounds: each worker takes
+local optimizer steps, and every `local_steps` steps the workers exchange compressed pseudo-gradients
+(top-k with error feedback), average them weighted by the work each did, and apply an outer optimizer.
+The coordinator (rank 0) decides per round, from each region's grid intensity, which regions sit out or
+do fewer steps; a worker that does fewer steps skips ahead in the loop's step counter, so every worker
+reaches the same collectives at the same round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from greenstack.engine.events import Event
+from greenstack.engine.policy import Policy
+from greenstack.engine.state import State
+from greenstack.errors import ConfigError, Problem
+from greenstack.federated.config import parse_regions, rank_regions
+from greenstack.federated.core import (
+    INDEX_BYTES,
+    OuterOptimizer,
+    ParticipationRule,
+    flat_params,
+    load_flat_params_,
+    param_count,
+    topk_with_error_feedback,
+    weighted_dense_average,
+    weighted_sparse_average,
+)
+from greenstack.provenance import Figure, weakest
+
+log = logging.getLogger("greenstack")
+J_PER_KWH = 3.6e6
+BYTES_SOURCE = "payload bytes this run passed to torch.distributed collectives (counted, all workers)"
+
+
+def _need_group(name: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{name} needs a torch.distributed process group: run it through `greenstack train` "
+                           "(which joins or spawns one) or call greenstack.federated.launch.join first")
+
+
+def _comm_device(state: State) -> torch.device:
+    """Where small control tensors live: NCCL only moves CUDA tensors, gloo prefers CPU ones."""
+    return state.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _process_meter(interval_s: float = 1.0) -> Any:
+    """An energy monitor of this worker process alone, so each region's share is its own."""
+    from greenstack.energy import EnergyMonitor, select_meters
+
+    meters, _ = select_meters("tdp", pid=os.getpid())
+    return EnergyMonitor([m for m in meters if m.name != "nvml"] or meters, interval_s=interval_s).start()
+
+
+class DataParallel(Policy):
+    """Plain data parallel: the model wrapped in DistributedDataParallel for the fit, with counted bytes.
+
+    `comm_hook`: "allreduce" (DDP's default averaging) or "powersgd" (low-rank gradient compression,
+    `powersgd_rank`; on gloo the whole model goes in one bucket, which PowerSGD needs there).
+    """
+
+    events = frozenset({Event.INIT, Event.FIT_END, Event.EXCEPTION})
+
+    def __init__(self, workers: int = 2, comm_hook: str = "allreduce", powersgd_rank: int = 2,
+                 backend: str = "auto", timeout_s: float = 300.0, name: str | None = None) -> None:
+        super().__init__(name=name or "ddp")
+        problems = []
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            problems.append(Problem("federated.workers", workers, "must be a whole number >= 1"))
+        if comm_hook not in ("allreduce", "powersgd"):
+            problems.append(Problem("federated.comm_hook", comm_hook, "unknown DDP comm hook", "allreduce or powersgd"))
+        if not isinstance(powersgd_rank, int) or powersgd_rank < 1:
+            problems.append(Problem("federated.powersgd_rank", powersgd_rank, "must be an integer >= 1"))
+        if backend not in ("auto", "gloo", "nccl"):
+            problems.append(Problem("federated.backend", backend, "unknown backend", "auto, gloo or nccl"))
+        if not timeout_s > 0:
+            problems.append(Problem("federated.timeout_s", timeout_s, "must be > 0 seconds"))
+        if problems:
+            raise ConfigError(problems)
+        self.workers, self.comm_hook, self.powersgd_rank = workers, comm_hook, powersgd_rank
+        self.bytes_sent = 0
+        self.total_bytes_sent: int | None = None
+        self.steps = 0
+
+    def __call__(self, event: Event, state: State) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if event is Event.INIT:
+            _need_group("federated=ddp")
+            state.rank, state.world_size = dist.get_rank(), dist.get_world_size()
+            model = state.model
+            size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            one_bucket = self.comm_hook == "powersgd" and dist.get_backend() == "gloo"
+            import inspect
+
+            # buffers (BatchNorm statistics) stay local between steps, as with broadcast_buffers=False
+            sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+                else "broadcast_buffers"
+            kwargs: dict[str, Any] = {sync_kw: False}
+            if one_bucket:
+                kwargs["bucket_cap_mb"] = size_mb + 1
+            if state.device.type == "cuda":
+                kwargs["device_ids"] = [state.device]
+            ddp = DDP(model, **kwargs)
+            ddp.register_comm_hook(self._hook_state(), self._hook())
+            state.model = ddp
+        elif isinstance(state.model, DDP):  # FIT_END / EXCEPTION: hand the plain model back
+            state.model = state.model.module
+            if event is Event.FIT_END:
+                total = torch.tensor([float(self.bytes_sent)], dtype=torch.float64, device=_comm_device(state))
+                dist.all_reduce(total)
+                self.total_bytes_sent = int(total.item())
+
+    def _hook_state(self) -> Any:
+        if self.comm_hook == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+            return psgd.PowerSGDState(process_group=None, matrix_approximation_rank=self.powersgd_rank,
+                                      start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
+        return None
+
+    def _hook(self) -> Any:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        if self.comm_hook == "allreduce":
+            def allreduce(state, bucket):  # unannotated: DDP checks hook annotations at runtime
+                buf = bucket.buffer()
+                self.bytes_sent += buf.numel() * buf.element_size()
+                return default_hooks.allreduce_hook(dist.group.WORLD, bucket)
+            return allreduce
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+        def powersgd(state, bucket):
+            self.bytes_sent += _powersgd_bytes(state, bucket)
+            return psgd.powerSGD_hook(state, bucket)
+        return powersgd
+
+    def summary(self) -> dict[str, Any]:
+        if self.total_bytes_sent is None:
+            return {}
+        return {"federated/bytes_sent": Figure(self.total_bytes_sent, "B", "measured", BYTES_SOURCE),
+                "federated/workers": Figure(self.workers, "processes", "measured", "torch.distributed world size")}
+
+
+def _powersgd_bytes(state: Any, bucket: Any) -> int:
+    """Bytes PowerSGD's hook sends for a bucket: full allreduce while warming up, P and Q factors after."""
+    buf = bucket.buffer()
+    if state.iter < state.start_powerSGD_iter:
+        return buf.numel() * buf.element_size()
+    total = 0
+    rank = state.matrix_approximation_rank
+    for grad in bucket.gradients():
+        if grad.ndimension() <= 1:
+            total += grad.numel() * 4
+            continue
+        n, m = grad.shape[0], grad.numel() // grad.shape[0]
+        r = min(n, m, rank)
+        compressed = (n + m) * r
+        total += 4 * (compressed if compressed * state.min_compression_rate < n * m else n * m)
+    return total
+
+
+class GeoTraining(Policy):
+    """Geo-distributed local SGD over regions, with compressed, work-weighted, carbon-aware averaging.
+
+    regions: {name: {capacity: workers, role: coordinator|worker, carbon: {kind, zone, ...}}}
+    local_steps: inner optimizer steps per outer round. outer_optimizer: {lr, momentum, nesterov}.
+    compression: {kind: topk|none, ratio: (0, 1]}. participation: {mode: uniform|carbon_aware,
+    threshold_g_per_kwh, margin, dirty_steps_fraction}. sync: {mode: sync|async, max_staleness}.
+    clock: {replay_start, round_duration_s}: price round r at replay_start + r * round_duration_s
+    (replaying traces in benchmarks); unset = the real time of each round.
+    """
+
+    events = frozenset({Event.INIT, Event.FIT_START, Event.STEP_END, Event.FIT_END, Event.EXCEPTION})
+    always = frozenset({Event.INIT, Event.FIT_START, Event.STEP_END, Event.FIT_END, Event.EXCEPTION})
+
+    def __init__(self, regions: Mapping[str, Any], local_steps: int = 8,
+                 outer_optimizer: Mapping[str, Any] | None = None, compression: Mapping[str, Any] | None = None,
+                 participation: Mapping[str, Any] | None = None, sync: Mapping[str, Any] | None = None,
+                 clock: Mapping[str, Any] | None = None, backend: str = "auto", timeout_s: float = 300.0,
+                 name: str | None = None) -> None:
+        super().__init__(name=name or "geo")
+        problems: list[Problem] = []
+        try:
+            self.regions = parse_regions(regions)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            self.regions = []
+        if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+            problems.append(Problem("federated.local_steps", local_steps, "must be a whole number of steps >= 1"))
+        outer = dict(outer_optimizer or {})
+        comp = dict(compression or {"kind": "topk", "ratio": 0.1})
+        part = dict(participation or {"mode": "uniform"})
+        sync_cfg = dict(sync or {"mode": "sync"})
+        clock_cfg = dict(clock or {})
+        self._check_keys(problems, "outer_optimizer", outer, {"lr", "momentum", "nesterov"})
+        self._check_keys(problems, "compression", comp, {"kind", "ratio"})
+        self._check_keys(problems, "participation", part, {"mode", "threshold_g_per_kwh", "margin",
+                                                           "dirty_steps_fraction"})
+        self._check_keys(problems, "sync", sync_cfg, {"mode", "max_staleness"})
+        self._check_keys(problems, "clock", clock_cfg, {"replay_start", "round_duration_s"})
+        kind = comp.get("kind", "topk")
+        ratio = comp.get("ratio", 0.1)
+        if kind not in ("topk", "none"):
+            problems.append(Problem("federated.compression.kind", kind, "unknown compression",
+                                    "topk (with error feedback) or none; PowerSGD is federated=ddp "
+                                    "federated.comm_hook=powersgd"))
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+            problems.append(Problem("federated.compression.ratio", ratio, "must be in (0, 1]",
+                                    "the fraction of coordinates sent per round, e.g. 0.1"))
+        lr, momentum = outer.get("lr", 1.0), outer.get("momentum", 0.0)
+        if not isinstance(lr, (int, float)) or not lr > 0:
+            problems.append(Problem("federated.outer_optimizer.lr", lr, "must be > 0"))
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            problems.append(Problem("federated.outer_optimizer.momentum", momentum, "must be in [0, 1)"))
+        mode = part.get("mode", "uniform")
+        if mode not in ("uniform", "carbon_aware"):
+            problems.append(Problem("federated.participation.mode", mode, "unknown mode", "uniform or carbon_aware"))
+        threshold, margin = part.get("threshold_g_per_kwh"), part.get("margin", 0.5)
+        if threshold is not None and (not isinstance(threshold, (int, float)) or threshold < 0):
+            problems.append(Problem("federated.participation.threshold_g_per_kwh", threshold, "must be >= 0 or null"))
+        if margin is not None and (not isinstance(margin, (int, float)) or margin < 0):
+            problems.append(Problem("federated.participation.margin", margin, "must be >= 0 or null"))
+        fraction = part.get("dirty_steps_fraction", 0.0)
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            problems.append(Problem("federated.participation.dirty_steps_fraction", fraction, "must be in [0, 1]"))
+        sync_mode, staleness = sync_cfg.get("mode", "sync"), sync_cfg.get("max_staleness", 1)
+        if sync_mode not in ("sync", "async"):
+            problems.append(Problem("federated.sync.mode", sync_mode, "unknown mode", "sync or async"))
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 1:
+            problems.append(Problem("federated.sync.max_staleness", staleness, "must be a whole number of rounds >= 1"))
+        replay_start, round_s = clock_cfg.get("replay_start"), clock_cfg.get("round_duration_s")
+        if round_s is not None and (not isinstance(round_s, (int, float)) or not round_s > 0):
+            problems.append(Problem("federated.clock.round_duration_s", round_s, "must be > 0 seconds or null"))
+        start_dt = None
+        if replay_start is not None:
+            try:
+                start_dt = datetime.fromisoformat(str(replay_start).replace("Z", "+00:00"))
+                if start_dt.tzinfo is None:
+                    raise ValueError("no timezone")
+            except ValueError as e:
+                problems.append(Problem("federated.clock.replay_start", replay_start, f"not an ISO-8601 UTC time: {e}",
+                                        "e.g. 2023-05-02T00:00:00Z"))
+        if backend not in ("auto", "gloo", "nccl"):
+            problems.append(Problem("federated.backend", backend, "unknown backend", "auto, gloo or nccl"))
+        if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            problems.append(Problem("federated.timeout_s", timeout_s, "must be > 0 seconds"))
+        if problems:
+            raise ConfigError(problems)
+        self.local_steps = int(local_steps)
+        self.outer = OuterOptimizer(lr=float(lr), momentum=float(momentum), nesterov=bool(outer.get("nesterov", False)))
+        self.compression, self.ratio = str(kind), float(ratio)
+        self.rule = ParticipationRule(mode=str(mode), threshold_g_per_kwh=threshold, margin=margin,
+                                      dirty_steps_fraction=float(fraction))
+        self.async_mode, self.max_staleness = sync_mode == "async", int(staleness)
+        self.replay_start, self.round_duration_s = start_dt, round_s
+        self.rank_regions = rank_regions(self.regions)
+        self.world_size = len(self.rank_regions)
+        #: per-round records (rank 0): decision, intensities, steps, bytes, energy and emissions per region
+        self.decisions: list[dict[str, Any]] = []
+        self.bytes_sent = 0  # this worker
+        self._sources: dict[str, Any] = {}
+        self._monitor: Any = None
+        self._final: dict[str, Any] | None = None
+
+    @staticmethod
+    def _check_keys(problems: list[Problem], key: str, node: dict[str, Any], allowed: set[str]) -> None:
+        for k in sorted(set(node) - allowed):
+            problems.append(Problem(f"federated.{key}.{k}", node[k], "unknown setting",
+                                    f"valid: {', '.join(sorted(allowed))}"))
+
+    # -- events -----------------------------------------------------------------------------------
+    def __call__(self, event: Event, state: State) -> None:
+        if event is Event.INIT:
+            self._init(state)
+        elif event is Event.FIT_START:
+            self._round, self._round_start = 0, 0
+            self._plan_round(state)
+            self._skip_sat_out_rounds(state)
+        elif event is Event.STEP_END:
+            self._done += 1
+            if self._done >= self._budget and self._round_start < state.max_steps:
+                self._end_round(state)
+                self._skip_sat_out_rounds(state)
+        elif event is Event.FIT_END:
+            self._drain(state, wait_all=True)
+            self._finish(state)
+        elif self._monitor is not None:  # EXCEPTION: no collectives, just stop the meter thread
+            self._monitor.stop()
+
+    def _init(self, state: State) -> None:
+        _need_group("federated=geo")
+        if dist.get_world_size() != self.world_size:
+            raise ConfigError(f"the process group has {dist.get_world_size()} workers, the regions' capacity is "
+                              f"{self.world_size}", key="federated.regions", value=self.world_size)
+        self.rank = dist.get_rank()
+        self.region = self.rank_regions[self.rank]
+        state.rank, state.world_size, state.region = self.rank, self.world_size, self.region.name
+        self.device = state.device
+        self._comm = _comm_device(state)
+        # same starting point everywhere, whatever each process's initialisation did
+        flat = flat_params(state.model)
+        dist.broadcast(flat, src=0)
+        self.bytes_sent += flat.numel() * flat.element_size() if self.rank == 0 else 0
+        load_flat_params_(state.model, flat)
+        self._n_params = param_count(state.model)
+        self._base = flat.clone()  # what local progress is measured from (the last agreed parameters)
+        self._error = torch.zeros_like(flat) if self.compression == "topk" else None
+        self._pending: list[dict[str, Any]] = []
+        self._per_region = {r.name: {"energy_kwh": 0.0, "emissions_kg": 0.0, "steps": 0, "rounds_sat_out": 0,
+                                     "workers": r.capacity} for r in self.regions}
+        self._energy_at_last_round = 0.0
+        self._bytes_seen = 0
+        self._rounds: list[dict[str, Any]] = []
+        self._fit_t0 = datetime.now(timezone.utc)
+        self._energy_provenance = "fallback"
+        try:
+            self._monitor = _process_meter()
+            self._energy_provenance = weakest(*(m.provenance for m in self._monitor.meters))
+            self._energy_source = "; ".join(m.source for m in self._monitor.meters) + ", per worker process"
+        except Exception as e:  # noqa: BLE001 - per-region energy is reported as unavailable, not fatal
+            log.warning("federated: no per-worker energy meter (%s); per-region energy will be missing", e)
+        if self.rank == 0:
+            from greenstack.measure import CarbonConfig
+
+            for r in self.regions:
+                self._sources[r.name] = CarbonConfig(**{k: v for k, v in r.carbon.items() if k != "_target_"}).source()
+            log.info("federated=geo: %d workers in %s; %d local steps per round, compression %s%s, %s participation",
+                     self.world_size, ", ".join(f"{r.name}×{r.capacity}" for r in self.regions), self.local_steps,
+                     self.compression, f" {self.ratio:g}" if self.compression == "topk" else "", self.rule.mode)
+
+    # -- rounds -----------------------------------------------------------------------------------
+    def _round_time(self) -> datetime:
+        if self.round_duration_s is not None:
+            from datetime import timedelta
+
+            start = self.replay_start or self._fit_t0
+            return start + timedelta(seconds=self._round * float(self.round_duration_s))
+        return self.replay_start or datetime.now(timezone.utc)
+
+    def _plan_round(self, state: State) -> None:
+        """Coordinator prices each region now and broadcasts every rank's local-step budget for this round."""
+        length = min(self.local_steps, state.max_steps - self._round_start)
+        world = self.world_size
+        plan = torch.zeros(2 * world, dtype=torch.float64, device=self._comm)
+        if self.rank == 0:
+            at = self._round_time()
+            intensity = {name: float(src.at(at).value) for name, src in self._sources.items()}
+            budget = self.rule.steps(intensity, length)
+            for i, r in enumerate(self.rank_regions):
+                plan[i], plan[world + i] = budget[r.name], intensity[r.name]
+            self._current = {"round": self._round, "at": at.isoformat(), "start_step": self._round_start,
+                             "length": length, "intensity_g_per_kwh": intensity, "local_steps": budget,
+                             "rule": self.rule.mode}
+            self.bytes_sent += plan.numel() * plan.element_size()
+        dist.broadcast(plan, src=0)
+        self._budget = int(plan[self.rank].item())
+        self._intensity = float(plan[world + self.rank].item())
+        self._length, self._done = length, 0
+
+    def _skip_sat_out_rounds(self, state: State) -> None:
+        """While this worker sits a round out, take part in its exchange with no work and skip its steps."""
+        while self._budget == 0 and self._round_start < state.max_steps:
+            self._end_round(state)
+
+    def _end_round(self, state: State) -> None:
+        flat = flat_params(state.model)
+        update = self._base - flat  # pseudo-gradient: how far local steps moved from the agreed point
+        steps = self._done
+        energy_kwh = self._energy_delta_kwh()
+        payload = self._compress(update, steps)
+        if self.async_mode:
+            self._base = flat  # later progress is measured from what was just sent
+        header_bytes = 5 * 8
+        self.bytes_sent += header_bytes + payload[0].numel() * INDEX_BYTES + payload[1].numel() * 4 * (steps > 0)
+        header_t = torch.tensor([steps, payload[0].numel(), energy_kwh, energy_kwh * self._intensity / 1000.0,
+                                 self.bytes_sent], dtype=torch.float64, device=self._comm)
+        gathered = [torch.zeros_like(header_t) for _ in range(self.world_size)]
+        dist.all_gather(gathered, header_t)
+        works, received = self._exchange(gathered, payload)
+        self._pending.append({"round": self._round, "headers": gathered, "received": received, "works": works,
+                              "update": update, "plan": getattr(self, "_current", None), "numel": flat.numel()})
+        skipped = self._round_start + self._length - state.step
+        if skipped > 0:  # sat out or did fewer steps: skip ahead so every worker meets the next exchange
+            state.step += skipped
+            if state.lr_scheduler is not None:
+                with warnings.catch_warnings():  # advancing the schedule for steps sat out, not skipping one
+                    warnings.simplefilter("ignore", UserWarning)
+                    for _ in range(skipped):
+                        state.lr_scheduler.step()
+        self._drain(state, wait_all=not self.async_mode)
+        self._round += 1
+        self._round_start += self._length
+        if self._round_start < state.max_steps:
+            self._plan_round(state)
+
+    def _compress(self, update: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values) this worker sends; nothing when it sat out (error memory keeps what it owes)."""
+        empty_idx = torch.zeros(0, dtype=torch.int32, device=update.device)
+        if steps == 0:
+            return empty_idx, torch.zeros(0, dtype=update.dtype, device=update.device)
+        if self.compression == "topk":
+            assert self._error is not None
+            return topk_with_error_feedback(update, self._error, self.ratio)
+        return empty_idx, update
+
+    def _exchange(self, headers: list[torch.Tensor], payload: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[list[Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each worker that did work broadcasts its (indices, values); async mode does not wait for them."""
+        received, works = [], []
+        numel = self._base.numel()
+        for src, header in enumerate(headers):
+            if header[0].item() <= 0:
+                received.append((torch.zeros(0, dtype=torch.int32, device=self._base.device),
+                                 torch.zeros(0, device=self._base.device)))
+                continue
+            k = int(header[1].item())
+            if src == self.rank:
+                idx, val = payload
+            elif self.compression == "topk":
+                idx = torch.zeros(k, dtype=torch.int32, device=self._base.device)
+                val = torch.zeros(k, dtype=self._base.dtype, device=self._base.device)
+            else:
+                idx = torch.zeros(0, dtype=torch.int32, device=self._base.device)
+                val = torch.zeros(numel, dtype=self._base.dtype, device=self._base.device)
+            if self.compression == "topk":
+                works.append(dist.broadcast(idx, src=src, async_op=True))
+            works.append(dist.broadcast(val, src=src, async_op=True))
+            received.append((idx, val))
+        return works, received
+
+    def _drain(self, state: State, *, wait_all: bool) -> None:
+        """Apply finished exchanges in order; wait when more than `max_staleness` rounds are in flight."""
+        while self._pending:
+            oldest = self._pending[0]
+            limit = 0 if wait_all else self.max_staleness
+            if len(self._pending) <= limit and not all(w.is_completed() for w in oldest["works"]):
+                return
+            for w in oldest["works"]:
+                w.wait()
+            self._pending.pop(0)
+            self._apply(state, oldest)
+
+    def _apply(self, state: State, rnd: dict[str, Any]) -> None:
+        headers = rnd["headers"]
+        weights = [float(h[0].item()) for h in headers]
+        if self.compression == "topk":
+            avg = weighted_sparse_average(rnd["numel"], [r[0] for r in rnd["received"]],
+                                          [r[1] for r in rnd["received"]], weights)
+        else:
+            dense = [r[1] if w > 0 else torch.zeros(rnd["numel"], device=self._base.device)
+                     for r, w in zip(rnd["received"], weights, strict=True)]
+            avg = weighted_dense_average(dense, weights)
+        if not self.async_mode:
+            # every worker computes the same new parameters from the same gathered data: replicas stay equal
+            anchor = self._base.clone()  # the agreed point before this round
+            self.outer.step(anchor, avg, plain_from=self._n_params)
+            load_flat_params_(state.model, anchor)
+            self._base = anchor
+        else:
+            # undo this worker's own round update, apply the agreed one, keep progress made since sending
+            moved = torch.zeros_like(avg)
+            self.outer.step(moved, avg, plain_from=self._n_params)  # displacement the outer optimizer applies (anchor starting at 0)
+            correction = rnd["update"] + moved
+            load_flat_params_(state.model, flat_params(state.model) + correction)
+            self._base = self._base + correction
+        self._record(state, rnd, headers, weights)
+
+    def _record(self, state: State, rnd: dict[str, Any], headers: list[torch.Tensor], weights: list[float]) -> None:
+        round_bytes = 0
+        energy: dict[str, float] = {}
+        emissions: dict[str, float] = {}
+        for r, h in zip(self.rank_regions, headers, strict=True):
+            agg = self._per_region[r.name]
+            agg["energy_kwh"] += float(h[2].item())
+            agg["emissions_kg"] += float(h[3].item())
+            agg["steps"] += int(h[0].item())
+            energy[r.name] = energy.get(r.name, 0.0) + float(h[2].item())
+            emissions[r.name] = emissions.get(r.name, 0.0) + float(h[3].item())
+        total_bytes = sum(int(h[4].item()) for h in headers)
+        round_bytes, self._bytes_seen = total_bytes - self._bytes_seen, total_bytes
+        if self.rank != 0 or rnd["plan"] is None:
+            return
+        sat_out = sorted({r.name for r, w in zip(self.rank_regions, weights, strict=True) if w == 0})
+        for name in sat_out:
+            self._per_region[name]["rounds_sat_out"] += 1
+        self._rounds.append({"round": rnd["round"], "bytes_sent": round_bytes, "local_steps": rnd["plan"]["local_steps"],
+                             "intensity_g_per_kwh": rnd["plan"]["intensity_g_per_kwh"],
+                             "emissions_kg": sum(emissions.values())})
+        decision = {**rnd["plan"], "sat_out": sat_out, "work_weights": weights, "bytes_sent": round_bytes, "energy_kwh": energy, "emissions_kg": emissions}
+        self.decisions.append(decision)
+        log.info("federated round %d: intensity %s g/kWh -> local steps %s%s", rnd["round"],
+                 {k: round(v) for k, v in rnd["plan"]["intensity_g_per_kwh"].items()}, rnd["plan"]["local_steps"],
+                 f"; sat out: {', '.join(sat_out)}" if sat_out else "")
+        state.metrics.update({"federated/round": rnd["round"], "federated/bytes_sent": round_bytes,
+                              "federated/participating_workers": sum(1 for w in weights if w > 0),
+                              "federated/round_emissions_kg": sum(emissions.values())})
+
+    def _energy_delta_kwh(self) -> float:
+        if self._monitor is None:
+            return 0.0
+        self._monitor.sample(read=True)
+        total = self._monitor.total_kwh()
+        delta, self._energy_at_last_round = total - self._energy_at_last_round, total
+        return max(delta, 0.0)
+
+    def _finish(self, state: State) -> None:
+        """Gather what each worker did after the last exchange and the byte totals (rank 0 reports)."""
+        tail = self._energy_delta_kwh()
+        if self._monitor is not None:
+            self._monitor.stop()
+        intensity = getattr(self, "_intensity", 0.0)
+        t = torch.tensor([tail, tail * intensity / 1000.0, float(self.bytes_sent)], dtype=torch.float64,
+                         device=self._comm)
+        gathered = [torch.zeros_like(t) for _ in range(self.world_size)]
+        dist.all_gather(gathered, t)
+        total_bytes = 0
+        for r, g in zip(self.rank_regions, gathered, strict=True):
+            self._per_region[r.name]["energy_kwh"] += float(g[0].item())
+            self._per_region[r.name]["emissions_kg"] += float(g[1].item())
+            total_bytes += int(g[2].item())
+        self._final = {"bytes_sent": total_bytes, "rounds": self._round, "regions": self._per_region,
+                       "per_round": self._rounds}
+
+    # -- reporting --------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        if self._final is None:
+            return {}
+        f = self._final
+        out: dict[str, Any] = {
+            "federated/bytes_sent": Figure(f["bytes_sent"], "B", "measured", BYTES_SOURCE),
+            "federated/rounds": Figure(f["rounds"], "rounds", "measured", "outer averaging rounds"),
+            "federated/workers": Figure(self.world_size, "processes", "measured", "sum of region capacities"),
+        }
+        meter = getattr(self, "_energy_source", "no per-worker meter")
+        e_prov = self._energy_provenance
+        for name, agg in f["regions"].items():
+            src = self._describe_source(name)
+            out[f"federated/region/{name}/energy_kwh"] = Figure(agg["energy_kwh"], "kWh", e_prov, meter)
+            out[f"federated/region/{name}/emissions_kg"] = Figure(
+                agg["emissions_kg"], "kgCO2eq", weakest(e_prov, "estimated"),
+                f"region energy x {src} at each round's time")
+            out[f"federated/region/{name}/steps"] = Figure(agg["steps"], "steps", "measured",
+                                                           "local optimizer steps, all workers of the region")
+            out[f"federated/region/{name}/rounds_sat_out"] = Figure(agg["rounds_sat_out"], "rounds", "measured",
+                                                                    "carbon-aware participation decisions")
+        out["federated/emissions_kg"] = Figure(sum(a["emissions_kg"] for a in f["regions"].values()), "kgCO2eq",
+                                               weakest(e_prov, "estimated"), "sum of per-region emissions")
+        out["federated/energy_kwh"] = Figure(sum(a["energy_kwh"] for a in f["regions"].values()), "kWh",
+                                             e_prov, meter)
+        return out
+
+    def _describe_source(self, name: str) -> str:
+        src = self._sources.get(name)
+        return getattr(src, "name", None) or str(next((r.carbon for r in self.regions if r.name == name), {}))
+
+    def region_report(self) -> dict[str, Any] | None:
+        """Per-region totals, bytes and rounds (rank 0 after the fit), for sustainability.json."""
+        return self._final
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": getattr(self, "_round", 0), "outer": self.outer.state_dict(), "decisions": self.decisions}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.outer.load_state_dict(state.get("outer", {}))
+        self.decisions = list(state.get("decisions", []))
+
