@@ -116,7 +116,8 @@ def _task(cfg: Any) -> dict[str, Any]:
         _record_job(hydra_cfg, run_dir, "FAILED", error=f"{type(e).__name__}: {e}")
         raise
     _record_job(hydra_cfg, run_dir, "COMPLETED", summary=summary)
-    _print_run_summary(summary, run_dir)
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun/Slurm every rank returns; rank 0 reports
+        _print_run_summary(summary, run_dir)
     return summary
 
 
