@@ -87,7 +87,8 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     measurement = Measurement(instantiate(cfg.energy), carbon, log_interval=trainer_cfg.log_interval)
     audit = run_audit_log(run_dir, actor=f"run {run_id}")
     attach_to_recorders(audit, policies)  # scheduler decisions go to audit.jsonl as they are taken
-    pool = PoolAllocation.for_run(carbon, run_id=run_id, audit=audit)  # None without carbon.pool
+    # None without carbon.pool; one reservation per run, so only rank 0 of a multi-process run asks
+    pool = PoolAllocation.for_run(carbon, run_id=run_id, audit=audit) if rank == 0 else None
     if pool is not None:
         pool.reserve_before_training()  # a denial raises PoolDenied (exit 3) before anything spins up
         policies.append(pool)
