@@ -10,7 +10,9 @@ latest fit. At 00:00 origins this reproduces `rolling_evaluate` exactly. Feature
 chunks, so memory stays bounded for multi-year traces.
 
 Tried and dropped (2022 validation, 2021 history): pooling origin hours into fewer banks, direct
-models of window means, analog (nearest-trajectory) ensembles, other ridge penalties - none
+models of window means, analog (nearest-trajectory) ensembles, other ridge penalties, seasonal
+weighting of the training origins (`season_days`: lower capture in GB/ERCOT), a minimum expected
+saving before waiting, a shorter planning look-ahead, blending the plan with seasonal-naive - none
 improved the scheduling capture.
 
 No look-ahead: the forecast from origin `a` uses observations strictly before `a` (the feature
@@ -63,7 +65,8 @@ def _residual_stats(resid: np.ndarray, quantiles: Sequence[float]) -> tuple[np.n
 
 def rolling_forecasts(values: np.ndarray, start_s: int, first_arrival: int, *, horizon_h: int,
                       context: fc.ZoneContext | None = None, quantiles: Sequence[float] = fc.DEFAULT_QUANTILES,
-                      refit_every_h: int = 24, last_arrival: int | None = None, alpha: float = 1.0,
+                      refit_every_h: int = 24, last_arrival: int | None = None,
+                      alpha: float = fc.DEFAULT_ALPHA, season_days: float | None = fc.DEFAULT_SEASON_DAYS,
                       progress: Callable[[int, int], None] | None = None) -> ForecastMatrix:
     """Forecast `horizon_h` hours from every hour in [first_arrival, last_arrival) of an hourly series.
 
@@ -78,7 +81,8 @@ def rolling_forecasts(values: np.ndarray, start_s: int, first_arrival: int, *, h
     n_a = len(arrivals)
     h_idx = np.arange(horizon_h)
     design = fc._Design(y, start_s, context or fc.ZoneContext(), horizon_h)
-    banks = [fc._RidgeBank(horizon_h, design.n_features, alpha, 1.0, fc.RESIDUAL_WINDOW) for _ in range(24)]
+    banks = [fc._RidgeBank(horizon_h, design.n_features, alpha, 1.0, fc.RESIDUAL_WINDOW, season_days)
+             for _ in range(24)]
     p = design.n_features
     weights = np.zeros((24, horizon_h, p))
     shift = np.zeros((24, horizon_h))
@@ -126,20 +130,23 @@ def rolling_forecasts(values: np.ndarray, start_s: int, first_arrival: int, *, h
             x, last = feats(c0, c1)
             t = np.arange(c0, c1)
             y_t = design.targets(t, last)
+            season = design.season_bucket(t)
             for b in np.unique(t % 24):
                 sel = np.flatnonzero(t % 24 == b)
-                banks[b].add(x[:, sel], y_t[:, sel])
+                banks[b].add(x[:, sel], y_t[:, sel], season[sel])
 
-    def refit() -> None:
+    def refit(at: int) -> None:
         idx = [b for b in range(24) if banks[b].count >= 1]
         if not idx:
             return
-        lhs = np.stack([banks[b].a + banks[b].penalty for b in idx])
-        rhs = np.stack([banks[b].b for b in idx])
+        doy = float(design.day_of_year(at))  # season weights centred on the refit's date
+        eqs = [banks[b].normal_equations(doy) for b in idx]
+        lhs = np.stack([e[0] for e in eqs])
+        rhs = np.stack([e[1] for e in eqs])
         solved = np.linalg.solve(lhs, rhs[..., None])[..., 0]  # one batched solve for every bank
-        for b, w in zip(idx, solved, strict=True):
+        for b, w, m in zip(idx, solved, lhs, strict=True):
             first = banks[b].weights is None
-            banks[b].weights = w
+            banks[b].set_weights(w, m)
             weights[b] = w
             fitted[b] = True
             if first:  # leave-one-out residuals of the bank's recent origins seed the intervals
@@ -159,7 +166,7 @@ def rolling_forecasts(values: np.ndarray, start_s: int, first_arrival: int, *, h
         if ready > next_train:
             add(next_train, ready)
             next_train = ready
-            refit()
+            refit(block)
         b_end = min(block + refit_every_h, end)
         sel = slice(block - first_arrival, b_end - first_arrival)
         a = arrivals[sel]

@@ -115,3 +115,32 @@ def test_zone_context_knows_shipped_zones_and_tolerates_unknown_ones():
     assert F.zone_context("XX-UNKNOWN").lat is None
     cal = F.calendar_features(np.array([pd.Timestamp("2023-12-25T12:00Z").timestamp()]), ctx)
     assert cal["holiday"][0] == 1.0 and cal["weekday"][0] == 0
+
+
+def test_season_weights_peak_at_the_origin_date_and_wrap_around_the_year():
+    w = F.season_weights(5.0)  # 5 January
+    assert w.shape == (F.SEASON_BUCKETS,) and int(np.argmax(w)) == 0
+    assert w[-1] > w[F.SEASON_BUCKETS // 2]  # late December is nearer than July (circular distance)
+    assert w.min() >= F.SEASON_FLOOR and w.max() <= F.SEASON_FLOOR + 1.0
+    np.testing.assert_allclose(F.season_weights(5.0, None), np.ones(F.SEASON_BUCKETS))
+
+
+def test_season_weighted_ridge_follows_the_relation_of_the_origins_season():
+    """Two seasons with opposite slopes: the fit for a winter origin must lean to the winter slope."""
+    rng = np.random.default_rng(0)
+    n = 400
+    x = np.stack([np.ones(n), rng.standard_normal(n)], axis=1)[None]  # (H=1, n, p=2)
+    winter = np.arange(n) % 2 == 0
+    y = np.where(winter, 1.0, -1.0) * x[0, :, 1]
+    buckets = np.where(winter, 0, F.SEASON_BUCKETS // 2)  # early January vs early July
+    bank = F._RidgeBank(1, 2, 0.0, 1.0, 10, season_days=F.SEASON_SIGMA_DAYS)
+    bank.add(x, y[None], buckets)
+    bank.solve(5.0)
+    assert bank.weights[0, 1] > 0.8
+    bank.solve(190.0)
+    assert bank.weights[0, 1] < -0.8
+    flat = F._RidgeBank(1, 2, 0.0, 1.0, 10, season_days=None)
+    flat.add(x, y[None], buckets)
+    flat.solve(5.0)
+    expected = np.linalg.lstsq(x[0], y, rcond=None)[0]
+    np.testing.assert_allclose(flat.weights[0], expected, atol=1e-9)  # unweighted: plain least squares

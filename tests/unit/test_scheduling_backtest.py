@@ -169,3 +169,18 @@ def test_replanning_keeps_the_best_window_on_a_periodic_trace():
     res = run_backtest(y, start_s, 24 * 60, BacktestConfig(duration_h=4, slack_h=24, replan=True))
     assert res.saving_pct["policy"] == pytest.approx(ORACLE_PCT, abs=1e-3)
     assert math.isclose(res.capture, 1.0, abs_tol=1e-4)
+
+
+def test_hourly_rolling_forecasts_reproduce_the_daily_evaluation_at_midnight():
+    """The backtest's hourly forecasts are the forecast-eval model: same fits, same values at 00:00."""
+    from greenstack.carbon import forecast as fc
+    from greenstack.scheduling.rolling import rolling_forecasts
+
+    s = fc.hourly_series(traces.load_zone("GB"))[:"2022-03-31"]
+    ctx = fc.zone_context("GB")
+    ev = fc.rolling_evaluate(s, pd.Timestamp("2022-02-01", tz="UTC"), context=ctx)
+    first = int((ev.origins[0] - s.index[0]) / pd.Timedelta(hours=1))
+    fm = rolling_forecasts(s.to_numpy(), int(s.index[0].timestamp()), first, horizon_h=72, context=ctx)
+    rows = 24 * np.arange(len(ev.origins))
+    assert fm.valid[rows].all()
+    np.testing.assert_allclose(fm.point[rows], ev.model, rtol=1e-9)
