@@ -290,10 +290,14 @@ class GeoTraining(Policy):
             self._skip_sat_out_rounds(state)
         elif event is Event.STEP_END:
             self._done += 1
-            if self._done >= self._budget and self._round_start < state.max_steps:
+            if self._done >= self._budget and self._round_start < state.max_steps and not self._agreed_stop:
                 self._end_round(state)
                 self._skip_sat_out_rounds(state)
         elif event is Event.FIT_END:
+            if state.stop and not self._agreed_stop and self._round_start < state.max_steps:
+                # this worker stopped early (early stopping, a budget...): take part in the round the
+                # others are in, flagged, so everyone stops after it instead of waiting on a timeout
+                self._end_round(state)
             self._drain(state, wait_all=True)
             self._finish(state)
         elif self._monitor is not None:  # EXCEPTION: no collectives, just stop the meter thread
@@ -318,6 +322,7 @@ class GeoTraining(Policy):
         self._base = flat.clone()  # what local progress is measured from (the last agreed parameters)
         self._error = torch.zeros_like(flat) if self.compression == "topk" else None
         self._pending: list[dict[str, Any]] = []
+        self._agreed_stop = False  # a worker stopped early and every worker has seen it (see FIT_END)
         self._per_region = {r.name: {"energy_kwh": 0.0, "emissions_kg": 0.0, "steps": 0, "rounds_sat_out": 0,
                                      "workers": r.capacity} for r in self.regions}
         self._energy_at_last_round = 0.0
@@ -371,7 +376,7 @@ class GeoTraining(Policy):
 
     def _skip_sat_out_rounds(self, state: State) -> None:
         """While this worker sits a round out, take part in its exchange with no work and skip its steps."""
-        while self._budget == 0 and self._round_start < state.max_steps:
+        while self._budget == 0 and self._round_start < state.max_steps and not self._agreed_stop:
             self._end_round(state)
 
     def _end_round(self, state: State) -> None:
@@ -382,12 +387,13 @@ class GeoTraining(Policy):
         payload = self._compress(update, steps)
         if self.async_mode:
             self._base = flat  # later progress is measured from what was just sent
-        header_bytes = 5 * 8
+        header_bytes = 6 * 8
         self.bytes_sent += header_bytes + payload[0].numel() * INDEX_BYTES + payload[1].numel() * 4 * (steps > 0)
         header_t = torch.tensor([steps, payload[0].numel(), energy_kwh, energy_kwh * self._intensity / 1000.0,
-                                 self.bytes_sent], dtype=torch.float64, device=self._comm)
+                                 self.bytes_sent, float(state.stop)], dtype=torch.float64, device=self._comm)
         gathered = [torch.zeros_like(header_t) for _ in range(self.world_size)]
         dist.all_gather(gathered, header_t)
+        stopped = [rank for rank, h in enumerate(gathered) if h[5].item() > 0]
         works, received = self._exchange(gathered, payload)
         self._pending.append({"round": self._round, "headers": gathered, "received": received, "works": works,
                               "update": update, "plan": getattr(self, "_current", None), "numel": flat.numel()})
@@ -402,6 +408,12 @@ class GeoTraining(Policy):
         self._drain(state, wait_all=not self.async_mode)
         self._round += 1
         self._round_start += self._length
+        if stopped:  # every worker saw the same flags: all stop after this round, none plans another
+            self._agreed_stop = True
+            if not state.stop:
+                state.request_stop(f"federated: worker rank {stopped[0]} ({self.rank_regions[stopped[0]].name}) "
+                                   f"stopped early; every worker stops after round {self._round - 1}")
+            return
         if self._round_start < state.max_steps:
             self._plan_round(state)
 

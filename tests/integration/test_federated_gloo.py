@@ -38,7 +38,7 @@ def _loaders(rank: int, n: int = 384, dim: int = 8):
     return train, test
 
 
-def _fit(policy, rank: int, steps: int, seed: int):
+def _fit(policy, rank: int, steps: int, seed: int, extra=()):
     from greenstack.engine.loop import Trainer, TrainerConfig
     from greenstack.engine.optim import Optim
 
@@ -48,7 +48,7 @@ def _fit(policy, rank: int, steps: int, seed: int):
     trainer = Trainer(model, train, Optim(name="adamw", lr=0.02, weight_decay=0.0, schedule="constant"),
                       TrainerConfig(max_duration=f"{steps}ba", eval_interval=f"{100 * steps}ba", progress=False,
                                     device="cpu"),
-                      test_loader=test, policies=[policy], batch_size=8)
+                      test_loader=test, policies=[policy, *extra], batch_size=8)
     state = trainer.fit()
     return state, trainer.last_eval
 
@@ -104,7 +104,23 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     reps = _replicas(state.model)
     results["async_close"] = all(torch.allclose(reps[0], r, atol=1e-5) for r in reps)
     results["async_accuracy"] = last["test/accuracy"]
-    # 4. DDP with PowerSGD comm hook (one bucket on gloo) sends fewer bytes than plain allreduce
+    # 4. one worker stops early (as early stopping would): all stop after that round, nobody waits on a timeout
+    from greenstack.engine.events import Event
+    from greenstack.engine.policy import Policy
+
+    class StopAt(Policy):
+        events = frozenset({Event.STEP_END})
+
+        def __call__(self, event, state):
+            if rank == 1 and state.step == 6:
+                state.request_stop("test: rank 1 has seen enough")
+
+    geo = GeoTraining(regions=regions, local_steps=4, compression={"kind": "topk", "ratio": 0.1})
+    state, last = _fit(geo, rank, steps=24, seed=4, extra=[StopAt()])
+    reps = _replicas(state.model)
+    results["stop_step"], results["stop_reason"] = state.step, state.stop_reason
+    results["stop_equal"] = all(torch.equal(reps[0], r) for r in reps)
+    # 5. DDP with PowerSGD comm hook (one bucket on gloo) sends fewer bytes than plain allreduce
     for hook in ("allreduce", "powersgd"):
         ddp = DataParallel(workers=WORLD, comm_hook=hook, powersgd_rank=1)
         state, last = _fit(ddp, rank, steps=12, seed=3)
@@ -144,3 +160,7 @@ def test_geo_and_ddp_in_three_gloo_processes(tmp_path):
     assert all(r["allreduce_params_equal"] and r["powersgd_params_equal"] for r in results)
     assert all(r["allreduce_unwrapped"] and r["powersgd_unwrapped"] for r in results)
     assert 0 < r0["powersgd_bytes"] < r0["allreduce_bytes"]
+    # an early stop on rank 1 (step 6, inside round 1 = steps 4..7) ends every worker after round 1
+    assert [r["stop_step"] for r in results] == [8, 8, 8]
+    assert all(r["stop_equal"] for r in results)
+    assert results[1]["stop_reason"].startswith("test:") and "rank 1" in results[0]["stop_reason"]
