@@ -237,12 +237,20 @@ def shard_loader(loader: Any, rank: int, world_size: int) -> Any:
 
     if world_size <= 1 or not isinstance(loader, DataLoader) or loader.batch_size is None:
         return loader  # custom batch samplers (length grouping) keep the full set on every worker
+    from greenstack.efficiency.sampler import LengthGroupedSampler
+
     per_worker = len(loader.dataset) // world_size  # type: ignore[arg-type]
     # equal shards: every worker plans the same number of steps, so their collectives line up
-    dataset = Subset(loader.dataset, list(range(rank, per_worker * world_size, world_size)))  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=loader.batch_size, shuffle=isinstance(loader.sampler, RandomSampler),
-                      generator=loader.generator, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                      drop_last=loader.drop_last)
+    indices = list(range(rank, per_worker * world_size, world_size))
+    dataset = Subset(loader.dataset, indices)  # type: ignore[arg-type]
+    common = {"batch_size": loader.batch_size, "generator": loader.generator, "num_workers": loader.num_workers,
+              "collate_fn": loader.collate_fn, "drop_last": loader.drop_last}
+    sampler = loader.sampler
+    if isinstance(sampler, LengthGroupedSampler):  # text: keep length grouping (dynamic padding) on the shard
+        grouped = LengthGroupedSampler(dataset, [sampler.lengths[i] for i in indices], generator=loader.generator,
+                                       group_by_length=sampler.group_by_length, bucket_size=sampler.bucket_size)
+        return DataLoader(dataset, sampler=grouped, **common)
+    return DataLoader(dataset, shuffle=isinstance(sampler, RandomSampler), **common)
 
 
 def shared_run_id(run_dir: str | Path, worker: WorkerContext) -> str:

@@ -190,3 +190,25 @@ def test_validate_lists_federated_problems_with_the_rest(monkeypatch):
     keys = {p.key for p in validate_config(cfg)}
     assert {"federated.compression.ratio", "federated.regions.us-west.carbon", "optim.lr"} <= keys
     assert "federated" in keys  # WORLD_SIZE=7 vs the YAML's 4 workers
+
+
+def test_shards_are_disjoint_equal_and_keep_length_grouping():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from greenstack.efficiency.sampler import LengthGroupedSampler
+    from greenstack.federated.launch import shard_loader
+
+    ds = TensorDataset(torch.arange(50))
+    lengths = [i % 7 + 1 for i in range(50)]
+    g = torch.Generator().manual_seed(0)
+    grouped = DataLoader(ds, batch_size=4, sampler=LengthGroupedSampler(ds, lengths, generator=g, group_by_length=True,
+                                                                        bucket_size=8), generator=g)
+    plain = DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for loader in (grouped, plain):
+        shards = [shard_loader(loader, r, 3) for r in range(3)]
+        seen = [sorted(int(x) for (b,) in s for x in b) for s in shards]
+        assert [len(s) for s in seen] == [16, 16, 16]  # equal: 50 // 3 each, the remainder is dropped
+        assert not set(seen[0]) & set(seen[1]) and not set(seen[1]) & set(seen[2])
+    sampler = shard_loader(grouped, 1, 3).sampler
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.group_by_length
+    assert sampler.lengths == [lengths[i] for i in range(1, 48, 3)]
