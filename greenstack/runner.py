@@ -20,6 +20,7 @@ from greenstack.federated import launch as federated
 from greenstack.ledger.allocation import PoolAllocation
 from greenstack.ledger.audit import attach_to_recorders, record_policy_decisions, run_audit_log
 from greenstack.measure import Measurement
+from greenstack.policies.scheduler._base import start_when_scheduled
 from greenstack.report.html import finish_run_report
 from greenstack.report.summary import RunReport
 from greenstack.tracking.base import Fanout, JsonlWriter, NullTracker, load_or_create_run_id
@@ -36,10 +37,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_policies(cfg: DictConfig) -> list[Policy]:
+def build_policies(cfg: DictConfig, groups: tuple[str, ...] = POLICY_GROUPS) -> list[Policy]:
     """Policies in dispatch order: the policy groups, extra `policies`, and checkpointing last."""
     policies: list[Policy] = []
-    for group in POLICY_GROUPS:
+    for group in groups:
         node = cfg.get(group) or {}
         if isinstance(node, DictConfig) and "_target_" in node:  # a group option that is one policy
             node = {group: node}
@@ -72,6 +73,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None) -> dict[str, Any]:
     rank = worker.rank if worker is not None else int(os.environ.get("RANK", "0") or 0)
+    run_id = load_or_create_run_id(run_dir) if worker is None else federated.shared_run_id(run_dir, worker)
+    audit = run_audit_log(run_dir, actor=f"run {run_id}")
+    # when to start is decided before anything is built: a run waiting for its low-carbon window holds
+    # no model, data or device memory and shows no half-started tracker run
+    schedulers = build_policies(cfg, groups=("scheduler",))
+    attach_to_recorders(audit, schedulers)  # scheduler decisions go to audit.jsonl as they are taken
+    carried = start_when_scheduled(schedulers, run_dir)
     seed_everything(int(cfg.seed))
     data = instantiate(cfg.data, seed=int(cfg.seed))
     model = instantiate(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans)
@@ -79,14 +87,12 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
         data.train = federated.shard_loader(data.train, worker.rank, worker.world_size)
     optim = instantiate(cfg.optim)
     trainer_cfg = instantiate(cfg.trainer)
-    policies = build_policies(cfg)
-    run_id = load_or_create_run_id(run_dir) if worker is None else federated.shared_run_id(run_dir, worker)
+    policies = [*schedulers, *build_policies(cfg, groups=POLICY_GROUPS[1:])]
+    attach_to_recorders(audit, policies)
     run_name = cfg.get("run_name") or run_dir.name
     tracker = instantiate(cfg.tracker) if rank == 0 else NullTracker()
     carbon = instantiate(cfg.carbon, **(worker.carbon_override() if worker is not None else {}))
     measurement = Measurement(instantiate(cfg.energy), carbon, log_interval=trainer_cfg.log_interval)
-    audit = run_audit_log(run_dir, actor=f"run {run_id}")
-    attach_to_recorders(audit, policies)  # scheduler decisions go to audit.jsonl as they are taken
     # None without carbon.pool; one reservation per run, so only rank 0 of a multi-process run asks
     pool = PoolAllocation.for_run(carbon, run_id=run_id, audit=audit) if rank == 0 else None
     if pool is not None:
@@ -99,7 +105,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
                   config=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     try:
         trainer = Trainer(model, data.train, optim, trainer_cfg, val_loader=data.val, test_loader=data.test,
-                          policies=[*report.policies(), *policies], sinks=[Fanout(jsonl, tracker)],
+                          policies=[*report.policies(), *policies, carried], sinks=[Fanout(jsonl, tracker)],
                           batch_size=data.batch_size, run_dir=str(run_dir))
         state = trainer.fit()
         summary = report.finish(state, trainer=trainer, data=data, policies=policies)

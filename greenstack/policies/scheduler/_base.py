@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
@@ -195,3 +196,36 @@ class SchedulerPolicy(Policy):
         earlier = list(state.get("decisions", []))
         self.recorder.decisions[:0] = [d for d in earlier if d not in self.recorder.decisions]
         self.waited_s += float(state.get("waited_s", 0.0))
+
+
+class _CarriedMetrics(Policy):
+    """Hands the start-time decisions (metrics, chosen region) to the run's State at INIT."""
+
+    events = frozenset({Event.INIT})
+
+    def __init__(self, metrics: dict[str, Any], region: str | None) -> None:
+        super().__init__(name="scheduler_metrics")
+        self.metrics, self.region = metrics, region
+
+    def __call__(self, event: Event, state: State) -> None:
+        state.metrics.update(self.metrics)
+        if self.region is not None and state.region is None:
+            state.region = self.region
+
+
+def start_when_scheduled(policies: list[Policy], run_dir: str | Path) -> Policy:
+    """Take the start-time scheduling decisions (wait for a window, pick a region) before the run builds
+    anything, so a waiting run holds no model, data or device memory and opens no tracker run.
+
+    The policies see a bare State with the run dir (for START_NOW files and checkpoints); at the run's
+    real INIT they find their decision taken and do nothing. Returns a policy that puts the decisions'
+    metrics into the run's first metrics row and the chosen region into State (always one policy, so
+    checkpointed policy positions do not depend on what the schedulers did).
+    """
+    import torch
+
+    bare = State(model=torch.nn.Module(), run_dir=str(run_dir))
+    for policy in policies:
+        if isinstance(policy, SchedulerPolicy) and policy.events == frozenset({Event.INIT}):
+            policy(Event.INIT, bare)
+    return _CarriedMetrics(dict(bare.metrics), bare.region)
