@@ -201,3 +201,14 @@ def test_spot_notice_triggers_a_checkpoint_and_a_clean_stop(tmp_path):
         assert Store(str(tmp_path)).names()[0] == f"step-{stopped_at:09d}"
     finally:
         server.shutdown()
+
+
+def test_each_rank_of_a_multi_process_run_keeps_its_own_checkpoints(tmp_path):
+    from greenstack.engine.state import State
+
+    policy = HierarchicalCheckpointing(durable_url=f"file://{tmp_path}/durable/")
+    single = policy._stores(State(model=torch.nn.Linear(1, 1), run_dir=str(tmp_path)))
+    rank2 = policy._stores(State(model=torch.nn.Linear(1, 1), run_dir=str(tmp_path), rank=2, world_size=4))
+    assert str(single["local"]).rstrip("/").endswith("checkpoints")
+    assert str(rank2["local"]).rstrip("/").endswith("checkpoints/rank-2")
+    assert str(rank2["durable"]).rstrip("/").endswith("durable/rank-2")

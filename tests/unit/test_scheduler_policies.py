@@ -122,8 +122,9 @@ def test_start_now_routes_skip_waiting(trace, tmp_path, monkeypatch, route):
     assert clock.sleeps == [] and [d["action"] for d in policy.decisions] == ["start_now"]
 
 
-def test_a_resumed_run_does_not_wait_again(trace, tmp_path):
-    (tmp_path / "checkpoints" / "step-000000010").mkdir(parents=True)
+@pytest.mark.parametrize("layout", ["step-000000010", "rank-1/step-000000010"])
+def test_a_resumed_run_does_not_wait_again(trace, tmp_path, layout):
+    (tmp_path / "checkpoints" / layout).mkdir(parents=True)  # single-process, or a rank of a federated run
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     policy = window(clock, trace)
     policy(Event.INIT, state(tmp_path))

@@ -166,12 +166,18 @@ class HierarchicalCheckpointing(Policy):
 
     # -- set-up -----------------------------------------------------------------------------------
     def _stores(self, state: State) -> dict[str, Store]:
+        """The tiers' stores; in a multi-process run each rank keeps its own (`.../rank-N`): workers'
+        states differ (data shard, local steps, error memory), and one shared directory would mix them."""
         stores = {}
         local = self.local_dir or (str(Path(state.run_dir) / "checkpoints") if state.run_dir else None)
+        durable = self.durable_url
+        if state.world_size > 1:
+            local = str(Path(local) / f"rank-{state.rank}") if local else None
+            durable = f"{durable.rstrip('/')}/rank-{state.rank}" if durable else None
         if local and self.local_every:
             stores["local"] = Store(local)
-        if self.durable_url and self.durable_every:
-            stores["durable"] = Store(self.durable_url, self.storage_options)
+        if durable and self.durable_every:
+            stores["durable"] = Store(durable, self.storage_options)
         return stores
 
     def __call__(self, event: Event, state: State) -> None:

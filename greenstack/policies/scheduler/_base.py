@@ -117,7 +117,7 @@ class SchedulerPolicy(Policy):
         """
         run_dir = getattr(state, "run_dir", None)
         ckpt = Path(run_dir) / "checkpoints" if run_dir else None
-        if ckpt is not None and ckpt.is_dir() and any(ckpt.glob("step-*")):
+        if ckpt is not None and ckpt.is_dir() and (any(ckpt.glob("step-*")) or any(ckpt.glob("rank-*/step-*"))):
             return f"{ckpt} holds checkpoints: a resumed run starts at once (its first segment chose the window)"
         return None
 
