@@ -24,7 +24,7 @@ import torch.distributed as dist
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, GreenstackError, Problem
 from greenstack.federated.config import parse_regions, rank_regions
 from greenstack.federated.core import (
     INDEX_BYTES,
@@ -270,6 +270,7 @@ class GeoTraining(Policy):
         #: per-round records (rank 0): decision, intensities, steps, bytes, energy and emissions per region
         self.decisions: list[dict[str, Any]] = []
         self.bytes_sent = 0  # this worker
+        self._saved: dict[str, int] | None = None  # where a resumed worker's round stood (load_state_dict)
         self._sources: dict[str, Any] = {}
         self._monitor: Any = None
         self._final: dict[str, Any] | None = None
@@ -285,8 +286,13 @@ class GeoTraining(Policy):
         if event is Event.INIT:
             self._init(state)
         elif event is Event.FIT_START:
-            self._round, self._round_start = 0, 0
+            saved, self._saved = self._saved, None
+            self._round, self._round_start = (saved["round"], saved["round_start"]) if saved else (0, 0)
+            if saved:
+                self._check_resume_agrees(state, saved)
             self._plan_round(state)
+            if saved:
+                self._done = int(saved["done"])  # steps this worker had taken in the round when it was saved
             self._skip_sat_out_rounds(state)
         elif event is Event.STEP_END:
             self._done += 1
@@ -582,9 +588,45 @@ class GeoTraining(Policy):
         return self._final
 
     def state_dict(self) -> dict[str, Any]:
-        return {"round": getattr(self, "_round", 0), "outer": self.outer.state_dict(), "decisions": self.decisions}
+        """Everything a resumed worker needs to rejoin the round it was in: the agreed point, its error
+        memory, where the round stands, and the report's running totals (exchanges in flight in async
+        mode are not saved: a resumed async worker re-syncs at its next round)."""
+        out: dict[str, Any] = {"round": getattr(self, "_round", 0), "round_start": getattr(self, "_round_start", 0),
+                               "done": getattr(self, "_done", 0), "outer": self.outer.state_dict(),
+                               "decisions": self.decisions, "bytes_sent": self.bytes_sent}
+        if getattr(self, "_base", None) is not None:
+            out["base"] = self._base.detach().cpu().clone()
+        if getattr(self, "_error", None) is not None:
+            out["error"] = self._error.detach().cpu().clone()
+        if hasattr(self, "_per_region"):
+            out["per_region"] = {k: dict(v) for k, v in self._per_region.items()}
+            out["rounds"] = list(self._rounds)
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.outer.load_state_dict(state.get("outer", {}))
         self.decisions = list(state.get("decisions", []))
+        self.bytes_sent = int(state.get("bytes_sent", self.bytes_sent))
+        if "base" in state and getattr(self, "_base", None) is not None:  # INIT ran first: same shapes, device
+            self._base = state["base"].to(self._base.device, self._base.dtype)
+        if "error" in state and getattr(self, "_error", None) is not None:
+            self._error = state["error"].to(self._error.device, self._error.dtype)
+        if "per_region" in state and hasattr(self, "_per_region"):
+            self._per_region = {k: dict(v) for k, v in state["per_region"].items()}
+            self._rounds = list(state.get("rounds", []))
+        self._saved = {"round": int(state.get("round", 0)), "round_start": int(state.get("round_start", 0)),
+                       "done": int(state.get("done", 0))}
+
+    def _check_resume_agrees(self, state: State, saved: dict[str, int]) -> None:
+        """Every worker must resume in the same round, or their collectives would not line up."""
+        mine = torch.tensor([saved["round"], saved["round_start"]], dtype=torch.float64, device=self._comm)
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        rounds = [int(g[0].item()) for g in gathered]
+        if len(set(rounds)) > 1:
+            raise GreenstackError(
+                f"federated=geo: the workers resumed from checkpoints of different rounds ({rounds}, by rank); "
+                f"checkpoint at round boundaries (checkpointing.*_every a multiple of local_steps="
+                f"{self.local_steps}) or remove the newer ranks' latest checkpoints so all resume in round "
+                f"{min(rounds)}")
 
