@@ -130,20 +130,29 @@ def _tuple(obj: Any) -> Any:
 
 
 def apply_snapshot(snapshot: Snapshot, state: State) -> None:
-    """Restore model, optimizer, schedule, policies, counters and RNG so training continues exactly."""
-    state.model.load_state_dict(snapshot.model)
+    """Restore model, optimizer, schedule, policies, counters and RNG so training continues exactly.
+
+    Policies are restored first, and those with a `restore_model(state)` hook then rebuild the model's
+    structure as it was when the snapshot was taken (QAT's fake-quant modules, a distilled student), so
+    the saved weights and optimizer state fit the model they are loaded into.
+    """
     t = snapshot.trainer
+    saved = t.get("policies", {})
+    for i, policy in enumerate(state.policies):
+        key = _policy_key(i, policy)
+        if key in saved:
+            policy.load_state_dict(saved[key])
+    for policy in state.policies:
+        hook = getattr(policy, "restore_model", None)
+        if callable(hook):
+            hook(state)
+    state.model.load_state_dict(snapshot.model)
     if state.optimizer is not None and t.get("optimizer") is not None:
         state.optimizer.load_state_dict(t["optimizer"])
     if state.lr_scheduler is not None and t.get("lr_scheduler") is not None:
         state.lr_scheduler.load_state_dict(t["lr_scheduler"])
     if state.grad_scaler is not None and t.get("grad_scaler") is not None:
         state.grad_scaler.load_state_dict(t["grad_scaler"])
-    saved = t.get("policies", {})
-    for i, policy in enumerate(state.policies):
-        key = _policy_key(i, policy)
-        if key in saved:
-            policy.load_state_dict(saved[key])
     torch.set_rng_state(t["torch_rng"])
     if t.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(t["cuda_rng"])

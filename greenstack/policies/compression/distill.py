@@ -150,11 +150,28 @@ class Distillation(Policy):
                  f"{self.teacher_params:,}", state.step, self.temperature, self.alpha)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"swapped_at": self.swapped_at}
+        """An external teacher is rebuilt from `teacher` at INIT; a self-distilled one (the run's own model
+        at the swap) exists nowhere else, so its weights travel with the checkpoint."""
+        out: dict[str, Any] = {"swapped_at": self.swapped_at}
+        if self.teacher_ref is None and self.teacher is not None:
+            out["teacher"] = {k: v.detach() for k, v in self.teacher.state_dict().items()}
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # the teacher is not checkpointed: a resumed run rebuilds it (from `teacher`) at INIT
-        self.swapped_at = None if self.teacher_ref is None else state.get("swapped_at")
+        self.swapped_at = state.get("swapped_at")
+        self._saved_teacher = state.get("teacher")
+
+    def restore_model(self, state: State) -> None:
+        """Checkpoint hook: a snapshot taken after a self-distillation swap holds the student; rebuild the
+        teacher (the run's model, with its saved weights) and the student before the weights are loaded."""
+        saved, self._saved_teacher = getattr(self, "_saved_teacher", None), None
+        if self.swapped_at is None or self.teacher is not None or saved is None:
+            return
+        teacher = frozen_copy(state.model)
+        teacher.load_state_dict(saved)
+        at = self.swapped_at
+        self._swap(state, teacher)
+        self.swapped_at = at
 
     def summary(self) -> dict[str, Any]:
         if not self.student_params:

@@ -80,8 +80,6 @@ class Int8QAT(Policy):
                 return  # resumed with the fake-quant model already in place
             choice = choose_backend(state.model, self.backend, self.exclude)
             self.chosen, self.reason = choice.name, choice.reason
-            if self.prepared_at is not None:  # resumed: the restored model is float again, prepare anew
-                self.prepared_at, self.frozen = None, False
             log.info("qat: backend %s (%s); fake-quant from step %d", choice.name, choice.reason, self._start_step)
             return
         if event is Event.BATCH_START:
@@ -94,13 +92,35 @@ class Int8QAT(Policy):
             self.frozen = True
             log.info("qat: observers and BatchNorm statistics frozen at step %d", state.step)
 
-    def _prepare(self, state: State) -> None:
+    def restore_model(self, state: State) -> None:
+        """Checkpoint hook: a snapshot taken after QAT began holds a fake-quant model; rebuild that
+        structure (same backend, exclusions) before its weights and optimizer state are loaded."""
+        if self.prepared_at is None or backend_of(state.model) is not None:
+            return
+        from greenstack.policies.efficiency._common import sample_batch, train_loader_of
+
+        if self.chosen is None:
+            choice = choose_backend(state.model, self.backend, self.exclude)
+            self.chosen, self.reason = choice.name, choice.reason
+        loader = train_loader_of(state)
+        batch = sample_batch(loader, 1, state.device) if loader is not None and hasattr(loader, "dataset") \
+            else None
+        self._prepare(state, batch, at=self.prepared_at)
+        if self.frozen:  # BatchNorm-freezing is a module flag, not a saved buffer
+            freeze_qat(state.model, self.chosen)
+        log.info("qat: resumed run: model re-prepared for fake-quant (as at step %d) before loading weights",
+                 self.prepared_at)
+
+    def _prepare(self, state: State, batch: Any = None, *, at: int | None = None) -> None:
         assert self.chosen is not None
-        inputs = state.batch["inputs"] if isinstance(state.batch, dict) else None
+        batch = state.batch if batch is None else batch
+        inputs = batch["inputs"] if isinstance(batch, dict) else None
         example = (inputs[:1],) if isinstance(inputs, torch.Tensor) else ()
         prepared = prepare_qat(state.model, self.chosen, example, excluded_modules(state.model, self.exclude))
         replace_model(state, prepared)
         state.model.train()
+        if at is not None:
+            return
         self.prepared_at = state.step
         log.info("qat: model prepared for int8 fake-quant training at step %d (%s)", state.step, self.chosen)
 
