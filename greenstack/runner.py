@@ -66,6 +66,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     worker = federated.join(cfg)  # None unless federated=ddp/geo
     try:
         return _run(cfg, run_dir, worker)
+    except BaseException as e:
+        if worker is not None and federated.SPAWNED:
+            federated.mark_failure(run_dir, worker.rank, e)  # before leaving the group: peers fail next
+        raise
     finally:
         if worker is not None:
             worker.close()

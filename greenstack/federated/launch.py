@@ -8,9 +8,12 @@ normal run path; collectives carry timeouts so a dead peer fails the run instead
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,18 +95,64 @@ def spawn(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     if START_METHOD == "forkserver":
         preload_forkserver()
     log.info("federated: spawning %d workers on this machine (elastic launcher, c10d rendezvous)", nprocs)
+    markers = Path(run_dir) / FAILURE_DIR
+    shutil.rmtree(markers, ignore_errors=True)
     try:
         results = elastic_launch(config, worker_main)(container, str(run_dir))
     except ChildFailedError as e:
         rank, failure = root_failure(e.failures)
+        cause, exit_code = _cause(failure), failure.exitcode
+        first = first_marked_failure(markers)
+        if first is not None and (first[0] != rank or _is_peer_error(cause)):
+            rank, cause, exit_code = first[0], first[1], 1  # the worker that failed before leaving the group
         others = sorted(r for r in e.failures if r != rank)
         also = f" (then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} lost their peer)" \
             if others else ""
         # square brackets would be read as console markup when the CLI prints the message
-        cause = _cause(failure).replace("[", "(").replace("]", ")")
-        raise WorkerFailed(f"federated worker rank {rank} failed (exit code {failure.exitcode}): {cause}{also}") \
+        cause = cause.replace("[", "(").replace("]", ")")
+        raise WorkerFailed(f"federated worker rank {rank} failed (exit code {exit_code}): {cause}{also}") \
             from None
+    finally:
+        shutil.rmtree(markers, ignore_errors=True)
     return results[0]
+
+
+#: where workers note their failure before leaving the process group (see `mark_failure`)
+FAILURE_DIR = ".federated-failures"
+#: True in a worker that `spawn` started
+SPAWNED = False
+
+
+def mark_failure(run_dir: str | Path, rank: int, error: BaseException) -> None:
+    """Note this worker's failure *before* it closes the process group.
+
+    Why: closing the group makes its peers fail at once with a lost-connection error, and the elastic
+    agent may see a peer exit first (the failing worker is still unwinding), so its own report can
+    name the wrong rank. The earliest note that is not a lost-peer error names the cause.
+    """
+    try:
+        folder = Path(run_dir) / FAILURE_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        text = f"{type(error).__name__}: {error}".strip().splitlines()[0][:2000]
+        (folder / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "cause": text, "at": time.time()}))
+    except OSError:
+        pass  # best effort: the agent's own report remains
+
+
+def first_marked_failure(folder: Path) -> tuple[int, str] | None:
+    """(rank, cause) of the earliest noted failure that is not a lost-peer error, if any."""
+    notes = []
+    for path in folder.glob("rank-*.json"):
+        try:
+            notes.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    causes = sorted((n["at"], n["rank"], n["cause"]) for n in notes if not _is_peer_error(n["cause"]))
+    return (int(causes[0][1]), str(causes[0][2])) if causes else None
+
+
+def _is_peer_error(text: str) -> bool:
+    return any(marker in text.lower() for marker in _PEER_ERRORS)
 
 
 #: what a worker reports when a *peer* died: a consequence, not the cause
@@ -114,8 +163,7 @@ _PEER_ERRORS = ("gloo", "nccl", "connection closed", "connection reset", "distba
 def root_failure(failures: Mapping[int, Any]) -> tuple[int, Any]:
     """The failure that caused the others: the earliest one that is not a lost-peer error from the backend."""
     def is_consequence(failure: Any) -> bool:
-        text = _cause(failure).lower()
-        return any(marker in text for marker in _PEER_ERRORS) or getattr(failure, "signal_name", lambda: "")() \
+        return _is_peer_error(_cause(failure)) or getattr(failure, "signal_name", lambda: "")() \
             in ("SIGTERM", "SIGKILL")
 
     ranked = sorted(failures.items(), key=lambda kv: (is_consequence(kv[1]), kv[1].timestamp, kv[0]))
@@ -153,6 +201,8 @@ def _worker(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
         handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - [rank 0] %(message)s"))
         logging.getLogger().addHandler(handler)
+    global SPAWNED
+    SPAWNED = True  # failures are noted for `spawn` (mark_failure); an external launcher has its own report
     summary = runner.run(OmegaConf.create(container), run_dir)
     if rank != 0:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
@@ -212,3 +213,17 @@ def test_shards_are_disjoint_equal_and_keep_length_grouping():
     sampler = shard_loader(grouped, 1, 3).sampler
     assert isinstance(sampler, LengthGroupedSampler) and sampler.group_by_length
     assert sampler.lengths == [lengths[i] for i in range(1, 48, 3)]
+
+
+def test_the_first_non_peer_failure_note_names_the_cause(tmp_path):
+    from greenstack.federated.launch import FAILURE_DIR, first_marked_failure, mark_failure
+
+    mark_failure(tmp_path, 0, RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:25832"))
+    mark_failure(tmp_path, 2, RuntimeError("injected failure on rank 2"))
+    mark_failure(tmp_path, 1, ValueError("later, unrelated"))
+    folder = tmp_path / FAILURE_DIR
+    notes = {p.name: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    notes["rank-0.json"]["at"] = 0.0  # the lost-peer report came first: still not the cause
+    (folder / "rank-0.json").write_text(json.dumps(notes["rank-0.json"]))
+    assert first_marked_failure(folder) == (2, "RuntimeError: injected failure on rank 2")
+    assert first_marked_failure(tmp_path / "nothing") is None

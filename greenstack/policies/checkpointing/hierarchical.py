@@ -269,7 +269,13 @@ class HierarchicalCheckpointing(Policy):
         self.stall_s.append(stall)
         state.metrics["checkpoint/stall_ms"] = stall * 1000
         self.memory.append(snapshot)
-        queued = [name for name in tiers if self.tiers[name].submit(snapshot)]
+        queued = []
+        for name in tiers:
+            tier = self.tiers[name]
+            if tier.submit(snapshot):
+                queued.append(name)
+            elif snapshot.step >= state.max_steps and tier.flush(60.0) and tier.submit(snapshot):
+                queued.append(name)  # the run's last checkpoint is worth a wait: later runs resume from it
         self.decisions.append({"kind": "checkpoint", "action": "snapshot", "step": snapshot.step,
                                "stall_ms": round(stall * 1000, 3), "tiers": ["memory", *queued],
                                "skipped_busy": [name for name in tiers if name not in queued]})
