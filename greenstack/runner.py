@@ -64,15 +64,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if federated.wants_spawn(cfg):  # several workers asked for and no launcher around: start them here
         return federated.spawn(cfg, run_dir)
     worker = federated.join(cfg)  # None unless federated=ddp/geo
+    finished = False
     try:
-        return _run(cfg, run_dir, worker)
+        summary = _run(cfg, run_dir, worker)
+        finished = True
+        return summary
     except BaseException as e:
         if worker is not None and federated.SPAWNED:
             federated.mark_failure(run_dir, worker.rank, e)  # before leaving the group: peers fail next
         raise
     finally:
         if worker is not None:
-            worker.close()
+            worker.close(finished=finished)
 
 
 def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None) -> dict[str, Any]:

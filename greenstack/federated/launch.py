@@ -224,8 +224,12 @@ class WorkerContext:
         """The region's carbon settings, laid over the run's `carbon` config."""
         return dict(self.region.carbon) if self.region is not None else {}
 
-    def close(self) -> None:
+    def close(self, *, finished: bool = False) -> None:
+        """Leave the process group; after a finished run, only once every worker is done with it
+        (tearing gloo down while a peer still uses it can abort that peer)."""
         if self.owns_group and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

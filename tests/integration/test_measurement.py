@@ -109,6 +109,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
                   "sum_of_own_kwh": total_own}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        torch.distributed.barrier()  # nobody tears gloo down while a peer still talks to it (SIGABRT)
     finally:
         torch.distributed.destroy_process_group()
 
