@@ -154,6 +154,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         results[f"{hook}_params_equal"] = all(torch.equal(reps[0][:n_params], r[:n_params]) for r in reps)
         results[f"{hook}_bytes"] = ddp.total_bytes_sent
         results[f"{hook}_unwrapped"] = not hasattr(state.model, "module")
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it (that can SIGABRT the peer)
     dist.destroy_process_group()
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(results))
 
