@@ -254,16 +254,7 @@ def _tell(study: Any, trial: Any, ret: Any, ledger: BudgetLedger, settings: Swee
 
 
 def _metric_and_kg(summary: Any, metric: str) -> tuple[float | None, float | None]:
-    if not isinstance(summary, dict):
-        return None, None
-    metrics = summary.get("metrics") or {}
-
-    def value(key: str) -> float | None:
-        fig = metrics.get(key)
-        raw = fig.get("value") if isinstance(fig, dict) else None
-        return float(raw) if isinstance(raw, (int, float)) else None
-
-    return value(metric), value(jobtable.EMISSIONS_KEY)
+    return jobtable.figure_value(summary, metric), jobtable.figure_value(summary, jobtable.EMISSIONS_KEY)
 
 
 def _read_summary(run_dir: str | None) -> Any:

@@ -59,19 +59,20 @@ def clear() -> None:
         _outcomes.clear()
 
 
+def figure_value(summary: Any, key: str) -> float | None:
+    """A numeric figure of a run summary (`runner.run`'s return or sustainability.json), or None."""
+    metrics = (summary.get("metrics") or {}) if isinstance(summary, dict) else {}
+    fig = metrics.get(key)
+    raw = fig.get("value") if isinstance(fig, dict) else None
+    return float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+
+
 def figures_from_summary(summary: Any) -> tuple[tuple[str, float] | None, float | None]:
     """(metric name and value, kg CO2e) from a run summary (`runner.run`'s return) or sustainability.json."""
     if not isinstance(summary, dict):
         return None, None
-    metrics = summary.get("metrics") or {}
-
-    def value(key: str) -> float | None:
-        fig = metrics.get(key)
-        raw = fig.get("value") if isinstance(fig, dict) else None
-        return float(raw) if isinstance(raw, (int, float)) else None
-
-    metric = next(((k, v) for k in METRIC_KEYS if (v := value(k)) is not None), None)
-    return metric, value(EMISSIONS_KEY)
+    metric = next(((k, v) for k in METRIC_KEYS if (v := figure_value(summary, k)) is not None), None)
+    return metric, figure_value(summary, EMISSIONS_KEY)
 
 
 def figures_from_run_dir(run_dir: str | Path | None) -> tuple[tuple[str, float] | None, float | None]:

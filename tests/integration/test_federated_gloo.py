@@ -121,27 +121,14 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     results["stop_step"], results["stop_reason"] = state.step, state.stop_reason
     results["stop_equal"] = all(torch.equal(reps[0], r) for r in reps)
     # 5. resume mid-round from a snapshot (agreed point, error memory, round position): bit-identical end
-    from greenstack.checkpoint.snapshot import apply_snapshot, capture
-
-    class Snap(Policy):
-        events = frozenset({Event.STEP_END, Event.INIT})
-
-        def __init__(self, snapshot=None):
-            super().__init__(name="snap")
-            self.snapshot = snapshot
-
-        def __call__(self, event, state):
-            if event is Event.INIT and self.snapshot is not None:
-                apply_snapshot(self.snapshot, state)
-            elif event is Event.STEP_END and state.step == 6 and self.snapshot is None:
-                self.snapshot = capture(state)
+    from tests.helpers.snapshots import SnapshotAt
 
     def geo_topk():
         return GeoTraining(regions=regions, local_steps=4, compression={"kind": "topk", "ratio": 0.1})
 
-    snap = Snap()
+    snap = SnapshotAt(step=6)
     whole, _ = _fit(geo_topk(), rank, steps=16, seed=5, extra=[snap])
-    resumed, _ = _fit(geo_topk(), rank, steps=16, seed=6, extra=[Snap(snap.snapshot)])  # other init: restored
+    resumed, _ = _fit(geo_topk(), rank, steps=16, seed=6, extra=[SnapshotAt(restore=snap.snapshot)])  # other init: restored
     results["resume_exact"] = all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
                                                                      resumed.model.state_dict().values(), strict=True))
     results["resume_steps"] = [whole.step, resumed.step]

@@ -128,28 +128,13 @@ def test_resume_after_a_structural_change_is_bit_exact(model_kind, make):
     """A snapshot taken after QAT prepared the model or distillation swapped in the student restores
     into a fresh run (the structure rebuilt first), through the on-disk codec, and ends identically."""
     from greenstack.checkpoint.codec import decode, encode
-    from greenstack.checkpoint.snapshot import apply_snapshot, capture
-    from greenstack.engine.events import Event
-    from greenstack.engine.policy import Policy
-
-    class Snap(Policy):
-        events = frozenset({Event.STEP_END, Event.INIT})
-
-        def __init__(self, snapshot=None):
-            super().__init__(name="snap")
-            self.snapshot = snapshot
-
-        def __call__(self, event, state):
-            if event is Event.INIT and self.snapshot is not None:
-                apply_snapshot(self.snapshot, state)
-            elif event is Event.STEP_END and state.step == 4 and self.snapshot is None:
-                self.snapshot = capture(state)
+    from tests.helpers.snapshots import SnapshotAt
 
     build, data = (tiny_cnn, image_batches(8)) if model_kind == "cnn" else (tiny_bert, text_batches(8))
-    snap = Snap()
+    snap = SnapshotAt(step=4)
     whole = fit(build(0), data, [*make(), snap], steps=6)
     on_disk = decode(encode(snap.snapshot))
-    resumed = fit(build(1), data, [*make(), Snap(on_disk)], steps=6)  # other init: everything comes from disk
+    resumed = fit(build(1), data, [*make(), SnapshotAt(restore=on_disk)], steps=6)  # other init: everything comes from disk
     a, b = whole.state.model.state_dict(), resumed.state.model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))

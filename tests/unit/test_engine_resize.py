@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from greenstack.checkpoint.snapshot import apply_snapshot, capture
 from greenstack.efficiency.sampler import LengthGroupedSampler
 from greenstack.engine.events import Event
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
 from greenstack.engine.resize import retimed, virtual_step
+from tests.helpers.snapshots import SnapshotAt
 
 
 def _collate(batch):
@@ -104,33 +104,12 @@ def test_retiming_maps_real_steps_onto_the_planned_schedule():
 
 
 def test_resume_after_a_resize_continues_exactly():
-    class Snap(Policy):
-        events = frozenset({Event.STEP_END})
-
-        def __init__(self, at):
-            super().__init__(name="snap")
-            self.at, self.snapshot = at, None
-
-        def __call__(self, event, state):
-            if state.step == self.at:
-                self.snapshot = capture(state)
-
-    class Restore(Policy):
-        events = frozenset({Event.FIT_START})
-
-        def __init__(self, snapshot):
-            super().__init__(name="snap")
-            self.snapshot = snapshot
-
-        def __call__(self, event, state):
-            apply_snapshot(self.snapshot, state)
-
     optim = Optim(lr=0.05, schedule="cosine")
-    snap = Snap(at=10)  # mid epoch 1, after the change to 16
+    snap = SnapshotAt(step=10)  # mid epoch 1, after the change to 16
     first, state = _fit("3ep", ask=AskAt(step=3, batch_size=16), optim=optim, extra=[snap])
     assert snap.snapshot is not None and snap.snapshot.batch_in_epoch == 2
     ask2 = AskAt(step=3, batch_size=16)
-    resumed, state2 = _fit("3ep", ask=ask2, optim=optim, extra=[Restore(snap.snapshot)])
+    resumed, state2 = _fit("3ep", ask=ask2, optim=optim, extra=[SnapshotAt(restore=snap.snapshot)])
     assert ask2.sizes == [16] * 6  # the 2 remaining batches of epoch 1 and the 4 of epoch 2
     assert state2.step == state.step == 16 and state2.max_steps == 16
     for a, b in zip(first.state.model.parameters(), resumed.state.model.parameters(), strict=True):
