@@ -56,3 +56,15 @@ def text_csv_file(tmp_path) -> Path:
 #: overrides that make any recipe train 2 batches quickly on CPU
 FAST = ["trainer.max_duration=2ba", "trainer.limit_eval_batches=1", "trainer.progress=false",
         "trainer.log_interval=1", "tracker=none", "energy.interval_s=0.2"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on shared cores: intra-op threads only add OpenMP stalls (20x slower when the other
+    core is busy), so modules that use this run single-threaded and restore the setting afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

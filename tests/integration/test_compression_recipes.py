@@ -17,14 +17,7 @@ RECIPE = "compress_cnn_digits"
 SMALL = ["data.batch_size=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on shared cores: intra-op threads only add OpenMP stalls (20x slower when the other
-    core is busy), so these tests run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_validate_passes_for_the_compression_recipe(cli):

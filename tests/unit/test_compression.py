@@ -27,14 +27,7 @@ TINY_BERT = {"builder": "transformers", "config": {"model_type": "bert", "vocab_
                                                    "intermediate_size": 64, "num_labels": 4}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on shared cores: intra-op threads only add OpenMP stalls (20x slower when the other
-    core is busy), so these tests run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:

@@ -19,15 +19,7 @@ from greenstack.policies.compression import (
 )
 from tests.unit.test_compression import fit, image_batches, text_batches, tiny_bert, tiny_cnn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on shared cores: intra-op threads only add OpenMP stalls (20x slower when the other
-    core is busy), so these tests run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _check_l2(trainer, policies, run_dir):

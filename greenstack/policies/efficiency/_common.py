@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
@@ -220,3 +221,15 @@ class ProbingPolicy(EfficiencyPolicy):
         if self.restored is None or self.restored.get("on") is None:
             return None
         return bool(self.restored["on"])
+
+    def settled_without_probe(self, state: State, apply: Callable[[State, bool, str], None]) -> bool:
+        """mode=off, or a decision restored from a checkpoint: nothing to measure. True when settled
+        (`apply(state, on, reason)` has been called for a restored decision)."""
+        if self.mode == "off":
+            self.decide(state, False, "mode=off")
+            return True
+        restored = self.restored_choice()
+        if restored is not None:
+            apply(state, restored, "decision restored from the checkpoint")
+            return True
+        return False

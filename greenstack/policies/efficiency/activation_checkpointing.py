@@ -54,12 +54,7 @@ class ActivationCheckpointing(ProbingPolicy):
                              "transformers switch and no repeated blocks to wrap)")
             self.decide(state, False, f"{model_name} has no checkpointing support")
             return
-        if self.mode == "off":
-            self.decide(state, False, "mode=off")
-            return
-        restored = self.restored_choice()
-        if restored is not None:
-            self._set(state, restored, "decision restored from the checkpoint")
+        if self.settled_without_probe(state, self._set):
             return
         try:
             cmp = self.probe(state, Variant("full activations", autocast_dtype=state.autocast_dtype),

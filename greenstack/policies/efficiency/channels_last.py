@@ -57,12 +57,7 @@ class ChannelsLast(ProbingPolicy):
             if self.mode == "auto":
                 self.decide(state, False, f"{model_name} is attention-based; not probed")
                 return
-        if self.mode == "off":
-            self.decide(state, False, "mode=off")
-            return
-        restored = self.restored_choice()
-        if restored is not None:
-            self._set(state, restored, "decision restored from the checkpoint")
+        if self.settled_without_probe(state, self._set):
             return
         try:
             cmp = self.probe(state, Variant("NCHW", autocast_dtype=state.autocast_dtype),
