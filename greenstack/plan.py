@@ -86,6 +86,7 @@ def _configure_forecast_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", default="72h", help="forecast horizon (default 72h)")
     p.add_argument("--zone", default=None, help="zone id for solar/calendar features if the CSV has none")
     p.add_argument("--origin-hour", type=int, default=0, help="UTC hour of the daily forecast origin (default 0)")
+    add_weather_argument(p)
     p.add_argument("--units", choices=("g_per_kwh", "lbs_per_mwh"), default="g_per_kwh",
                    help="unit of the intensity column (lbs_per_mwh is converted)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -136,14 +137,69 @@ def _read_exog(path: str) -> pd.DataFrame | None:
     cols = [c for c in head.columns if str(c).lower().startswith(("forecast_", "weather_"))]
     if not cols:
         return None
-    tcol = next(c for c in head.columns if str(c).strip().lower() in ("timestamp", "datetime (utc)"))
+    tcol = next((c for c in head.columns if str(c).strip().lower() in ("timestamp", "datetime (utc)")), None)
+    if tcol is None:
+        raise DataError(Problem(Path(path).name, None, "weather columns but no `timestamp` column",
+                                "add a UTC `timestamp` column (as `greenstack carbon weather` writes)"))
     raw = pd.read_csv(path, usecols=[tcol, *cols], encoding="utf-8-sig")
-    idx = pd.to_datetime(raw[tcol], utc=True, format="ISO8601")
+    try:
+        idx = pd.to_datetime(raw[tcol], utc=True, format="ISO8601")
+    except (ValueError, TypeError) as err:
+        raise DataError(Problem(f"{Path(path).name}.{tcol}", None, f"unreadable timestamps ({err})",
+                                "use ISO 8601 UTC times, e.g. 2024-01-01T00:00:00Z")) from None
     return raw[cols].apply(pd.to_numeric, errors="coerce").set_index(pd.DatetimeIndex(idx))
 
 
-def _combine(trace: pd.DataFrame, history: list[pd.DataFrame], name: str) -> tuple[pd.Series, pd.DataFrame | None]:
-    """History + trace as one hourly series; history must end before the trace starts."""
+WEATHER_HELP = ("CSV of weather-forecast columns (timestamp + weather_*; e.g. from `greenstack carbon weather`) "
+                "for the forecaster; applies to every --trace; repeatable")
+
+
+def add_weather_argument(p: argparse.ArgumentParser) -> None:
+    """`--weather FILE` for subcommands that run the forecaster (forecast-eval, backtest)."""
+    p.add_argument("--weather", action="append", default=[], metavar="FILE", help=WEATHER_HELP)
+
+
+def load_weather(paths: Sequence[str], traces_in: Sequence[pd.DataFrame]) -> pd.DataFrame | None:
+    """The `--weather` files as one UTC-indexed frame; clear errors for files without weather columns.
+
+    Why one set for all traces: a weather file describes one place, so traces of different zones in
+    one call would silently share it; that is refused instead.
+    """
+    if not paths:
+        return None
+    zones = {d.attrs.get("zone") for d in traces_in if d.attrs.get("zone")}
+    problems: list[Problem] = []
+    if len(zones) > 1:
+        problems.append(Problem("--weather", ", ".join(paths), f"traces of several zones ({', '.join(sorted(zones))}) "
+                                "would share one weather file", "run one zone per call when giving --weather"))
+    frames = []
+    for path in paths:
+        if not Path(path).is_file():
+            problems.append(Problem("--weather", path, "file not found", "check the path"))
+            continue
+        try:
+            ex = _read_exog(path)
+        except DataError as err:
+            problems += err.problems
+            continue
+        if ex is None:
+            problems.append(Problem("--weather", path, "no weather_* or forecast_* columns",
+                                    "write one with `greenstack carbon weather`"))
+            continue
+        frames.append(ex)
+    if problems:
+        raise DataError(problems)
+    out = pd.concat(frames).sort_index()
+    return out[~out.index.duplicated(keep="last")]
+
+
+def _combine(trace: pd.DataFrame, history: list[pd.DataFrame], name: str,
+             weather: pd.DataFrame | None = None) -> tuple[pd.Series, pd.DataFrame | None]:
+    """History + trace as one hourly series, and their weather columns (plus `weather`, the --weather files).
+
+    History must end before the trace starts. A column both in a trace and a --weather file is taken
+    from the trace.
+    """
     from greenstack.carbon.forecast import hourly_series
 
     start = trace["timestamp"].iloc[0]
@@ -162,6 +218,9 @@ def _combine(trace: pd.DataFrame, history: list[pd.DataFrame], name: str) -> tup
         df = validate_trace(df, f"history + {name}")
     exogs = [d.attrs.get("exog") for d in [*history, trace] if d.attrs.get("exog") is not None]
     exog = pd.concat(exogs).sort_index() if exogs else None
+    if weather is not None:
+        extra = weather.drop(columns=[c for c in weather.columns if exog is not None and c in exog.columns])
+        exog = extra if exog is None else exog.join(extra, how="outer")
     return hourly_series(df, name), exog
 
 
@@ -195,13 +254,14 @@ def _run_forecast_eval(args: argparse.Namespace) -> int:
                 problems += err.problems
     if problems:
         raise DataError(problems)
+    weather = load_weather(args.weather, traces_in)
 
     results = []
     progress = _progress(enabled=not args.json)
     with progress:
         for df in traces_in:
             name = Path(df.attrs["path"]).name
-            series, exog = _combine(df, _history_for(df, history, len(traces_in)), name)
+            series, exog = _combine(df, _history_for(df, history, len(traces_in)), name, weather)
             ctx = zone_context(args.zone or df.attrs.get("zone"))
             task = progress.add_task(f"{name}", total=None)
             ev = rolling_evaluate(series, df["timestamp"].iloc[0], horizon_h=horizon, context=ctx,

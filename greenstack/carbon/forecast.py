@@ -30,6 +30,8 @@ the training set once all of its H target hours are before the current origin.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -218,13 +220,42 @@ def seasonal_naive(y: np.ndarray, origin: int, horizon_h: int = HORIZON_H) -> np
     return np.asarray(y, dtype="float64")[origin + h - 24 * (h // 24 + 1)]
 
 
+_LEAD_SUFFIX = re.compile(r"^(?P<var>.+)_d(?P<day>[1-9])$")
+
+
+def exog_lead_columns(names: Sequence[str], horizon_h: int) -> np.ndarray:
+    """Which exogenous column each lead hour uses, per variable: (horizon_h, n_variables) column indices.
+
+    Why: a weather forecast valid at hour T+h is only usable from origin T if it was issued before T.
+    Columns named `<var>_d<K>` hold the forecast issued about K days before its valid time (Open-Meteo's
+    `_previous_dayK`, see `greenstack carbon weather`), so lead hours in day k (h // 24 + 1) take the
+    column with the smallest K >= k; with none, an unsuffixed `<var>` column (a forecast the user vouches
+    for at every lead), else nothing (index len(names): the all-zero column).
+    """
+    variables: dict[str, dict[int, int]] = {}
+    for i, name in enumerate(names):
+        m = _LEAD_SUFFIX.match(name)
+        var, day = (m["var"], int(m["day"])) if m else (name, 0)
+        variables.setdefault(var, {})[day] = i
+    pick = np.full((horizon_h, len(variables)), len(names), dtype="int64")
+    for j, days in enumerate(variables.values()):
+        for h in range(horizon_h):
+            k = h // 24 + 1
+            usable = [d for d in days if d >= k]
+            if usable:
+                pick[h, j] = days[min(usable)]
+            elif 0 in days:
+                pick[h, j] = days[0]
+    return pick
+
+
 # --- design matrix --------------------------------------------------------------------------------
 
 class _Design:
     """Feature tensors for forecast origins over one hourly log-series (plus future calendar)."""
 
     def __init__(self, values: np.ndarray, start_s: int, ctx: ZoneContext, horizon_h: int,
-                 exog: np.ndarray | None = None) -> None:
+                 exog: pd.DataFrame | np.ndarray | None = None, stats_until: int | None = None) -> None:
         self.ly = np.log(np.clip(np.asarray(values, dtype="float64"), 1.0, None))
         self.n = len(self.ly)
         self.horizon_h = horizon_h
@@ -233,15 +264,24 @@ class _Design:
         time_s = start_s + HOUR_S * np.arange(self.n + horizon_h + 1, dtype="int64")  # calendar runs ahead
         cal = calendar_features(time_s, ctx)
         self.weekday, self.holiday, self.ghi = cal["weekday"], cal["holiday"], cal["ghi"]
-        self.exog = None
-        if exog is not None and exog.size:
+        self.exog: np.ndarray | None = None
+        self.exog_pick = np.zeros((horizon_h, 0), dtype="int64")
+        if exog is not None and np.size(exog):
+            names = ([str(c) for c in exog.columns] if isinstance(exog, pd.DataFrame)
+                     else [f"exog{i}" for i in range(np.asarray(exog).reshape(len(exog), -1).shape[1])])
             ex = np.asarray(exog, dtype="float64").reshape(len(exog), -1)
             pad = np.full((self.n + horizon_h + 1 - len(ex), ex.shape[1]), np.nan)
             ex = np.vstack([ex, pad]) if len(pad) else ex[: self.n + horizon_h + 1]
-            mu, sd = np.nanmean(ex, axis=0), np.nanstd(ex, axis=0)
-            self.exog = np.nan_to_num((ex - mu) / np.where(sd > 0, sd, 1.0))
-        self.n_features = 1 + len(SHORT_LAGS_H) + 4 + SAME_HOUR_DAYS + 2 + 7 + 2 + 3 + (
-            0 if self.exog is None else self.exog.shape[1])
+            # scale with rows before `stats_until` only: the evaluated span must not shape its own inputs
+            ref = ex[: max(1, min(self.n, stats_until if stats_until is not None else self.n))]
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-missing column: mean of nothing
+                mu, sd = np.nanmean(ref, axis=0), np.nanstd(ref, axis=0)
+            mu, sd = np.nan_to_num(mu), np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
+            # a last all-zero column stands for "no usable forecast at this lead" (the mean, after scaling)
+            self.exog = np.hstack([np.nan_to_num((ex - mu) / sd), np.zeros((len(ex), 1))])
+            self.exog_pick = exog_lead_columns(names, horizon_h)
+        self.n_features = 1 + len(SHORT_LAGS_H) + 4 + SAME_HOUR_DAYS + 2 + 7 + 2 + 3 + self.exog_pick.shape[1]
 
     def day_of_year(self, idx: np.ndarray | int) -> np.ndarray:
         """Fractional day of the (UTC, 365.25-day) year of series indices (for seasonal weighting)."""
@@ -280,7 +320,7 @@ class _Design:
                     self.holiday[tgt][:, None], self.holiday[ref][:, None],
                     np.column_stack([g, g * (ly[ref] - last), g * day_change])]
             if self.exog is not None:
-                cols.append(self.exog[tgt])
+                cols.append(self.exog[tgt][:, self.exog_pick[h]])
             out[h] = np.concatenate(cols, axis=1)
         return out, last
 
@@ -459,7 +499,7 @@ class CarbonForecaster:
         if not 1 <= int(self.horizon_h) <= 7 * 24 - 24:
             raise DataError(Problem("horizon", self.horizon_h, "horizon must be 1..144 hours"))
         self._series: pd.Series | None = None
-        self._exog: np.ndarray | None = None
+        self._exog: pd.DataFrame | None = None
 
     def fit(self, series: pd.Series | pd.DataFrame, exog: pd.DataFrame | None = None) -> CarbonForecaster:
         """Remember the (hourly-averaged, unit-checked) history; training happens per origin hour."""
@@ -519,13 +559,14 @@ def _training_origins(before: int, hour: int, horizon_h: int) -> np.ndarray:
     return np.arange(first, before - horizon_h + 1, 24, dtype="int64")
 
 
-def _align_exog(exog: pd.DataFrame | None, index: pd.DatetimeIndex, horizon_h: int) -> np.ndarray | None:
+def _align_exog(exog: pd.DataFrame | None, index: pd.DatetimeIndex, horizon_h: int) -> pd.DataFrame | None:
+    """Exogenous columns on the series' hourly grid, running `horizon_h` hours past its end (NaN = missing)."""
     if exog is None or exog.empty:
         return None
     full = pd.date_range(index[0], index[-1] + pd.Timedelta(hours=horizon_h + 1), freq="h")
     ex = exog.copy()
     ex.index = pd.DatetimeIndex(ex.index).tz_convert("UTC")
-    return ex.groupby(ex.index.floor("h")).mean().reindex(full).to_numpy(dtype="float64")
+    return ex.groupby(ex.index.floor("h")).mean().reindex(full).astype("float64")
 
 
 # --- rolling-origin evaluation ----------------------------------------------------------------------
@@ -582,11 +623,11 @@ def rolling_evaluate(series: pd.Series, eval_start: pd.Timestamp, *, horizon_h: 
     y = series.to_numpy(dtype="float64")
     n = len(y)
     start_s = int(series.index[0].timestamp())
-    first_eval = int(math.ceil((pd.Timestamp(eval_start).timestamp() - start_s) / HOUR_S))
-    first_eval = max(first_eval, CONTEXT_H)
+    eval_idx = int(math.ceil((pd.Timestamp(eval_start).timestamp() - start_s) / HOUR_S))
+    first_eval = max(eval_idx, CONTEXT_H)
     first_eval += (origin_hour - (first_eval + start_s // HOUR_S)) % 24
     candidates = np.arange(first_eval, n - horizon_h + 1, 24, dtype="int64")
-    design = _Design(y, start_s, ctx, horizon_h, _align_exog(exog, series.index, horizon_h))
+    design = _Design(y, start_s, ctx, horizon_h, _align_exog(exog, series.index, horizon_h), stats_until=eval_idx)
     train_all = _training_origins(n, origin_hour_index(origin_hour, start_s), horizon_h)
     x_train, last_train = (design.features(train_all) if len(train_all) else (None, None))
     y_train = design.targets(train_all, last_train) if len(train_all) else None

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from greenstack.carbon import forecast as fc
 from greenstack.errors import ConfigError, Problem
@@ -180,6 +181,7 @@ def threshold_interruptible(observed: np.ndarray, actual: np.ndarray, levels: np
 
 def forecasts_for(values: np.ndarray, start_s: int, first_arrival: int, cfg: BacktestConfig, *,
                   context: fc.ZoneContext | None = None, replan: bool | None = None,
+                  exog: pd.DataFrame | None = None,
                   progress: Callable[[int, int], None] | None = None) -> ForecastMatrix:
     """The rolling forecasts a backtest of `cfg` needs (reusable across objectives and job modes)."""
     n = len(values)
@@ -188,16 +190,17 @@ def forecasts_for(values: np.ndarray, start_s: int, first_arrival: int, cfg: Bac
     return rolling_forecasts(np.asarray(values, dtype="float64"), start_s, first_arrival, horizon_h=cfg.planned_h,
                              context=context, refit_every_h=cfg.refit_every_h,
                              last_arrival=min(n, last_arrival + extra),
-                             quantiles=_quantile_levels(cfg.objective), progress=progress)
+                             quantiles=_quantile_levels(cfg.objective), exog=exog, progress=progress)
 
 
 def run_backtest(values: np.ndarray, start_s: int, first_arrival: int, cfg: BacktestConfig, *,
                  name: str = "trace", context: fc.ZoneContext | None = None,
-                 forecasts: ForecastMatrix | None = None,
+                 forecasts: ForecastMatrix | None = None, exog: pd.DataFrame | None = None,
                  progress: Callable[[int, int], None] | None = None) -> BacktestResult:
     """Backtest one hourly series; arrivals are every index from `first_arrival` (earlier = history).
 
-    `forecasts` (from `forecasts_for`) lets several configurations share one forecasting pass.
+    `forecasts` (from `forecasts_for`) lets several configurations share one forecasting pass;
+    `exog` (weather-forecast columns, UTC-indexed) feeds the greenstack forecaster as in forecast-eval.
     """
     t0 = time.perf_counter()
     y = np.asarray(values, dtype="float64")
@@ -210,7 +213,8 @@ def run_backtest(values: np.ndarray, start_s: int, first_arrival: int, cfg: Back
     horizon = cfg.planned_h
     extra = cfg.slack_h if cfg.replan else 0  # re-planning needs forecasts from later origins too
     if cfg.forecaster == "greenstack":
-        fm = forecasts or forecasts_for(y, start_s, first_arrival, cfg, context=context, progress=progress)
+        fm = forecasts or forecasts_for(y, start_s, first_arrival, cfg, context=context, exog=exog,
+                                        progress=progress)
         if (fm.arrivals[0] != first_arrival or len(fm.arrivals) < min(n, last_arrival + extra) - first_arrival
                 or fm.point.shape[1] != horizon):
             raise ValueError("forecasts do not cover this backtest's arrivals and horizon")

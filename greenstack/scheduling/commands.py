@@ -39,6 +39,9 @@ def configure_backtest(p: argparse.ArgumentParser) -> None:
                    help="interruptible: extra run time per resume, e.g. 6m (default 0h)")
     p.add_argument("--threshold-pct", type=float, default=25.0,
                    help="threshold baseline: percentile of the week before arrival (default 25)")
+    from greenstack.plan import add_weather_argument
+
+    add_weather_argument(p)
     p.add_argument("--zone", default=None, help="zone id for solar/calendar features if the CSV has none")
     p.add_argument("--units", choices=("g_per_kwh", "lbs_per_mwh"), default="g_per_kwh",
                    help="unit of the intensity column (lbs_per_mwh is converted)")
@@ -93,6 +96,7 @@ def run_backtest_command(args: argparse.Namespace) -> int:
                 problems += err.problems
     if problems:
         raise DataError(problems)
+    weather = plan.load_weather(args.weather, traces_in)
     note = cfg.horizon_note()
     if note:
         print(f"note: {note}", file=sys.stderr)
@@ -101,12 +105,12 @@ def run_backtest_command(args: argparse.Namespace) -> int:
     with progress:
         for df in traces_in:
             name = Path(df.attrs["path"]).name
-            series, _ = plan._combine(df, plan._history_for(df, history, len(traces_in)), name)
+            series, exog = plan._combine(df, plan._history_for(df, history, len(traces_in)), name, weather)
             first = int(round((df["timestamp"].iloc[0].floor("h") - series.index[0]).total_seconds() / 3600))
             task = progress.add_task(name, total=None)
             ctx = zone_context(args.zone or df.attrs.get("zone"))
             results.append(run_backtest(series.to_numpy(), int(series.index[0].timestamp()), first, cfg,
-                                        name=str(df.attrs["path"]), context=ctx,
+                                        name=str(df.attrs["path"]), context=ctx, exog=exog,
                                         progress=lambda i, n, task=task: progress.update(task, completed=i, total=n)))
     doc = {"traces": [r.to_dict() for r in results], "aggregate": aggregate(results)}
     if args.json:

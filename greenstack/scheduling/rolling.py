@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from greenstack.carbon import forecast as fc
 
@@ -67,11 +68,14 @@ def rolling_forecasts(values: np.ndarray, start_s: int, first_arrival: int, *, h
                       context: fc.ZoneContext | None = None, quantiles: Sequence[float] = fc.DEFAULT_QUANTILES,
                       refit_every_h: int = 24, last_arrival: int | None = None,
                       alpha: float = fc.DEFAULT_ALPHA, season_days: float | None = fc.DEFAULT_SEASON_DAYS,
+                      exog: pd.DataFrame | None = None,
                       progress: Callable[[int, int], None] | None = None) -> ForecastMatrix:
     """Forecast `horizon_h` hours from every hour in [first_arrival, last_arrival) of an hourly series.
 
     `values` is the whole hourly series (history then trace), `start_s` its first hour (epoch seconds).
     Arrivals without enough earlier data to fit (warm-up) are marked invalid and get naive values.
+    `exog`: weather-forecast columns indexed by UTC time (as a trace CSV's `weather_*` columns);
+    lead-day suffixes are honoured as in `forecast.exog_lead_columns`.
     """
     y = np.asarray(values, dtype="float64")
     n = len(y)
@@ -80,7 +84,10 @@ def rolling_forecasts(values: np.ndarray, start_s: int, first_arrival: int, *, h
     arrivals = np.arange(first_arrival, end, dtype="int64")
     n_a = len(arrivals)
     h_idx = np.arange(horizon_h)
-    design = fc._Design(y, start_s, context or fc.ZoneContext(), horizon_h)
+    if exog is not None:
+        grid = pd.date_range(pd.Timestamp(start_s, unit="s", tz="UTC"), periods=n, freq="h")
+        exog = fc._align_exog(exog, grid, horizon_h)
+    design = fc._Design(y, start_s, context or fc.ZoneContext(), horizon_h, exog, stats_until=first_arrival)
     banks = [fc._RidgeBank(horizon_h, design.n_features, alpha, 1.0, fc.RESIDUAL_WINDOW, season_days)
              for _ in range(24)]
     p = design.n_features

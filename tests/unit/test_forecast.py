@@ -88,6 +88,48 @@ def test_weather_forecast_columns_are_used_when_provided():
     assert with_exog < 0.5 * without
 
 
+def test_lead_day_columns_only_reach_leads_they_were_issued_before():
+    names = ["weather_wind_d1", "weather_wind_d2", "weather_wind_d3", "weather_temp", "weather_cloud_d2"]
+    pick = F.exog_lead_columns(names, 72)
+    assert pick.shape == (72, 3)  # three variables: wind, temp, cloud
+    assert list(pick[[0, 23, 24, 47, 48, 71], 0]) == [0, 0, 1, 1, 2, 2]
+    assert set(pick[:, 1]) == {3}  # unsuffixed: a forecast the user vouches for at every lead
+    # cloud issued two days ahead serves days 1 and 2, and nothing (the zero column) on day 3
+    assert list(pick[[0, 47, 48], 2]) == [4, 4, len(names)]
+
+
+def _wind_grid(days: int = 200):
+    rng = np.random.default_rng(3)
+    idx = pd.date_range("2022-01-01", periods=24 * days, freq="h", tz="UTC")
+    wind = np.convolve(rng.standard_normal(len(idx) + 48), np.ones(48) / 7, mode="valid")[: len(idx)]
+    y = pd.Series(300 + 40 * np.sin(2 * np.pi * idx.hour.to_numpy() / 24) - 60 * wind, index=idx).clip(lower=50)
+    return idx, wind, y, rng
+
+
+def test_a_day_one_forecast_column_helps_day_one_only():
+    idx, wind, y, rng = _wind_grid()
+    start = pd.Timestamp("2022-05-01", tz="UTC")
+    base = F.rolling_evaluate(y, start).day_metrics()["mape"]["model"]
+    exog = pd.DataFrame({"weather_wind_d1": wind}, index=idx)  # an exact forecast, but issued one day ahead
+    got = F.rolling_evaluate(y, start, exog=exog).day_metrics()["mape"]["model"]
+    assert got["day1"] < 0.5 * base["day1"]
+    # day-2 leads may not see a forecast issued one day before its valid time: no gain there
+    assert got["day2"] == pytest.approx(base["day2"], rel=0.02)
+
+
+def test_exogenous_scaling_uses_history_only():
+    idx, wind, y, _ = _wind_grid(60)
+    a = pd.DataFrame({"weather_wind": wind}, index=idx)
+    b = a.copy()
+    b.iloc[24 * 40:] *= 50.0  # a different evaluated span must not rescale the inputs before it
+    da = F._Design(y.to_numpy(), int(idx[0].timestamp()), F.ZoneContext(), 72, F._align_exog(a, idx, 72),
+                   stats_until=24 * 40)
+    db = F._Design(y.to_numpy(), int(idx[0].timestamp()), F.ZoneContext(), 72, F._align_exog(b, idx, 72),
+                   stats_until=24 * 40)
+    assert np.allclose(da.exog[: 24 * 40], db.exog[: 24 * 40])
+    assert not np.allclose(da.exog[24 * 40:], db.exog[24 * 40:])
+
+
 def test_predict_gives_ordered_quantiles_after_the_series_and_a_labelled_source():
     s = _zone_series("US-CAL-CISO", "2023-01-01", "2023-04-30")
     fc = F.CarbonForecaster(context=F.zone_context("US-CAL-CISO")).fit(s).predict()

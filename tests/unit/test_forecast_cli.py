@@ -110,3 +110,26 @@ def test_cli_prints_errors_without_traceback(cli, tmp_path):
     res = cli("plan", "forecast-eval", "--trace", str(path), "--horizon", "72h")
     assert res.returncode == 2
     assert "no timezone" in res.stderr + res.stdout and "Traceback" not in res.stderr
+
+
+def test_weather_file_lowers_the_error_it_can_explain(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    times = pd.date_range("2022-01-01", periods=24 * 200, freq="h", tz="UTC")
+    wind = np.convolve(rng.standard_normal(len(times) + 48), np.ones(48) / 7, mode="valid")[: len(times)]
+    ci = np.clip(300 + 40 * np.sin(2 * np.pi * times.hour.to_numpy() / 24) - 60 * wind, 50, None)
+    stamp = times.strftime("%Y-%m-%dT%H:%M:%SZ")
+    trace = tmp_path / "t.csv"
+    pd.DataFrame({"timestamp": stamp, "carbon_intensity": ci.round(2)}).to_csv(trace, index=False)
+    weather = tmp_path / "w.csv"  # forecasts issued 1, 2 and 3 days ahead (here: exact, for the test)
+    pd.DataFrame({"timestamp": stamp, "weather_wind_d1": wind, "weather_wind_d2": wind,
+                  "weather_wind_d3": wind}).to_csv(weather, index=False)
+
+    def day_mape(*extra):
+        assert run_plan(["forecast-eval", "--trace", str(trace), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["traces"][0]["mape"]["model"]
+
+    plain, informed = day_mape(), day_mape("--weather", str(weather))
+    for day in ("day1", "day2", "day3"):
+        assert informed[day] < 0.6 * plain[day]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from greenstack.carbon import traces
-from greenstack.errors import ConfigError
+from greenstack.errors import ConfigError, DataError
 from greenstack.plan import run_plan
 from greenstack.scheduling.backtest import BacktestConfig, run_backtest
 
@@ -184,3 +184,53 @@ def test_hourly_rolling_forecasts_reproduce_the_daily_evaluation_at_midnight():
     rows = 24 * np.arange(len(ev.origins))
     assert fm.valid[rows].all()
     np.testing.assert_allclose(fm.point[rows], ev.model, rtol=1e-9)
+
+
+def test_weather_columns_in_the_trace_reach_the_backtest_forecaster(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    times = pd.date_range("2023-01-01", periods=24 * 150, freq="h", tz="UTC")
+    wind = np.convolve(rng.standard_normal(len(times) + 48), np.ones(48) / 7, mode="valid")[: len(times)]
+    ci = np.clip(300 + 30 * np.sin(2 * np.pi * times.hour.to_numpy() / 24) - 80 * wind, 40, None)
+    df = pd.DataFrame({"timestamp": times.strftime("%Y-%m-%dT%H:%M:%SZ"), "carbon_intensity": ci})
+    hist, trace = df.iloc[: 24 * 90], df.iloc[24 * 90:]
+    plain = write(trace, tmp_path / "plain.csv")
+    weather = write(trace.assign(weather_wind=wind[24 * 90:]), tmp_path / "weather.csv")
+    hist_plain = write(hist, tmp_path / "hist.csv")
+    hist_weather = write(hist.assign(weather_wind=wind[: 24 * 90]), tmp_path / "hist_weather.csv")
+
+    def capture(trace_path, hist_path):
+        assert run_plan(["backtest", "--trace", trace_path, "--history", hist_path, "--duration", "4h",
+                         "--slack", "24h", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["traces"][0]
+
+    without, with_weather = capture(plain, hist_plain), capture(weather, hist_weather)
+    assert without["jobs"] == with_weather["jobs"]
+    assert with_weather["saving_pct"]["oracle"] == pytest.approx(without["saving_pct"]["oracle"])
+    assert with_weather["capture"] > without["capture"] + 0.05
+    # the same columns from a separate --weather file (as `greenstack carbon weather` writes) give the same plans
+    sep = write(pd.DataFrame({"timestamp": df["timestamp"], "weather_wind": wind}), tmp_path / "w.csv")
+    assert run_plan(["backtest", "--trace", plain, "--history", hist_plain, "--weather", sep, "--duration", "4h",
+                     "--slack", "24h", "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)["traces"][0]
+    assert from_file["saving_pct"] == pytest.approx(with_weather["saving_pct"])
+
+
+def test_weather_files_without_weather_columns_or_for_several_zones_are_refused(tmp_path):
+    trace = write(periodic(60), tmp_path / "t.csv")
+    with pytest.raises(DataError, match="no weather_"):
+        run_plan(["backtest", "--trace", trace, "--weather", trace, "--duration", "4h", "--slack", "24h"])
+    with pytest.raises(DataError, match="file not found"):
+        run_plan(["backtest", "--trace", trace, "--weather", str(tmp_path / "nope.csv"), "--duration", "4h",
+                  "--slack", "24h"])
+    gb = traces.load_zone("GB").iloc[: 24 * 60]
+    de = traces.load_zone("DE-LU").iloc[: 24 * 60]
+    paths = []
+    for name, df in (("gb", gb), ("de", de)):
+        out = pd.DataFrame({"Datetime (UTC)": df["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"),
+                            "Zone Id": name.upper() if name == "gb" else "DE-LU",
+                            "Carbon Intensity gCO₂eq/kWh (LCA)": df["carbon_intensity"]})
+        paths.append(write(out, tmp_path / f"{name}.csv"))
+    w = write(pd.DataFrame({"timestamp": periodic(60)["timestamp"], "weather_wind": 1.0}), tmp_path / "w.csv")
+    with pytest.raises(DataError, match="several zones"):
+        run_plan(["backtest", "--trace", paths[0], "--trace", paths[1], "--weather", w, "--duration", "4h",
+                  "--slack", "24h"])
