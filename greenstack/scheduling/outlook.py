@@ -81,8 +81,13 @@ def _mean_from_quantiles(median: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> 
 
 
 def intensity_outlook(source: Any, start: datetime, hours: int, *, horizon_h: int = fc.HORIZON_H,
-                      quantiles: tuple[float, ...] = fc.DEFAULT_QUANTILES) -> Outlook:
-    """Hourly intensity for `hours` hours from the hour of `start` (capped at `horizon_h`)."""
+                      quantiles: tuple[float, ...] = fc.DEFAULT_QUANTILES,
+                      weather: pd.DataFrame | None = None) -> Outlook:
+    """Hourly intensity for `hours` hours from the hour of `start` (capped at `horizon_h`).
+
+    `weather`: UTC-indexed weather-forecast columns (`weather_*`, lead-day suffixes honoured) that the
+    forecaster uses when it runs; ignored (and said so) when the outlook is a replay or a provider's.
+    """
     t0 = hour_floor(start)
     want = max(1, int(math.ceil(hours)))
     use = min(want, int(horizon_h))
@@ -106,7 +111,15 @@ def intensity_outlook(source: Any, start: datetime, hours: int, *, horizon_h: in
             lead = int(round(gap_h)) - 1  # hours between the last observation and the start's hour
             model = fc.CarbonForecaster(horizon_h=min(use + lead, 144), context=fc.zone_context(zone),
                                         quantiles=tuple(sorted(set(quantiles) | {0.1, 0.5, 0.9})))
-            f = model.fit(hist).predict()
+            usable = None
+            if weather is not None and not weather.empty:
+                usable = weather.loc[:, weather.notna().any()]
+                if usable.empty:
+                    notes.append("the weather columns hold no values: forecasting without them")
+                    usable = None
+                else:
+                    notes.append(f"forecast uses weather columns {', '.join(map(str, usable.columns))}")
+            f = model.fit(hist, exog=usable).predict()
             sl = slice(lead, lead + use)
             qs = {q: v[sl] for q, v in f.quantiles.items()}
             mean = _mean_from_quantiles(qs[0.5], qs[0.1], qs[0.9])
@@ -117,6 +130,8 @@ def intensity_outlook(source: Any, start: datetime, hours: int, *, horizon_h: in
     look = source.series_at(times)
     v = np.asarray(look.intensity_g_per_kwh, dtype="float64")
     kind = "replay" if series is not None else "provider"
+    if weather is not None:
+        notes.append(f"weather columns not used: the outlook is the source's {kind}, not greenstack's forecast")
     if kind == "replay":
         notes.append(f"no observations up to {pd.Timestamp(t0).isoformat()}: planning on {look.source} "
                      "(no forecast uncertainty available)")

@@ -279,3 +279,42 @@ def test_policies_compose_from_the_config_group():
     assert [p.key for p in validate_config(cfg)] == ["scheduler.deadline"]
     cfg, _ = compose_with_problems([])
     assert [type(p).__name__ for p in build_policies(cfg)] == ["Immediate"]
+
+
+@pytest.fixture
+def windy(tmp_path):
+    """A grid whose intensity follows the wind (no daily pattern), and a weather file forecasting that wind."""
+    rng = np.random.default_rng(11)
+    times = pd.date_range("2022-11-01", "2023-01-20", freq="h", tz="UTC", inclusive="left")
+    wind = np.convolve(rng.standard_normal(len(times) + 24), np.ones(24) / 5, mode="valid")[: len(times)]
+    ci = np.clip(300 - 80 * wind, 30, None)
+    stamp = times.strftime("%Y-%m-%dT%H:%M:%SZ")
+    trace, weather = tmp_path / "windy.csv", tmp_path / "weather.csv"
+    pd.DataFrame({"timestamp": stamp, "carbon_intensity": ci}).to_csv(trace, index=False)
+    pd.DataFrame({"timestamp": stamp, "weather_wind_d1": wind, "weather_wind_d2": wind}).to_csv(weather, index=False)
+    return str(trace), str(weather), pd.Series(ci, index=times)
+
+
+def test_forecast_window_plans_on_weather_forecasts_when_given(windy, tmp_path):
+    trace, weather, ci = windy
+    now = "2023-01-09T10:30:00+00:00"
+    start = pd.Timestamp(now).floor("h")
+    actual = ci[start: start + pd.Timedelta(hours=23)].rolling(3).mean().shift(-2).dropna()  # 3 h windows
+
+    def planned_mean(**kw) -> tuple[float, dict]:
+        clock = FakeClock(now)
+        plan = window(clock, trace, **kw).make_plan()
+        return float(actual[pd.Timestamp(plan.start).floor("h")]), plan.outlook.describe()
+
+    blind, _ = planned_mean()
+    informed, outlook = planned_mean(weather=weather)
+    assert "forecast uses weather columns weather_wind_d1, weather_wind_d2" in outlook["notes"]
+    assert informed < blind
+    assert informed <= actual.min() * 1.05  # with a good wind forecast the plan finds (nearly) the best window
+
+
+def test_forecast_window_weather_errors_are_listed_at_construction(trace, tmp_path):
+    clock = FakeClock("2023-01-09T10:30:00+00:00")
+    with pytest.raises(ConfigError, match="scheduler.weather") as err:
+        window(clock, trace, weather=str(tmp_path / "missing.csv"), duration="bogus")
+    assert {p.key for p in err.value.problems} >= {"scheduler.weather", "scheduler.duration"}

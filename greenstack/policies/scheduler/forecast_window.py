@@ -20,10 +20,12 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pandas as pd
+
 from greenstack.carbon.forecast import HORIZON_H
 from greenstack.engine.events import Event
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, GreenstackError, Problem
 from greenstack.policies.scheduler._base import SchedulerPolicy
 from greenstack.scheduling.outlook import Outlook, hour_floor, intensity_outlook
 from greenstack.scheduling.slurm import PLANNED_SAVING_ENV, PLANNED_START_ENV, slurm_begin
@@ -31,6 +33,9 @@ from greenstack.scheduling.timeparse import parse_deadline, parse_hours
 from greenstack.scheduling.windows import TIE_RTOL, WindowChoice, best_window, planning_values, window_costs
 
 __all__ = ["ForecastWindow", "Plan", "plan_window", "slurm_begin"]
+
+OPENMETEO = "openmeteo"
+WEATHER_HISTORY_DAYS = 92  # Open-Meteo weather fetched for the forecaster's fit: the most recent season
 
 
 class Plan:
@@ -57,7 +62,7 @@ class Plan:
 
 
 def plan_window(source: Any, now: datetime, deadline: datetime, duration_h: float, *, objective: Any = "mean",
-                horizon_h: int = HORIZON_H) -> Plan:
+                horizon_h: int = HORIZON_H, weather: pd.DataFrame | None = None) -> Plan:
     """The lowest-carbon start in [now, deadline - duration] on the source's outlook (no sleeping).
 
     Raises ConfigError when the deadline leaves less than the job's duration.
@@ -70,7 +75,7 @@ def plan_window(source: Any, now: datetime, deadline: datetime, duration_h: floa
     t0 = hour_floor(now)
     latest_start_h = int(math.floor((deadline - timedelta(hours=duration_h) - t0).total_seconds() / 3600 + 1e-9))
     span = latest_start_h + int(math.ceil(duration_h - 1e-9))
-    outlook = intensity_outlook(source, now, span, horizon_h=horizon_h)
+    outlook = intensity_outlook(source, now, span, horizon_h=horizon_h, weather=weather)
     values = outlook.values(objective)
     if len(values) < math.ceil(duration_h - 1e-9):  # shorter than the job: run now, said so
         outlook.notes.append("the outlook is shorter than the job: starting now")
@@ -91,7 +96,7 @@ class ForecastWindow(SchedulerPolicy):
                  min_saving_pct: float = 0.0, replan: bool = True, start_now: bool = False,
                  horizon_h: int = HORIZON_H, tick_s: float = 1.0, countdown_every_s: float = 60.0,
                  slurm: str = "begin", zone: str | None = None, trace: str | None = None, carbon: Any = None,
-                 clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> None:
+                 weather: str | None = None, clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> None:
         problems: list[Problem] = []
         key = "scheduler"
         self.duration_h = self._parse(lambda: parse_hours(duration, f"{key}.duration"), problems, 1.0)
@@ -118,6 +123,16 @@ class ForecastWindow(SchedulerPolicy):
         if slurm not in ("begin", "sleep"):
             problems.append(Problem(f"{key}.slurm", slurm, "must be begin or sleep",
                                     "begin: inside a Slurm job record the --begin value and start; sleep: wait anyway"))
+        self.weather = str(weather) if weather else None
+        self._weather_file = None
+        if self.weather and self.weather != OPENMETEO:
+            from greenstack.plan import load_weather
+
+            try:
+                self._weather_file = load_weather([self.weather], [])
+            except ConfigError as err:
+                problems += [Problem(f"{key}.weather", p.value, p.reason,
+                                     p.fix or "give a CSV of weather_* columns or `openmeteo`") for p in err.problems]
         try:
             super().__init__(name="forecast_window", zone=zone, trace=trace, carbon=carbon, start_now=start_now,
                              clock=clock, sleep=sleep)
@@ -139,8 +154,34 @@ class ForecastWindow(SchedulerPolicy):
 
     def make_plan(self, now: datetime | None = None) -> Plan:
         """The plan at `now` (default: the policy's clock), without waiting: for launchers and tests."""
-        return plan_window(self.source(), now or self.now(), self.deadline, self.duration_h,
-                           objective=self.objective, horizon_h=self.horizon_h)
+        now = now or self.now()
+        weather, note = self.weather_frame(now)
+        plan = plan_window(self.source(), now, self.deadline, self.duration_h,
+                           objective=self.objective, horizon_h=self.horizon_h, weather=weather)
+        if note:
+            plan.outlook.notes.append(note)
+        return plan
+
+    def weather_frame(self, now: datetime) -> tuple[pd.DataFrame | None, str | None]:
+        """The weather-forecast columns to plan with, and a note when they could not be had.
+
+        Why a note, not an error: weather only sharpens the forecast; a plan without it is still a plan,
+        and the decision record says which one was made.
+        """
+        if self.weather is None:
+            return None, None
+        if self.weather != OPENMETEO:
+            return self._weather_file, None
+        from greenstack.carbon import weather as om
+
+        zone = str(getattr(self.source(), "zone", "") or "")
+        start = pd.Timestamp(now).tz_convert("UTC").floor("h")
+        try:
+            frame = om.weather_for_zone(zone, (start - pd.Timedelta(days=WEATHER_HISTORY_DAYS)).date(),
+                                        (start + pd.Timedelta(hours=self.horizon_h)).date())
+        except GreenstackError as err:
+            return None, f"weather (Open-Meteo) unavailable, planning without it: {err}"
+        return frame, None
 
     def __call__(self, event: Event, state: State) -> None:
         if event is not Event.INIT or self.decisions:
