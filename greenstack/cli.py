@@ -29,6 +29,7 @@ commands:
   plan backtest ...        backtest carbon-aware start times against the oracle on a trace
   plan region ...          where and when a CPU job should run (carbon x price)
   carbon sign|verify ...   sign or verify a carbon-intensity data file (Ed25519)
+  carbon weather ...       weather-forecast columns (Open-Meteo, no look-ahead) for the forecaster
   model keygen|sign|verify signed model artifacts with an ownership fingerprint
   report tco|compare|html  cost of a run (vs a measured baseline), multirun Pareto table/plot, report.html
   pool create|request|settle|status|budget|log   shared carbon budget pool (SQLite file or PostgreSQL URL)

@@ -221,16 +221,27 @@ def seasonal_naive(y: np.ndarray, origin: int, horizon_h: int = HORIZON_H) -> np
 
 
 _LEAD_SUFFIX = re.compile(r"^(?P<var>.+)_d(?P<day>[1-9])$")
+# A `_dK` weather value comes from a run initialised at least K days before its valid time, but runs are
+# published hours after they start: allow this much before the origin (run spacing/publication delay).
+WEATHER_ISSUE_MARGIN_H = 6
+
+
+def weather_lead_day(lead_hour: int) -> int:
+    """Smallest K whose `_dK` forecast for `lead_hour` (1 = the origin's hour) was published before the origin.
+
+    Lead hours 1-19 -> 1, 20-43 -> 2, 44-67 -> 3, 68-72 -> 4 (with the 6 h margin).
+    """
+    return -(-(int(lead_hour) - 1 + WEATHER_ISSUE_MARGIN_H) // 24)
 
 
 def exog_lead_columns(names: Sequence[str], horizon_h: int) -> np.ndarray:
     """Which exogenous column each lead hour uses, per variable: (horizon_h, n_variables) column indices.
 
-    Why: a weather forecast valid at hour T+h is only usable from origin T if it was issued before T.
-    Columns named `<var>_d<K>` hold the forecast issued about K days before its valid time (Open-Meteo's
-    `_previous_dayK`, see `greenstack carbon weather`), so lead hours in day k (h // 24 + 1) take the
-    column with the smallest K >= k; with none, an unsuffixed `<var>` column (a forecast the user vouches
-    for at every lead), else nothing (index len(names): the all-zero column).
+    Why: a weather forecast valid at hour T+h is only usable from origin T if it was published before T.
+    Columns named `<var>_d<K>` hold the forecast made about K days before its valid time (Open-Meteo's
+    `_previous_dayK`, see `greenstack carbon weather`), so lead hour h takes the column with the smallest
+    K >= `weather_lead_day(h)`; with none, an unsuffixed `<var>` column (a forecast the user vouches for
+    at every lead), else nothing (index len(names): the all-zero column).
     """
     variables: dict[str, dict[int, int]] = {}
     for i, name in enumerate(names):
@@ -240,7 +251,7 @@ def exog_lead_columns(names: Sequence[str], horizon_h: int) -> np.ndarray:
     pick = np.full((horizon_h, len(variables)), len(names), dtype="int64")
     for j, days in enumerate(variables.values()):
         for h in range(horizon_h):
-            k = h // 24 + 1
+            k = weather_lead_day(h + 1)
             usable = [d for d in days if d >= k]
             if usable:
                 pick[h, j] = days[min(usable)]

@@ -92,10 +92,12 @@ def test_lead_day_columns_only_reach_leads_they_were_issued_before():
     names = ["weather_wind_d1", "weather_wind_d2", "weather_wind_d3", "weather_temp", "weather_cloud_d2"]
     pick = F.exog_lead_columns(names, 72)
     assert pick.shape == (72, 3)  # three variables: wind, temp, cloud
-    assert list(pick[[0, 23, 24, 47, 48, 71], 0]) == [0, 0, 1, 1, 2, 2]
+    # lead hour h+1 needs a run published before the origin: _d1 serves hours 1-19 (6 h publication margin)
+    assert list(pick[[0, 18, 19, 42, 43, 66], 0]) == [0, 0, 1, 1, 2, 2]
+    assert pick[67, 0] == len(names)  # hours 68-72 would need _d4: nothing (the zero column)
     assert set(pick[:, 1]) == {3}  # unsuffixed: a forecast the user vouches for at every lead
-    # cloud issued two days ahead serves days 1 and 2, and nothing (the zero column) on day 3
-    assert list(pick[[0, 47, 48], 2]) == [4, 4, len(names)]
+    # cloud made two days ahead serves lead hours 1-43, nothing later
+    assert list(pick[[0, 42, 43], 2]) == [4, 4, len(names)]
 
 
 def _wind_grid(days: int = 200):
@@ -106,15 +108,19 @@ def _wind_grid(days: int = 200):
     return idx, wind, y, rng
 
 
-def test_a_day_one_forecast_column_helps_day_one_only():
+def test_a_day_one_forecast_column_helps_only_the_leads_it_was_published_for():
     idx, wind, y, rng = _wind_grid()
     start = pd.Timestamp("2022-05-01", tz="UTC")
-    base = F.rolling_evaluate(y, start).day_metrics()["mape"]["model"]
-    exog = pd.DataFrame({"weather_wind_d1": wind}, index=idx)  # an exact forecast, but issued one day ahead
-    got = F.rolling_evaluate(y, start, exog=exog).day_metrics()["mape"]["model"]
-    assert got["day1"] < 0.5 * base["day1"]
-    # day-2 leads may not see a forecast issued one day before its valid time: no gain there
-    assert got["day2"] == pytest.approx(base["day2"], rel=0.02)
+    base = F.rolling_evaluate(y, start)
+    exog = pd.DataFrame({"weather_wind_d1": wind}, index=idx)  # an exact forecast, but made one day ahead
+    got = F.rolling_evaluate(y, start, exog=exog)
+
+    def mape(ev, leads):
+        return float(np.mean(np.abs(ev.model[:, leads] - ev.actual[:, leads]) / ev.actual[:, leads]))
+
+    early, late = slice(0, 19), slice(19, 72)  # lead hours 1-19 may use _d1; later ones would see the future
+    assert mape(got, early) < 0.5 * mape(base, early)
+    assert mape(got, late) == pytest.approx(mape(base, late), rel=0.02)
 
 
 def test_exogenous_scaling_uses_history_only():

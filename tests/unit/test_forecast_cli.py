@@ -122,9 +122,8 @@ def test_weather_file_lowers_the_error_it_can_explain(tmp_path, capsys):
     stamp = times.strftime("%Y-%m-%dT%H:%M:%SZ")
     trace = tmp_path / "t.csv"
     pd.DataFrame({"timestamp": stamp, "carbon_intensity": ci.round(2)}).to_csv(trace, index=False)
-    weather = tmp_path / "w.csv"  # forecasts issued 1, 2 and 3 days ahead (here: exact, for the test)
-    pd.DataFrame({"timestamp": stamp, "weather_wind_d1": wind, "weather_wind_d2": wind,
-                  "weather_wind_d3": wind}).to_csv(weather, index=False)
+    weather = tmp_path / "w.csv"  # forecasts made 1-4 days ahead (here: exact, for the test)
+    pd.DataFrame({"timestamp": stamp, **{f"weather_wind_d{k}": wind for k in (1, 2, 3, 4)}}).to_csv(weather, index=False)
 
     def day_mape(*extra):
         assert run_plan(["forecast-eval", "--trace", str(trace), "--json", *extra]) == 0

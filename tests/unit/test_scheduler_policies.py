@@ -318,3 +318,30 @@ def test_forecast_window_weather_errors_are_listed_at_construction(trace, tmp_pa
     with pytest.raises(ConfigError, match="scheduler.weather") as err:
         window(clock, trace, weather=str(tmp_path / "missing.csv"), duration="bogus")
     assert {p.key for p in err.value.problems} >= {"scheduler.weather", "scheduler.duration"}
+
+
+def test_forecast_window_openmeteo_weather_is_used_or_its_absence_noted(windy, monkeypatch):
+    from greenstack.carbon import weather as om
+    from greenstack.carbon.providers.http import ProviderError
+
+    trace, weather, ci = windy
+    frame = pd.read_csv(weather, index_col="timestamp", parse_dates=["timestamp"])
+    asked = []
+
+    def fake(zone, start, end, **kw):
+        asked.append((zone, start, end))
+        return frame
+
+    monkeypatch.setattr(om, "weather_for_zone", fake)
+    clock = FakeClock("2023-01-09T10:30:00+00:00")
+    plan = window(clock, trace, weather="openmeteo", zone=None).make_plan()
+    assert "forecast uses weather columns weather_wind_d1, weather_wind_d2" in plan.outlook.notes
+    assert asked and str(asked[0][2]) == "2023-01-12"  # fetched through the end of the 72 h horizon
+
+    def down(*a, **kw):
+        raise ProviderError("open-meteo: connection refused after 3 tries")
+
+    monkeypatch.setattr(om, "weather_for_zone", down)
+    plan = window(FakeClock("2023-01-09T10:30:00+00:00"), trace, weather="openmeteo").make_plan()
+    assert plan.outlook.kind == "forecast"  # the run still gets a plan, without weather
+    assert any(n.startswith("weather (Open-Meteo) unavailable, planning without it") for n in plan.outlook.notes)

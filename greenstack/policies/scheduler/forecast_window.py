@@ -173,12 +173,13 @@ class ForecastWindow(SchedulerPolicy):
         if self.weather != OPENMETEO:
             return self._weather_file, None
         from greenstack.carbon import weather as om
+        from greenstack.carbon.providers.cache import DiskCache
 
         zone = str(getattr(self.source(), "zone", "") or "")
         start = pd.Timestamp(now).tz_convert("UTC").floor("h")
         try:
             frame = om.weather_for_zone(zone, (start - pd.Timedelta(days=WEATHER_HISTORY_DAYS)).date(),
-                                        (start + pd.Timedelta(hours=self.horizon_h)).date())
+                                        (start + pd.Timedelta(hours=self.horizon_h)).date(), cache=DiskCache())
         except GreenstackError as err:
             return None, f"weather (Open-Meteo) unavailable, planning without it: {err}"
         return frame, None
