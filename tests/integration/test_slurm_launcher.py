@@ -2,8 +2,9 @@
 
 Each test runs `greenstack train -m ... launcher=slurm` as a user would and checks what Slurm and the
 run dirs say: results and W&B runs of a 3-job sweep, a carbon-aware `--begin` (reason BeginTime),
-USR1 preemption -> checkpoint -> requeue -> the same weights as an uninterrupted job, and a failing
-job that makes the sweep exit non-zero with the job table.
+USR1 preemption -> checkpoint -> requeue -> the same weights as an uninterrupted job, the same after
+Slurm's own time-limit signal (USR2), and a failing job that makes the sweep exit non-zero with the
+job table.
 """
 
 from __future__ import annotations
@@ -177,6 +178,56 @@ def test_usr1_checkpoints_requeues_and_matches_an_uninterrupted_job(tmp_path):
     restarts = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-o", "JobID,State", "-j", job_id],
                               capture_output=True, text=True, check=True).stdout
     assert "REQUEUED" in restarts or "PREEMPTED" in restarts, restarts
+
+
+def _job_log(sweep: Path, job_id: str) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in (sweep / ".submitit").glob(f"{job_id}/*_log.*"))
+
+
+def test_slurm_time_limit_signal_checkpoints_requeues_and_matches(tmp_path):
+    """A real time limit: Slurm itself sends USR2 `signal_delay_s` before it (submitit's --signal).
+
+    The running job's limit is cut to 2 min with scontrol, inside the 120 s warning window, so
+    slurmctld signals at its next time-limit check; once the job reports the signal, the limit is
+    raised again so the requeued job can finish.
+    """
+    sweep = tmp_path / "sweep"
+    args = ["run_name=reference,limited", *SMALL, "data.num_samples=160", "trainer.max_duration=700ba",
+            "tracker=none", "checkpointing=hierarchical", "checkpointing.memory_every=1",
+            "checkpointing.local_every=100", "hydra.launcher.signal_delay_s=120", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(_greenstack(*args), cwd=tmp_path, env=_env({"OMP_NUM_THREADS": "1"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = ""
+    try:
+        victim = sweep / "1"
+        deadline = time.monotonic() + 240
+        while _max_step(victim) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and _max_step(victim) < 700, "the job finished before its limit was cut"
+        job_id = next(job for job in _job_ids(sweep) if job.endswith("_1"))
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=2"], check=True)
+        deadline = time.monotonic() + 150
+        while "received SIGUSR2" not in _job_log(sweep, job_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"], check=True)
+        assert "received SIGUSR2" in _job_log(sweep, job_id), "Slurm sent no time-limit signal"
+        out, err = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out + err
+    assert proc.returncode == 0, text[-4000:]
+    assert "2 jobs, 0 failed" in text
+    log = _job_log(sweep, job_id)
+    assert "checkpoint for SIGUSR2 saved" in log and "requeueing job" in log
+    summary = json.loads((victim / "sustainability.json").read_text())
+    assert "checkpoint/resumed_from" in summary["metrics"]
+    assert summary["metrics"]["train/steps"]["value"] == 700
+    reference, resumed = load_file(str(sweep / "0" / "model.safetensors")), load_file(str(victim / "model.safetensors"))
+    assert all((resumed[k] == reference[k]).all() for k in reference), "weights differ after the time-limit requeue"
+    restarts = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-o", "JobID,State", "-j", job_id],
+                              capture_output=True, text=True, check=True).stdout
+    assert "REQUEUED" in restarts, restarts
 
 
 def test_failing_job_fails_the_sweep_with_a_table(tmp_path):
