@@ -134,11 +134,11 @@ def _check(lat: float, lon: float, start: Any, end: Any, variables: Iterable[str
     for k in [lead_days] if isinstance(lead_days, int) else lead_days:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_LEAD_DAY:
             problems.append(Problem("lead_days", k, f"must be a whole number of days in 1..{MAX_LEAD_DAY}",
-                                    "the API archives runs up to 7 days before the valid time; 1 2 3 cover 72 h"))
+                                    "the API archives runs up to 7 days before the valid time; 1 2 3 4 cover 72 h"))
         else:
             days.add(int(k))
     if not days and not any(p.key == "lead_days" for p in problems):
-        problems.append(Problem("lead_days", list(lead_days), "no lead days", "e.g. 1 2 3 (a 72 h horizon)"))
+        problems.append(Problem("lead_days", list(lead_days), "no lead days", "e.g. 1 2 3 4 (a 72 h horizon)"))
     if model is not None and not _NAME.match(str(model)):
         problems.append(Problem("model", model, "not an Open-Meteo model name", f"e.g. best_match; see {DOCS_URL}"))
     if problems:
