@@ -345,6 +345,16 @@ COMMANDS = {"model": model, "train": train, "validate": validate, "ls": ls, "cp"
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" not in argv or os.environ.get("GREENSTACK_DEBUG") == "1":
+        return _main(argv)
+    os.environ["GREENSTACK_DEBUG"] = "1"  # worker processes (federated spawn, Slurm jobs) inherit it
+    try:
+        return _main(argv)
+    finally:
+        del os.environ["GREENSTACK_DEBUG"]
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv or os.environ.get("GREENSTACK_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -148,7 +148,9 @@ def apply_snapshot(snapshot: Snapshot, state: State) -> None:
             hook(state)
     state.model.load_state_dict(snapshot.model)
     if state.optimizer is not None and t.get("optimizer") is not None:
-        state.optimizer.load_state_dict(t["optimizer"])
+        # a copy: on CPU the optimizer would adopt the snapshot's tensors and update them in place,
+        # corrupting a snapshot that is kept (memory tier) and applied again
+        state.optimizer.load_state_dict(_cpu_clone(t["optimizer"]))
     if state.lr_scheduler is not None and t.get("lr_scheduler") is not None:
         state.lr_scheduler.load_state_dict(t["lr_scheduler"])
     if state.grad_scaler is not None and t.get("grad_scaler") is not None:

@@ -8,6 +8,7 @@ normal run path; collectives carry timeouts so a dead peer fails the run instead
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -98,8 +99,12 @@ def spawn(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     markers = Path(run_dir) / FAILURE_DIR
     shutil.rmtree(markers, ignore_errors=True)
     try:
-        results = elastic_launch(config, worker_main)(container, str(run_dir))
+        with _quiet_agent():
+            results = elastic_launch(config, worker_main)(container, str(run_dir))
     except ChildFailedError as e:
+        preempted = _agreed_preemption(markers, nprocs)
+        if preempted is not None:
+            raise preempted from None
         rank, failure = root_failure(e.failures)
         cause, exit_code = _cause(failure), failure.exitcode
         first = first_marked_failure(markers)
@@ -115,6 +120,29 @@ def spawn(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     finally:
         shutil.rmtree(markers, ignore_errors=True)
     return results[0]
+
+
+@contextlib.contextmanager
+def _quiet_agent() -> Iterator[None]:
+    """Silence the elastic agent's own error logs (tracebacks of its polling) unless GREENSTACK_DEBUG=1.
+
+    Why: greenstack reports a failed or preempted worker itself, by rank and cause, without a traceback
+    by default; the agent's log would print one for every worker exit.
+    """
+    if os.environ.get("GREENSTACK_DEBUG") == "1":
+        yield
+        return
+    names = ("torch.distributed.elastic", "torch.distributed.elastic.multiprocessing.api",
+             "torch.distributed.elastic.agent.server.api", "torch.distributed.launcher.api")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 #: where workers note their failure before leaving the process group (see `mark_failure`)
@@ -137,6 +165,35 @@ def mark_failure(run_dir: str | Path, rank: int, error: BaseException) -> None:
         (folder / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "cause": text, "at": time.time()}))
     except OSError:
         pass  # best effort: the agent's own report remains
+
+
+def _agreed_preemption(folder: Path, world_size: int) -> GreenstackError | None:
+    """Every worker stopped on the same agreed preemption (each saved its checkpoint): say so, resumably.
+
+    Why: a preempted run is not a failed one; the CLI should exit 128+signal with the resume hint, as a
+    single-process run does, instead of blaming one worker.
+    """
+    import re
+    import signal
+
+    from greenstack.policies.checkpointing.hierarchical import Preempted
+
+    notes = {}
+    for path in folder.glob("rank-*.json"):
+        try:
+            note = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        notes[int(note["rank"])] = str(note["cause"])
+    if sorted(notes) != list(range(world_size)) or not all(c.startswith("Preempted:") for c in notes.values()):
+        return None
+    first = notes[0].removeprefix("Preempted:").strip()
+    m = re.search(r"\b(SIG[A-Z0-9]+)\b", first)
+    signum = int(getattr(signal, m.group(1), signal.SIGTERM)) if m else int(signal.SIGTERM)
+    steps = {re.search(r"at step (\d+)", c).group(1) for c in notes.values() if re.search(r"at step (\d+)", c)}
+    where = f"at step {steps.pop()}" if len(steps) == 1 else "at their last steps"
+    return Preempted(signum, f"all {world_size} workers preempted {where} and saved their checkpoints "
+                             f"(rank 0: {first}); rerun the same command with checkpointing.resume=auto to continue")
 
 
 def first_marked_failure(folder: Path) -> tuple[int, str] | None:

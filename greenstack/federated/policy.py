@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -37,6 +38,7 @@ from greenstack.federated.core import (
     weighted_dense_average,
     weighted_sparse_average,
 )
+from greenstack.launch import preemption
 from greenstack.provenance import Figure, weakest
 
 log = logging.getLogger("greenstack")
@@ -68,12 +70,18 @@ class DataParallel(Policy):
 
     `comm_hook`: "allreduce" (DDP's default averaging) or "powersgd" (low-rank gradient compression,
     `powersgd_rank`; on gloo the whole model goes in one bucket, which PowerSGD needs there).
+    `exact_resume`: keep DDP's gradient buckets in construction order. DDP re-orders them after the
+    first step of every process, so the first step after a resume sums gradients in another order
+    (last-bit differences, which Adam can amplify on near-zero gradients); fixed buckets make a
+    resumed run bit-identical to an uninterrupted one, at one autograd-graph traversal per step
+    (DDP's `find_unused_parameters`).
     """
 
     events = frozenset({Event.INIT, Event.FIT_END, Event.EXCEPTION})
 
     def __init__(self, workers: int = 2, comm_hook: str = "allreduce", powersgd_rank: int = 2,
-                 backend: str = "auto", timeout_s: float = 300.0, name: str | None = None) -> None:
+                 backend: str = "auto", timeout_s: float = 300.0, exact_resume: bool = False,
+                 name: str | None = None) -> None:
         super().__init__(name=name or "ddp")
         problems = []
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -89,6 +97,7 @@ class DataParallel(Policy):
         if problems:
             raise ConfigError(problems)
         self.workers, self.comm_hook, self.powersgd_rank = workers, comm_hook, powersgd_rank
+        self.exact_resume = bool(exact_resume)
         self.bytes_sent = 0
         self.total_bytes_sent: int | None = None
         self.steps = 0
@@ -108,6 +117,8 @@ class DataParallel(Policy):
             sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
                 else "broadcast_buffers"
             kwargs: dict[str, Any] = {sync_kw: False}
+            if self.exact_resume:  # no bucket rebuild after the first step (see the class docstring)
+                kwargs["find_unused_parameters"] = True
             if one_bucket:
                 kwargs["bucket_cap_mb"] = size_mb + 1
             if state.device.type == "cuda":
@@ -115,12 +126,30 @@ class DataParallel(Policy):
             ddp = DDP(model, **kwargs)
             ddp.register_comm_hook(self._hook_state(), self._hook())
             state.model = ddp
-        elif isinstance(state.model, DDP):  # FIT_END / EXCEPTION: hand the plain model back
+            self._comm = _comm_device(state)
+            if state.world_size > 1:  # a preemption stops every worker at the same step (see _agree)
+                preemption.coordinate(self._agree)
+            return
+        if event in (Event.FIT_END, Event.EXCEPTION):
+            preemption.coordinate(None)
+        if isinstance(state.model, DDP):  # FIT_END / EXCEPTION: hand the plain model back
             state.model = state.model.module
             if event is Event.FIT_END:
                 total = torch.tensor([float(self.bytes_sent)], dtype=torch.float64, device=_comm_device(state))
                 dist.all_reduce(total)
                 self.total_bytes_sent = int(total.item())
+
+    def _agree(self, local: int | None) -> tuple[int, int] | None:
+        """Called by checkpointing at every step end on every worker: (signal, rank) of the first request.
+
+        Why per step: DDP workers meet in every backward pass, so a worker that stopped alone would
+        leave the others waiting on its gradients; one scalar all-reduce per step costs far less.
+        """
+        mine = torch.tensor([int(local or 0)], dtype=torch.int64, device=self._comm)
+        flags = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(flags, mine)
+        asked = [(int(f.item()), rank) for rank, f in enumerate(flags) if f.item()]
+        return asked[0] if asked else None
 
     def _hook_state(self) -> Any:
         if self.comm_hook == "powersgd":
@@ -300,14 +329,17 @@ class GeoTraining(Policy):
                 self._end_round(state)
                 self._skip_sat_out_rounds(state)
         elif event is Event.FIT_END:
+            preemption.coordinate(None)
             if state.stop and not self._agreed_stop and self._round_start < state.max_steps:
                 # this worker stopped early (early stopping, a budget...): take part in the round the
                 # others are in, flagged, so everyone stops after it instead of waiting on a timeout
                 self._end_round(state)
             self._drain(state, wait_all=True)
             self._finish(state)
-        elif self._monitor is not None:  # EXCEPTION: no collectives, just stop the meter thread
-            self._monitor.stop()
+        else:  # EXCEPTION: no collectives, just stop the meter thread
+            preemption.coordinate(None)
+            if self._monitor is not None:
+                self._monitor.stop()
 
     def _init(self, state: State) -> None:
         _need_group("federated=geo")
@@ -329,6 +361,8 @@ class GeoTraining(Policy):
         self._error = torch.zeros_like(flat) if self.compression == "topk" else None
         self._pending: list[dict[str, Any]] = []
         self._agreed_stop = False  # a worker stopped early and every worker has seen it (see FIT_END)
+        # a worker's preemption request travels with the next exchange; all workers stop after that round
+        preemption.coordinate(lambda local: None)
         self._per_region = {r.name: {"energy_kwh": 0.0, "emissions_kg": 0.0, "steps": 0, "rounds_sat_out": 0,
                                      "workers": r.capacity} for r in self.regions}
         self._energy_at_last_round = 0.0
@@ -393,13 +427,15 @@ class GeoTraining(Policy):
         payload = self._compress(update, steps)
         if self.async_mode:
             self._base = flat  # later progress is measured from what was just sent
-        header_bytes = 6 * 8
+        header_bytes = 7 * 8
         self.bytes_sent += header_bytes + payload[0].numel() * INDEX_BYTES + payload[1].numel() * 4 * (steps > 0)
         header_t = torch.tensor([steps, payload[0].numel(), energy_kwh, energy_kwh * self._intensity / 1000.0,
-                                 self.bytes_sent, float(state.stop)], dtype=torch.float64, device=self._comm)
+                                 self.bytes_sent, float(state.stop), float(preemption.pending() or 0)],
+                                dtype=torch.float64, device=self._comm)
         gathered = [torch.zeros_like(header_t) for _ in range(self.world_size)]
         dist.all_gather(gathered, header_t)
         stopped = [rank for rank, h in enumerate(gathered) if h[5].item() > 0]
+        preempted = [(rank, int(h[6].item())) for rank, h in enumerate(gathered) if h[6].item() > 0]
         works, received = self._exchange(gathered, payload)
         self._pending.append({"round": self._round, "headers": gathered, "received": received, "works": works,
                               "update": update, "plan": getattr(self, "_current", None), "numel": flat.numel()})
@@ -411,9 +447,14 @@ class GeoTraining(Policy):
                     warnings.simplefilter("ignore", UserWarning)
                     for _ in range(skipped):
                         state.lr_scheduler.step()
-        self._drain(state, wait_all=not self.async_mode)
+        self._drain(state, wait_all=not self.async_mode or bool(preempted))
         self._round += 1
         self._round_start += self._length
+        if preempted:  # every worker saw the same flags: all save at this round boundary, then stop
+            rank, signum = preempted[0]
+            self._done = 0  # the next round has not begun: a resumed worker plans it afresh
+            preemption.preempt_now(state, signum, f"{signal.Signals(signum).name} to worker rank {rank} "
+                                   f"({self.rank_regions[rank].name}); every worker saves after round {self._round - 1}")
         if stopped:  # every worker saw the same flags: all stop after this round, none plans another
             self._agreed_stop = True
             if not state.stop:

@@ -5,12 +5,19 @@ between two bytecodes of the training loop, possibly in the middle of an optimiz
 not snapshot the model itself. The launcher's handler (and the checkpointing policy's own) only
 *request* a checkpoint here; the checkpointing policy saves at the next step end, stops the run, and
 marks the request honoured so the launcher can requeue the job. Single process, single request.
+
+Several workers (torch.distributed): each worker's request alone must not stop it, or the others
+would wait on a collective it never joins. A federated policy installs a *coordinator*, and the
+checkpointing policy asks `agreed(...)` at every step end: `federated=ddp` agrees per step (one
+scalar all-reduce), `federated=geo` at the next round's exchange, where it calls `preempt_now` on
+every worker at the same step. Every worker then saves its own checkpoint at that step.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +30,8 @@ class _Registry:
     #: where the preemption checkpoint went and at which step, once a policy has saved it
     saved: dict[str, Any] | None = None
     listeners: list[Any] = field(default_factory=list)
+    #: (this worker's pending signal or None) -> (signal, requesting rank) the group agreed to stop on now
+    coordinator: Callable[[int | None], tuple[int, int] | None] | None = None
 
 
 _state = _Registry()
@@ -68,9 +77,48 @@ def honoured() -> bool:
     return bool(_state.listeners)
 
 
+def coordinate(fn: Callable[[int | None], tuple[int, int] | None] | None) -> None:
+    """Install (or with None remove) the group's agreement function; see the module docstring."""
+    with _lock:
+        _state.coordinator = fn
+
+
+def agreed(local: int | None) -> tuple[int, int | None] | None:
+    """(signal, requesting rank) to preempt on at this step boundary, or None to go on.
+
+    Alone: this worker's own request (rank None). In a group: what the coordinator says all agreed on.
+    """
+    fn = _state.coordinator
+    if fn is None:
+        return None if local is None else (local, None)
+    return fn(local)
+
+
+def pending() -> int | None:
+    """This worker's pending request: the launcher's, or one a checkpointing policy's own handler caught."""
+    if _state.requested_signum is not None:
+        return _state.requested_signum
+    for policy in list(_state.listeners):
+        signum = getattr(policy, "pending_signal", None)
+        if signum is not None:
+            return int(signum)
+    return None
+
+
+def preempt_now(state: Any, signum: int, reason: str) -> None:
+    """Have the training checkpointing policy save and stop now (a group's agreed preemption)."""
+    if not _state.listeners:
+        from greenstack.errors import GreenstackError
+
+        raise GreenstackError(f"preempted ({reason}) but no checkpointing policy is training to save the run: "
+                              "use checkpointing=hierarchical to resume after preemption")
+    _state.listeners[0].preempt(state, signum, reason)
+
+
 def reset() -> None:
     """Forget requests and saves (a new job in this process, or a test)."""
     with _lock:
         _state.requested_signum = None
         _state.saved = None
         _state.listeners.clear()
+        _state.coordinator = None

@@ -32,6 +32,24 @@ class CrashOnRank(Policy):
             raise RuntimeError(f"injected failure on rank {state.rank}")
 
 
+class PreemptOnRank(Policy):
+    """Delivers a preemption request to one worker only, as a signal reaching one process would."""
+
+    events = frozenset({Event.STEP_END})
+
+    def __init__(self, rank: int = 1, at_step: int = 3) -> None:
+        super().__init__(name="preempt")
+        self.rank, self.at_step = rank, at_step
+
+    def __call__(self, event, state) -> None:
+        import signal
+
+        from greenstack.launch import preemption
+
+        if state.rank == self.rank and state.step == self.at_step:
+            preemption.request(signal.SIGUSR1)
+
+
 @pytest.mark.slow
 def test_geo_train_spawns_workers_and_writes_one_summary_with_per_region_figures(cli, tmp_path):
     run_dir = tmp_path / "run"
@@ -114,3 +132,25 @@ def test_geo_runs_unchanged_under_an_external_torchrun_launch(tmp_path):
     assert "spawning" not in out  # joined torchrun's group instead of starting workers
     figures = json.loads((run_dir / "sustainability.json").read_text())["metrics"]
     assert figures["federated/workers"]["value"] == 2 and figures["federated/region/eu-north/steps"]["value"] == 16
+
+
+@pytest.mark.slow
+def test_a_preempted_worker_stops_every_worker_at_one_step_and_the_run_resumes(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", *FAST, "federated=ddp", "federated.workers=2", "federated.exact_resume=true",
+            "data=synthetic_image", "model.name=test_resnet", "data.num_samples=128", "data.batch_size=8",
+            "trainer.max_duration=8ba", "checkpointing=hierarchical", "checkpointing.local_every=100",
+            f"hydra.run.dir={run_dir}", "+policies.preempt._target_=test_federated_cli.PreemptOnRank"]
+    first = cli(*args, env=PYTHONPATH, timeout=300)
+    out = first.stdout + first.stderr
+    assert first.returncode == 128 + 10, out[-3000:]  # SIGUSR1, as a single preempted process exits
+    assert "all 2 workers preempted at step 3" in out and "checkpointing.resume=auto" in out, out[-3000:]
+    assert "Traceback" not in out
+    for rank in (0, 1):  # each worker saved its own checkpoint at the agreed step
+        assert [p.name for p in (run_dir / "checkpoints" / f"rank-{rank}").glob("step-*")] == ["step-000000003"]
+    again = cli(*args, "checkpointing.resume=auto", "+policies.preempt.at_step=-1", env=PYTHONPATH, timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    figures = json.loads((run_dir / "sustainability.json").read_text())["metrics"]
+    assert figures["train/steps"]["value"] == 8
+    assert "rank-0/step-000000003" in figures["checkpoint/resumed_from"]["value"]

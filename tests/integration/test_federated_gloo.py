@@ -141,6 +141,50 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         results[f"{hook}_params_equal"] = all(torch.equal(reps[0][:n_params], r[:n_params]) for r in reps)
         results[f"{hook}_bytes"] = ddp.total_bytes_sent
         results[f"{hook}_unwrapped"] = not hasattr(state.model, "module")
+    # 7. a preemption request on one worker only: every worker saves at the same step (ddp: the next step
+    #    end; geo: the next round's exchange), and resuming from those checkpoints ends where an
+    #    uninterrupted run does
+    import signal
+
+    from greenstack.launch import preemption
+    from greenstack.policies.checkpointing.hierarchical import HierarchicalCheckpointing, Preempted
+
+    class RequestAt(Policy):
+        events = frozenset({Event.STEP_END})
+
+        def __init__(self, step: int) -> None:
+            super().__init__(name="request")
+            self.at = step
+
+        def __call__(self, event, state):
+            if rank == 1 and state.step == self.at:
+                preemption.request(signal.SIGUSR1)  # as the Slurm launcher's handler does
+
+    def checkpointing(folder: str, resume: str) -> HierarchicalCheckpointing:
+        return HierarchicalCheckpointing(memory_every=0, local_every=1000, local_dir=str(Path(tmp) / folder),
+                                      resume=resume, signals=[])
+
+    for kind in ("ddp", "geo"):
+        def federated(kind: str = kind):
+            return DataParallel(workers=WORLD, exact_resume=True) if kind == "ddp" else geo_topk()
+
+        preemption.reset()
+        whole, _ = _fit(federated(), rank, steps=16, seed=7, extra=[RequestAt(-1), checkpointing(f"{kind}-ref", "never")])
+        preemption.reset()
+        try:
+            _fit(federated(), rank, steps=16, seed=7, extra=[RequestAt(5), checkpointing(f"{kind}-cut", "never")])
+            results[f"{kind}_preempted"] = None
+        except Preempted as e:
+            results[f"{kind}_preempted"] = {"exit_code": e.exit_code, "message": str(e)}
+        saved = sorted(p.name for p in (Path(tmp) / f"{kind}-cut" / f"rank-{rank}").glob("step-*"))
+        results[f"{kind}_saved_steps"] = [int(name.split("-")[1]) for name in saved]
+        preemption.reset()
+        resumed, _ = _fit(federated(), rank, steps=16, seed=9, extra=[RequestAt(-1), checkpointing(f"{kind}-cut", "auto")])
+        results[f"{kind}_resume_exact"] = all(
+            torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
+                                              strict=True))
+        results[f"{kind}_resume_steps"] = [whole.step, resumed.step]
+    preemption.reset()
     dist.barrier()  # nobody tears gloo down while a peer still talks to it (that can SIGABRT the peer)
     dist.destroy_process_group()
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(results))
@@ -179,3 +223,10 @@ def test_geo_and_ddp_in_three_gloo_processes(tmp_path):
     assert [r["stop_step"] for r in results] == [8, 8, 8]
     assert all(r["stop_equal"] for r in results)
     assert results[1]["stop_reason"].startswith("test:") and "rank 1" in results[0]["stop_reason"]
+    # a preemption request on rank 1 at step 5: ddp workers all save at step 5 (that step end's agreement),
+    # geo workers at the end of round 1 (steps 4..7); every worker resumes exactly
+    for kind, step in (("ddp", 5), ("geo", 8)):
+        assert all(r[f"{kind}_preempted"] and r[f"{kind}_preempted"]["exit_code"] == 128 + 10 for r in results), results
+        assert [r[f"{kind}_saved_steps"] for r in results] == [[step]] * WORLD, (kind, results)
+        assert "rank 1" in results[0][f"{kind}_preempted"]["message"]
+        assert all(r[f"{kind}_resume_exact"] and r[f"{kind}_resume_steps"] == [16, 16] for r in results), (kind, results)

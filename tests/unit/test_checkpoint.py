@@ -46,6 +46,20 @@ def test_roundtrip_restores_weights_optimizer_and_rng():
     assert other.step == state.step and other.resume["batch_in_epoch"] == state.batch_in_epoch
 
 
+def test_a_kept_snapshot_survives_training_after_it_was_applied():
+    """The memory tier keeps snapshots: applying one must not hand its tensors to the optimizer."""
+    state = _state()
+    snap = capture(state)
+    before = {k: v.clone() for k, v in snap.trainer["optimizer"]["state"][0].items()}
+    other = _state(seed=1)
+    apply_snapshot(snap, other)
+    loss = other.model(torch.randn(8, 4)).sum()
+    loss.backward()
+    other.optimizer.step()  # Adam updates its state in place
+    assert other.optimizer.state_dict()["state"][0]["step"] != before["step"]
+    assert all(torch.equal(v, before[k]) for k, v in snap.trainer["optimizer"]["state"][0].items())
+
+
 def test_flipped_byte_is_refused_plain_and_encrypted():
     key = LocalKey(os.urandom(32), "test")
     for k in (None, key):

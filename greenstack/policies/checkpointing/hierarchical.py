@@ -189,9 +189,9 @@ class HierarchicalCheckpointing(Policy):
                 self.tiers[name].key = self.key
             if self.resume_mode != "never":
                 self._resume(state, stores)
+            preemption.register(self)  # from INIT on: a federated policy may need it from its FIT_START
         elif event is Event.FIT_START:
             self._install_signals()
-            preemption.register(self)
             if self.spot_notice:
                 from greenstack.checkpoint.spot import SpotNoticePoller
 
@@ -245,8 +245,11 @@ class HierarchicalCheckpointing(Policy):
         if self._signal is None and preemption.requested() is not None:
             self._signal = preemption.requested()
             self._reason = f"{signal.Signals(self._signal).name} (via the launcher)"
-        if self._signal is not None:
-            self._preempt(state)
+        # with several workers only the group's agreement stops this one (all at the same step)
+        agreed = preemption.agreed(self._signal)
+        if agreed is not None:
+            signum, by = agreed
+            self.preempt(state, signum, f"{signal.Signals(signum).name} to worker rank {by}, agreed by the group")
         due_local = "local" in self.tiers and self._due(self.local_every, state.step)
         due_durable = "durable" in self.tiers and self._due(self.durable_every, state.step)
         if not (self._due(self.memory_every, state.step) or due_local or due_durable):
@@ -323,6 +326,17 @@ class HierarchicalCheckpointing(Policy):
         self.decisions.append({"kind": "checkpoint", "action": "checkpoint_now", "reason": reason,
                                "step": snapshot.step, "saved": saved, "seconds": round(time.monotonic() - t0, 3)})
         return ", ".join(saved) or "memory only (no disk tier configured)"
+
+    @property
+    def pending_signal(self) -> int | None:
+        """The signal this policy's own handler caught and has not yet acted on (for a group's agreement)."""
+        return self._signal
+
+    def preempt(self, state: State, signum: int, reason: str) -> None:
+        """Save and stop now on `signum`; `reason` names it when this worker did not receive it itself."""
+        if self._signal is None:
+            self._signal, self._reason = signum, reason
+        self._preempt(state)
 
     def _preempt(self, state: State) -> None:
         signum = self._signal or signal.SIGTERM
