@@ -141,20 +141,29 @@ def test_forecast_window_plans_begin_at_submit_time(tmp_path):
     assert "1 jobs, 1 failed" in text and "CANCELLED" in text
 
 
+def _start(tmp_path: Path, args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(_greenstack(*args), cwd=tmp_path, env=_env({"OMP_NUM_THREADS": "1"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_until_running(proc: subprocess.Popen, sweep: Path, max_steps: int) -> str:
+    """Slurm job id of sweep job #1 once it has taken 5 of its `max_steps` steps (and is still training)."""
+    deadline = time.monotonic() + 240
+    while _max_step(sweep / "1") < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None and _max_step(sweep / "1") < max_steps, "the job finished before it could be interrupted"
+    return next(job for job in _job_ids(sweep) if job.endswith("_1"))
+
+
 def test_usr1_checkpoints_requeues_and_matches_an_uninterrupted_job(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["run_name=reference,preempted", *SMALL, "data.num_samples=160", "trainer.max_duration=40ba",
             "tracker=wandb", "checkpointing=hierarchical", "checkpointing.memory_every=1",
             "checkpointing.local_every=2", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(_greenstack(*args), cwd=tmp_path, env=_env({"OMP_NUM_THREADS": "1"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(tmp_path, args)
+    victim = sweep / "1"
     try:
-        victim = sweep / "1"
-        deadline = time.monotonic() + 240
-        while _max_step(victim) < 5 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None and _max_step(victim) < 40, "the job finished before it could be interrupted"
-        job_id = next(job for job in _job_ids(sweep) if job.endswith("_1"))
+        job_id = _wait_until_running(proc, sweep, max_steps=40)
         subprocess.run(["scancel", "--signal=USR1", "--full", job_id], check=True)
         out, err = proc.communicate(timeout=400)
     finally:
@@ -163,8 +172,7 @@ def test_usr1_checkpoints_requeues_and_matches_an_uninterrupted_job(tmp_path):
     text = out + err
     assert proc.returncode == 0, text[-4000:]
     assert "2 jobs, 0 failed" in text
-    log = "\n".join(p.read_text() for p in (sweep / ".submitit").glob(f"{job_id}/*.out"))
-    log += "\n".join(p.read_text() for p in (sweep / ".submitit").glob(f"{job_id}/*.err"))
+    log = _job_log(sweep, job_id)
     assert "preempted by SIGUSR1" in log and "requeueing job" in log
     summary = json.loads((victim / "sustainability.json").read_text())
     assert "checkpoint/resumed_from" in summary["metrics"]
@@ -195,16 +203,10 @@ def test_slurm_time_limit_signal_checkpoints_requeues_and_matches(tmp_path):
     args = ["run_name=reference,limited", *SMALL, "data.num_samples=160", "trainer.max_duration=700ba",
             "tracker=none", "checkpointing=hierarchical", "checkpointing.memory_every=1",
             "checkpointing.local_every=100", "hydra.launcher.signal_delay_s=120", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(_greenstack(*args), cwd=tmp_path, env=_env({"OMP_NUM_THREADS": "1"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job_id = ""
+    proc = _start(tmp_path, args)
+    victim = sweep / "1"
     try:
-        victim = sweep / "1"
-        deadline = time.monotonic() + 240
-        while _max_step(victim) < 5 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None and _max_step(victim) < 700, "the job finished before its limit was cut"
-        job_id = next(job for job in _job_ids(sweep) if job.endswith("_1"))
+        job_id = _wait_until_running(proc, sweep, max_steps=700)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=2"], check=True)
         deadline = time.monotonic() + 150
         while "received SIGUSR2" not in _job_log(sweep, job_id) and time.monotonic() < deadline:
