@@ -576,7 +576,10 @@ def _align_exog(exog: pd.DataFrame | None, index: pd.DatetimeIndex, horizon_h: i
         return None
     full = pd.date_range(index[0], index[-1] + pd.Timedelta(hours=horizon_h + 1), freq="h")
     ex = exog.copy()
-    ex.index = pd.DatetimeIndex(ex.index).tz_convert("UTC")
+    if not isinstance(ex.index, pd.DatetimeIndex) or ex.index.tz is None:
+        raise DataError(Problem("weather.timestamp", None, "weather columns need a timezone-aware time index",
+                                "index them by UTC times, e.g. pd.to_datetime(..., utc=True)"))
+    ex.index = ex.index.tz_convert("UTC")
     return ex.groupby(ex.index.floor("h")).mean().reindex(full).astype("float64")
 
 

@@ -123,6 +123,13 @@ def test_a_day_one_forecast_column_helps_only_the_leads_it_was_published_for():
     assert mape(got, late) == pytest.approx(mape(base, late), rel=0.02)
 
 
+def test_timezone_naive_weather_is_a_clear_error():
+    idx, wind, y, _ = _wind_grid(60)
+    naive = pd.DataFrame({"weather_wind": wind}, index=idx.tz_localize(None))
+    with pytest.raises(DataError, match="timezone-aware"):
+        F.CarbonForecaster().fit(y, exog=naive)
+
+
 def test_exogenous_scaling_uses_history_only():
     idx, wind, y, _ = _wind_grid(60)
     a = pd.DataFrame({"weather_wind": wind}, index=idx)
