@@ -330,6 +330,7 @@ class GeoTraining(Policy):
                 self._skip_sat_out_rounds(state)
         elif event is Event.FIT_END:
             preemption.coordinate(None)
+            preemption.gate_snapshots(None)
             if state.stop and not self._agreed_stop and self._round_start < state.max_steps:
                 # this worker stopped early (early stopping, a budget...): take part in the round the
                 # others are in, flagged, so everyone stops after it instead of waiting on a timeout
@@ -338,6 +339,7 @@ class GeoTraining(Policy):
             self._finish(state)
         else:  # EXCEPTION: no collectives, just stop the meter thread
             preemption.coordinate(None)
+            preemption.gate_snapshots(None)
             if self._monitor is not None:
                 self._monitor.stop()
 
@@ -363,6 +365,8 @@ class GeoTraining(Policy):
         self._agreed_stop = False  # a worker stopped early and every worker has seen it (see FIT_END)
         # a worker's preemption request travels with the next exchange; all workers stop after that round
         preemption.coordinate(lambda local: None)
+        # periodic snapshots at round boundaries only, where every worker's state lines up
+        preemption.gate_snapshots(lambda st: st.step == self._round_start or st.step >= st.max_steps)
         self._per_region = {r.name: {"energy_kwh": 0.0, "emissions_kg": 0.0, "steps": 0, "rounds_sat_out": 0,
                                      "workers": r.capacity} for r in self.regions}
         self._energy_at_last_round = 0.0
@@ -463,6 +467,7 @@ class GeoTraining(Policy):
             return
         if self._round_start < state.max_steps:
             self._plan_round(state)
+        preemption.at_boundary(state)  # due snapshots here, on every worker (also one sitting this round out)
 
     def _compress(self, update: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, values) this worker sends; nothing when it sat out (error memory keeps what it owes)."""

@@ -32,6 +32,8 @@ class _Registry:
     listeners: list[Any] = field(default_factory=list)
     #: (this worker's pending signal or None) -> (signal, requesting rank) the group agreed to stop on now
     coordinator: Callable[[int | None], tuple[int, int] | None] | None = None
+    #: (state) -> whether a snapshot may be taken at this step end (None: always)
+    snapshot_gate: Callable[[Any], bool] | None = None
 
 
 _state = _Registry()
@@ -83,6 +85,34 @@ def coordinate(fn: Callable[[int | None], tuple[int, int] | None] | None) -> Non
         _state.coordinator = fn
 
 
+def gate_snapshots(fn: Callable[[Any], bool] | None) -> None:
+    """Install (or with None remove) a rule for where periodic snapshots may be taken.
+
+    Why: `geo` workers that sit a round out skip its steps, so "every N steps" would save them in
+    other rounds than the workers that trained; at round boundaries every worker's state lines up.
+    """
+    with _lock:
+        _state.snapshot_gate = fn
+
+
+def snapshot_allowed(state: Any) -> bool:
+    """Whether a due periodic snapshot may be taken at this step end (deferred to the next allowed one)."""
+    gate = _state.snapshot_gate
+    return True if gate is None else bool(gate(state))
+
+
+def at_boundary(state: Any) -> None:
+    """A group policy reached a point where every worker's state lines up: take a due snapshot now.
+
+    Why: a `geo` worker that sits rounds out runs no step ends for them, so without this call it would
+    never reach the round boundaries where the other workers save.
+    """
+    for policy in list(_state.listeners):
+        hook = getattr(policy, "at_boundary", None)
+        if callable(hook):
+            hook(state)
+
+
 def agreed(local: int | None) -> tuple[int, int | None] | None:
     """(signal, requesting rank) to preempt on at this step boundary, or None to go on.
 
@@ -122,3 +152,4 @@ def reset() -> None:
         _state.saved = None
         _state.listeners.clear()
         _state.coordinator = None
+        _state.snapshot_gate = None

@@ -160,9 +160,9 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             if rank == 1 and state.step == self.at:
                 preemption.request(signal.SIGUSR1)  # as the Slurm launcher's handler does
 
-    def checkpointing(folder: str, resume: str) -> HierarchicalCheckpointing:
-        return HierarchicalCheckpointing(memory_every=0, local_every=1000, local_dir=str(Path(tmp) / folder),
-                                      resume=resume, signals=[])
+    def checkpointing(folder: str, resume: str, every: int = 1000) -> HierarchicalCheckpointing:
+        return HierarchicalCheckpointing(memory_every=0, local_every=every, local_keep=10,
+                                         local_dir=str(Path(tmp) / folder), resume=resume, signals=[])
 
     for kind in ("ddp", "geo"):
         def federated(kind: str = kind):
@@ -184,6 +184,28 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
                                               strict=True))
         results[f"{kind}_resume_steps"] = [whole.step, resumed.step]
+    # 8. periodic checkpoints while a region sits rounds out (its steps are skipped): every 6 steps means
+    #    "at the first round boundary after each multiple of 6" on every worker; resuming from one is exact
+    import shutil
+
+    def geo_aware():
+        return GeoTraining(regions=regions, local_steps=4, compression={"kind": "topk", "ratio": 0.1},
+                           participation={"mode": "carbon_aware", "margin": 0.5}, clock=clock)
+
+    preemption.reset()
+    whole, _ = _fit(geo_aware(), rank, steps=24, seed=10, extra=[RequestAt(-1), checkpointing("aware", "never", 6)])
+    mine = Path(tmp) / "aware" / f"rank-{rank}"
+    results["aware_saved_steps"] = sorted(int(p.name.split("-")[1]) for p in mine.glob("step-*"))
+    cut = Path(tmp) / "aware-cut" / f"rank-{rank}"
+    cut.mkdir(parents=True)
+    for name in ("step-000000008", "step-000000012"):
+        if (mine / name).is_dir():
+            shutil.copytree(mine / name, cut / name)
+    preemption.reset()
+    resumed, _ = _fit(geo_aware(), rank, steps=24, seed=11, extra=[RequestAt(-1), checkpointing("aware-cut", "auto")])
+    results["aware_resume_exact"] = all(
+        torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
+                                          strict=True))
     preemption.reset()
     dist.barrier()  # nobody tears gloo down while a peer still talks to it (that can SIGABRT the peer)
     dist.destroy_process_group()
@@ -230,3 +252,6 @@ def test_geo_and_ddp_in_three_gloo_processes(tmp_path):
         assert [r[f"{kind}_saved_steps"] for r in results] == [[step]] * WORLD, (kind, results)
         assert "rank 1" in results[0][f"{kind}_preempted"]["message"]
         assert all(r[f"{kind}_resume_exact"] and r[f"{kind}_resume_steps"] == [16, 16] for r in results), (kind, results)
+    # every 6 steps while rank 2 sat out rounds 0-2: all workers saved at the same round boundaries
+    assert [r["aware_saved_steps"] for r in results] == [[8, 12, 20, 24]] * WORLD, results
+    assert all(r["aware_resume_exact"] for r in results), results

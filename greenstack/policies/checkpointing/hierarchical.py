@@ -156,6 +156,7 @@ class HierarchicalCheckpointing(Policy):
         self.resumed_from: str | None = None
         self.skipped_on_resume: list[str] = []
         self._signal: int | None = None
+        self._checked_step = 0
         self._pending: tuple[PendingSnapshot, list[str], float] | None = None
         self.spot_notice, self.spot_endpoint, self.spot_interval_s = spot_notice, spot_endpoint, spot_interval_s
         self._spot: Any = None
@@ -189,6 +190,7 @@ class HierarchicalCheckpointing(Policy):
                 self.tiers[name].key = self.key
             if self.resume_mode != "never":
                 self._resume(state, stores)
+            self._checked_step = state.step  # cadences count from here (0, or the resumed step)
             preemption.register(self)  # from INIT on: a federated policy may need it from its FIT_START
         elif event is Event.FIT_START:
             self._install_signals()
@@ -239,7 +241,8 @@ class HierarchicalCheckpointing(Policy):
 
     # -- per step ---------------------------------------------------------------------------------
     def _due(self, every: int, step: int) -> bool:
-        return bool(every) and step % every == 0
+        """Whether a multiple of `every` was reached since the last open check (steps can jump: geo)."""
+        return bool(every) and step // every > self._checked_step // every
 
     def _on_step(self, state: State) -> None:
         if self._signal is None and preemption.requested() is not None:
@@ -250,9 +253,13 @@ class HierarchicalCheckpointing(Policy):
         if agreed is not None:
             signum, by = agreed
             self.preempt(state, signum, f"{signal.Signals(signum).name} to worker rank {by}, agreed by the group")
+        if not preemption.snapshot_allowed(state):
+            return  # a group's workers save only where their states line up (geo: round boundaries)
         due_local = "local" in self.tiers and self._due(self.local_every, state.step)
         due_durable = "durable" in self.tiers and self._due(self.durable_every, state.step)
-        if not (self._due(self.memory_every, state.step) or due_local or due_durable):
+        due_memory = self._due(self.memory_every, state.step)
+        self._checked_step = state.step
+        if not (due_memory or due_local or due_durable):
             return
         self._settle(state)
         t0 = time.perf_counter()
@@ -326,6 +333,15 @@ class HierarchicalCheckpointing(Policy):
         self.decisions.append({"kind": "checkpoint", "action": "checkpoint_now", "reason": reason,
                                "step": snapshot.step, "saved": saved, "seconds": round(time.monotonic() - t0, 3)})
         return ", ".join(saved) or "memory only (no disk tier configured)"
+
+    def at_boundary(self, state: State) -> None:
+        """A federated policy's round boundary (see `preemption.at_boundary`): the step-end checks, now.
+
+        The copy is finished before returning: the caller may change the parameters next (a worker that
+        sits the next round out applies its exchange at once), not only the optimizer after a backward.
+        """
+        self._on_step(state)
+        self._settle(state)
 
     @property
     def pending_signal(self) -> int | None:
