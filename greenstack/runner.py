@@ -17,6 +17,7 @@ from greenstack.engine.loop import Trainer
 from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError
 from greenstack.federated import launch as federated
+from greenstack.launch import preemption
 from greenstack.ledger.allocation import PoolAllocation
 from greenstack.ledger.audit import attach_to_recorders, record_policy_decisions, run_audit_log
 from greenstack.measure import Measurement
@@ -74,6 +75,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             federated.mark_failure(run_dir, worker.rank, e)  # before leaving the group: peers fail next
         raise
     finally:
+        preemption.end_run()  # process-wide hooks of this run's policies must not outlive it (multiruns)
         if worker is not None:
             worker.close(finished=finished)
 

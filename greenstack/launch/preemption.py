@@ -63,9 +63,12 @@ def saved() -> dict[str, Any] | None:
 
 
 def register(policy: Any) -> None:
-    """A checkpointing policy that honours requests is training (from FIT_START to FIT_END)."""
+    """A checkpointing policy that honours requests is training (from its INIT to FIT_END).
+
+    One run trains at a time in a process, so it replaces any policy a failed run left registered.
+    """
     with _lock:
-        _state.listeners.append(policy)
+        _state.listeners[:] = [policy]
 
 
 def unregister(policy: Any) -> None:
@@ -143,6 +146,14 @@ def preempt_now(state: Any, signum: int, reason: str) -> None:
         raise GreenstackError(f"preempted ({reason}) but no checkpointing policy is training to save the run: "
                               "use checkpointing=hierarchical to resume after preemption")
     _state.listeners[0].preempt(state, signum, reason)
+
+
+def end_run() -> None:
+    """Forget the finished (or failed) run's policies and group hooks; keep `saved` for the launcher."""
+    with _lock:
+        _state.listeners.clear()
+        _state.coordinator = None
+        _state.snapshot_gate = None
 
 
 def reset() -> None:

@@ -138,3 +138,22 @@ def test_a_job_released_at_its_planned_begin_starts_at_once(tmp_path, monkeypatc
     (decision,) = policy.decisions
     assert decision["action"] == "start" and decision["expected_saving_pct"] == 75.0
     assert decision["choice"]["slurm_job_id"] == "42" and "planned when it was submitted" in decision["notes"][0]
+
+
+def test_a_run_that_fails_leaves_no_preemption_hooks_behind(tmp_path):
+    """A multirun's next job in the same process must not inherit the failed job's policy or group hooks."""
+    import greenstack.runner as runner
+    from greenstack.compose import compose_with_problems
+    from greenstack.errors import GreenstackError
+    from tests.conftest import FAST
+
+    preemption.reset()
+    preemption.coordinate(lambda local: None)  # as a federated policy's INIT would have left them
+    preemption.gate_snapshots(lambda state: False)
+    cfg, problems = compose_with_problems(["recipe=quickstart", *FAST, "model.name=resnet10t",
+                                           "checkpointing=hierarchical", "checkpointing.resume=required"])
+    assert not problems, problems
+    with pytest.raises(GreenstackError, match="resume=required"):
+        runner.run(cfg, tmp_path)  # fails in the checkpointing policy's INIT: no checkpoint to resume
+    assert not preemption.honoured()
+    assert preemption.agreed(None) is None and preemption.snapshot_allowed(object())
