@@ -159,6 +159,11 @@ def add_weather_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weather", action="append", default=[], metavar="FILE", help=WEATHER_HELP)
 
 
+def weather_columns(exog: pd.DataFrame | None) -> list[str]:
+    """The weather columns a forecaster run could use (any value present), for the report."""
+    return [] if exog is None else [str(c) for c in exog.columns if exog[c].notna().any()]
+
+
 def load_weather(paths: Sequence[str], traces_in: Sequence[pd.DataFrame]) -> pd.DataFrame | None:
     """The `--weather` files as one UTC-indexed frame; clear errors for files without weather columns.
 
@@ -273,7 +278,8 @@ def _run_forecast_eval(args: argparse.Namespace) -> int:
                             "horizon_h": horizon, "mape": metrics["mape"], "mae": metrics["mae"],
                             "interval": {"quantiles": [min(ev.quantiles), max(ev.quantiles)],
                                          "coverage": round(ev.coverage(), 3)},
-                            "seconds": round(ev.seconds, 2)})
+                            "seconds": round(ev.seconds, 2),
+                            "weather_columns": weather_columns(exog)})
     if args.json:
         print(json.dumps({"traces": results}, indent=2))
     else:
@@ -310,7 +316,8 @@ def print_eval_table(results: Sequence[dict[str, Any]], file: Any = None) -> Non
         console.print(f"{Path(r['trace']).name}: {r['origins']} daily origins"
                       + (f" ({r['warmup_origins_skipped']} warm-up skipped)" if r["warmup_origins_skipped"] else "")
                       + f", {int(r['interval']['quantiles'][0] * 100)}-{int(r['interval']['quantiles'][1] * 100)}% "
-                      f"interval coverage {r['interval']['coverage']:.0%}, {r['seconds']:.1f} s")
+                      f"interval coverage {r['interval']['coverage']:.0%}, {r['seconds']:.1f} s"
+                      + (f"; weather: {', '.join(r['weather_columns'])}" if r.get("weather_columns") else ""))
 
 
 register("forecast-eval", Subcommand(

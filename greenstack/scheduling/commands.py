@@ -100,27 +100,29 @@ def run_backtest_command(args: argparse.Namespace) -> int:
     note = cfg.horizon_note()
     if note:
         print(f"note: {note}", file=sys.stderr)
-    results = []
+    results, used = [], []
     progress = plan._progress(enabled=not args.json)
     with progress:
         for df in traces_in:
             name = Path(df.attrs["path"]).name
             series, exog = plan._combine(df, plan._history_for(df, history, len(traces_in)), name, weather)
+            used.append(plan.weather_columns(exog) if cfg.forecaster == "greenstack" else [])
             first = int(round((df["timestamp"].iloc[0].floor("h") - series.index[0]).total_seconds() / 3600))
             task = progress.add_task(name, total=None)
             ctx = zone_context(args.zone or df.attrs.get("zone"))
             results.append(run_backtest(series.to_numpy(), int(series.index[0].timestamp()), first, cfg,
                                         name=str(df.attrs["path"]), context=ctx, exog=exog,
                                         progress=lambda i, n, task=task: progress.update(task, completed=i, total=n)))
-    doc = {"traces": [r.to_dict() for r in results], "aggregate": aggregate(results)}
+    doc = {"traces": [r.to_dict() for r in results], "aggregate": aggregate(results)}  # the issue's exact keys
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print_backtest_table(doc, results, cfg)
+        print_backtest_table(doc, results, cfg, weather=used)
     return 0
 
 
-def print_backtest_table(doc: dict[str, Any], results: list[Any], cfg: Any, file: Any = None) -> None:
+def print_backtest_table(doc: dict[str, Any], results: list[Any], cfg: Any, file: Any = None,
+                         weather: list[list[str]] | None = None) -> None:
     """Mean % saved vs starting at arrival, per trace and method, with the capture ratio."""
     from rich.console import Console
     from rich.table import Table
@@ -143,11 +145,12 @@ def print_backtest_table(doc: dict[str, Any], results: list[Any], cfg: Any, file
         row("aggregate", str(sum(e["jobs"] for e in doc["traces"])), doc["aggregate"])
     console = Console(file=file or sys.stdout, width=max(120, Console().width))
     console.print(table)
-    for r in results:
+    for i, r in enumerate(results):
         skipped = [f"{r.skipped_end} at the end (window past the trace)"] * bool(r.skipped_end) + \
                   [f"{r.skipped_warmup} in the forecaster's warm-up"] * bool(r.skipped_warmup)
+        cols = weather[i] if weather else []
         console.print(f"{Path(r.name).name}: {r.jobs} jobs" + (f", skipped {' and '.join(skipped)}" if skipped else "")
-                      + f", {r.seconds:.1f} s")
+                      + f", {r.seconds:.1f} s" + (f"; weather: {', '.join(cols)}" if cols else ""))
     console.print("capture = greenstack / oracle saving; plans use only data before each arrival "
                   f"(objective {cfg.objective}{', re-planned hourly' if cfg.replan else ''})")
 

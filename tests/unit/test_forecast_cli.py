@@ -127,7 +127,9 @@ def test_weather_file_lowers_the_error_it_can_explain(tmp_path, capsys):
 
     def day_mape(*extra):
         assert run_plan(["forecast-eval", "--trace", str(trace), "--json", *extra]) == 0
-        return json.loads(capsys.readouterr().out)["traces"][0]["mape"]["model"]
+        doc = json.loads(capsys.readouterr().out)["traces"][0]
+        assert doc["weather_columns"] == ([f"weather_wind_d{k}" for k in (1, 2, 3, 4)] if extra else [])
+        return doc["mape"]["model"]
 
     plain, informed = day_mape(), day_mape("--weather", str(weather))
     for day in ("day1", "day2", "day3"):

@@ -207,6 +207,9 @@ def test_weather_columns_in_the_trace_reach_the_backtest_forecaster(tmp_path, ca
     assert without["jobs"] == with_weather["jobs"]
     assert with_weather["saving_pct"]["oracle"] == pytest.approx(without["saving_pct"]["oracle"])
     assert with_weather["capture"] > without["capture"] + 0.05
+    assert run_plan(["backtest", "--trace", weather, "--history", hist_weather, "--duration", "4h",
+                     "--slack", "24h"]) == 0
+    assert "weather: weather_wind" in capsys.readouterr().out  # the table says what the forecaster used
     # the same columns from a separate --weather file (as `greenstack carbon weather` writes) give the same plans
     sep = write(pd.DataFrame({"timestamp": df["timestamp"], "weather_wind": wind}), tmp_path / "w.csv")
     assert run_plan(["backtest", "--trace", plain, "--history", hist_plain, "--weather", sep, "--duration", "4h",
