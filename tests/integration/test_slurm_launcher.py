@@ -169,16 +169,8 @@ def test_usr1_checkpoints_requeues_and_matches_an_uninterrupted_job(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = out + err
-    assert proc.returncode == 0, text[-4000:]
-    assert "2 jobs, 0 failed" in text
-    log = _job_log(sweep, job_id)
+    log, summary = _requeued_like_the_reference(proc.returncode, out + err, sweep, job_id)
     assert "preempted by SIGUSR1" in log and "requeueing job" in log
-    summary = json.loads((victim / "sustainability.json").read_text())
-    assert "checkpoint/resumed_from" in summary["metrics"]
-    reference, resumed = load_file(str(sweep / "0" / "model.safetensors")), load_file(str(victim / "model.safetensors"))
-    assert resumed.keys() == reference.keys()
-    assert all((resumed[k] == reference[k]).all() for k in reference), "weights differ after requeue"
     # one W&B run, continued: two offline segments with the run id of the run dir
     segments = sorted((victim / "wandb").glob("offline-run-*"))
     assert len(segments) == 2
@@ -186,6 +178,21 @@ def test_usr1_checkpoints_requeues_and_matches_an_uninterrupted_job(tmp_path):
     restarts = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-o", "JobID,State", "-j", job_id],
                               capture_output=True, text=True, check=True).stdout
     assert "REQUEUED" in restarts or "PREEMPTED" in restarts, restarts
+
+
+def _requeued_like_the_reference(returncode: int, text: str, sweep: Path, job_id: str) -> tuple[str, dict]:
+    """The 2-job sweep passed and job #1 resumed from its checkpoint with uninterrupted job #0's weights.
+
+    Returns job #1's Slurm log and its sustainability summary for the test's own checks.
+    """
+    assert returncode == 0, text[-4000:]
+    assert "2 jobs, 0 failed" in text
+    summary = json.loads((sweep / "1" / "sustainability.json").read_text())
+    assert "checkpoint/resumed_from" in summary["metrics"]
+    reference, resumed = load_file(str(sweep / "0" / "model.safetensors")), load_file(str(sweep / "1" / "model.safetensors"))
+    assert resumed.keys() == reference.keys()
+    assert all((resumed[k] == reference[k]).all() for k in reference), "weights differ after the requeue"
+    return _job_log(sweep, job_id), summary
 
 
 def _job_log(sweep: Path, job_id: str) -> str:
@@ -204,7 +211,6 @@ def test_slurm_time_limit_signal_checkpoints_requeues_and_matches(tmp_path):
             "tracker=none", "checkpointing=hierarchical", "checkpointing.memory_every=1",
             "checkpointing.local_every=100", "hydra.launcher.signal_delay_s=120", f"hydra.sweep.dir={sweep}"]
     proc = _start(tmp_path, args)
-    victim = sweep / "1"
     try:
         job_id = _wait_until_running(proc, sweep, max_steps=700)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=2"], check=True)
@@ -217,16 +223,9 @@ def test_slurm_time_limit_signal_checkpoints_requeues_and_matches(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = out + err
-    assert proc.returncode == 0, text[-4000:]
-    assert "2 jobs, 0 failed" in text
-    log = _job_log(sweep, job_id)
+    log, summary = _requeued_like_the_reference(proc.returncode, out + err, sweep, job_id)
     assert "checkpoint for SIGUSR2 saved" in log and "requeueing job" in log
-    summary = json.loads((victim / "sustainability.json").read_text())
-    assert "checkpoint/resumed_from" in summary["metrics"]
     assert summary["metrics"]["train/steps"]["value"] == 700
-    reference, resumed = load_file(str(sweep / "0" / "model.safetensors")), load_file(str(victim / "model.safetensors"))
-    assert all((resumed[k] == reference[k]).all() for k in reference), "weights differ after the time-limit requeue"
     restarts = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-o", "JobID,State", "-j", job_id],
                               capture_output=True, text=True, check=True).stdout
     assert "REQUEUED" in restarts, restarts
