@@ -85,9 +85,24 @@ def test_three_job_sweep_results_and_wandb_runs(tmp_path):
     # every job really ran under Slurm: accounting knows three completed array tasks
     array_ids = {job.split("_")[0] for job in _job_ids(sweep)}
     assert len(array_ids) == 1
-    states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", array_ids.pop()],
-                            capture_output=True, text=True, check=True).stdout.split()
-    assert sorted(s.split("|")[1] for s in states) == ["COMPLETED"] * 3
+    assert _settled_states(array_ids.pop(), 3) == ["COMPLETED"] * 3
+
+
+def _settled_states(job_id: str, count: int, timeout_s: float = 60.0) -> list[str]:
+    """Sorted accounting states of a job's array tasks once none is still RUNNING/PENDING/COMPLETING.
+
+    Why wait: slurmdbd records a task's end a moment after the task's output is on disk, so a query
+    right after the sweep can still see RUNNING (a CI flake under load).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id],
+                              capture_output=True, text=True, check=True).stdout.split()
+        states = sorted(r.split("|")[1] for r in rows)
+        unsettled = any(st in ("RUNNING", "PENDING", "COMPLETING") for st in states)
+        if (len(states) == count and not unsettled) or time.monotonic() > deadline:
+            return states
+        time.sleep(1.0)
 
 
 def _job_ids(sweep: Path) -> set[str]:
