@@ -262,3 +262,45 @@ def test_history_chunks_cover_the_past_part_in_day_aligned_limited_pieces():
     far = history_chunks(0.0, now, now, lookback_s=31 * day, max_chunk_s=40 * day)
     assert far[0][0] == 69 * day  # lookback limit (then day-aligned)
     assert history_chunks(now + 1, now + day, now, lookback_s=day, max_chunk_s=day) == []
+
+
+@pytest.mark.parametrize("elsewhere", ["https://evil.example.com/v3/carbon-intensity/history",
+                                       "https://api.electricitymap.org:8443/v3/carbon-intensity/history",
+                                       "http://api.electricitymap.org/v3/carbon-intensity/history"])
+def test_electricitymaps_key_never_follows_a_cross_origin_redirect(tmp_path, elsewhere):
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if str(request.url).startswith(elsewhere):
+            return httpx.Response(200, json=fixture("electricitymaps_history_GB.json"))
+        return httpx.Response(302, headers={"location": elsewhere})
+
+    provider = ElectricityMapsProvider("GB", transport=httpx.MockTransport(handle), backoff_s=0.001, retries=1,
+                                       env={"ELECTRICITYMAPS_API_KEY": EM_KEY})
+    frame = provider.fetch(provider.requests_for(NOW - 3600, NOW, NOW)[0])
+    assert len(frame) > 0 and len(seen) == 2
+    assert seen[0].headers["auth-token"] == EM_KEY  # the provider's own origin gets the key
+    assert all(EM_KEY not in f"{k}: {v}" for k, v in seen[1].headers.items())  # another origin never does
+    assert EM_KEY not in str(seen[1].url)
+
+
+def test_same_origin_redirect_keeps_credentials_and_watttime_basic_auth_stays_home(tmp_path):
+    seen: list[httpx.Request] = []
+    token = fixture("watttime_login.json")["token"]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "elsewhere.example.net":
+            return httpx.Response(200, json=fixture("watttime_login.json"))
+        if request.url.path == "/login":  # same origin hop first, then off-site
+            return httpx.Response(301, headers={"location": "/v3/login-moved"})
+        return httpx.Response(302, headers={"location": "https://elsewhere.example.net/login"})
+
+    env = {"WATTTIME_USERNAME": "greenstack-test", "WATTTIME_PASSWORD": WT_PASS}
+    provider = WattTimeProvider("CAISO_NORTH", transport=httpx.MockTransport(handle), env=env, backoff_s=0.001)
+    assert provider.login() == token
+    assert [r.url.host for r in seen] == ["api.watttime.org", "api.watttime.org", "elsewhere.example.net"]
+    assert seen[1].headers["authorization"].startswith("Basic ")  # same origin: still authenticated
+    assert "authorization" not in seen[2].headers
+    assert all(WT_PASS not in str(v) for v in seen[2].headers.values())

@@ -3,7 +3,9 @@
 Why a wrapper: every provider needs the same three things, and getting any of them wrong is costly
 (a hung request stalls a training run; a burst of retries gets an account throttled; an API key in a
 log line or exception leaks into W&B/MLflow). Transient failures (connection errors, timeouts, HTTP
-429 and 5xx) are retried with exponential backoff; other HTTP errors fail at once.
+429 and 5xx) are retried with exponential backoff; other HTTP errors fail at once. Redirects are
+followed by hand: credentials (the provider's headers, basic auth) go only to the origin they were
+meant for, never to the host of a cross-origin redirect (httpx itself strips only `Authorization`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ log = logging.getLogger("greenstack.carbon.providers")
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 3
+MAX_REDIRECTS = 5
 REDACTED = "***"
 
 
@@ -57,7 +60,7 @@ class HttpClient:
         self.provider = provider
         self.secrets = [s for s in secrets if s]
         self._client = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(self.timeout_s),
-                                    transport=transport, follow_redirects=True)
+                                    transport=transport, follow_redirects=False)
 
     def add_secret(self, secret: str | None) -> None:
         """Also redact `secret` (e.g. a session token obtained at login)."""
@@ -84,11 +87,27 @@ class HttpClient:
         except _Transient as err:
             raise ProviderError(f"{self.provider}: {err} (after {self.retries} attempts)") from None
 
+    def _follow(self, response: httpx.Response) -> httpx.Response:
+        """Follow up to MAX_REDIRECTS redirects; a hop to another origin gets no credentials at all."""
+        origin = _origin(response.request.url)
+        for _ in range(MAX_REDIRECTS):
+            nxt = response.next_request
+            if not response.has_redirect_location or nxt is None:
+                return response
+            response.close()
+            if _origin(nxt.url) == origin:
+                response = self._client.send(nxt)  # same origin: httpx kept the request's own headers
+            else:
+                log.warning("%s: redirected to another origin (%s); following without credentials",
+                            self.provider, _origin(nxt.url))
+                response = self._client.send(self._client.build_request("GET", nxt.url))
+        return response
+
     def _get_once(self, path: str, params: Mapping[str, Any] | None, headers: Mapping[str, str] | None,
                   auth: tuple[str, str] | None) -> Any:
         where = f"GET {self.base_url}{path}"
         try:
-            response = self._client.get(path, params=params, headers=headers, auth=auth)
+            response = self._follow(self._client.get(path, params=params, headers=headers, auth=auth))
         except httpx.TimeoutException:
             raise _Transient(redact(f"{where}: timed out after {self.timeout_s:g} s", self.secrets)) from None
         except httpx.TransportError as err:
@@ -106,3 +125,9 @@ class HttpClient:
         except ValueError:
             raise ProviderError(redact(f"{self.provider}: {where}: response is not JSON: "
                                        f"{response.text[:80]!r}", self.secrets)) from None
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what "same origin" compares."""
+    port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, port
