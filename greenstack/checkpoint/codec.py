@@ -19,6 +19,11 @@ from greenstack.checkpoint.snapshot import Snapshot
 
 FORMAT = "greenstack.checkpoint/1"
 MANIFEST = "manifest.json"
+#: the files every checkpoint holds besides its manifest
+PAYLOAD = ("model.safetensors", "trainer.pt", "state.json")
+#: keys of state.json and of the trainer payload that resuming reads
+STATE_KEYS = ("step", "epoch", "batch_in_epoch", "samples_seen", "rng", "created_at")
+TRAINER_KEYS = ("optimizer", "lr_scheduler", "policies", "torch_rng")
 
 
 class CheckpointError(Exception):
@@ -63,20 +68,35 @@ def verify(files: dict[str, bytes]) -> dict[str, Any]:
         raise CheckpointError("no manifest (incomplete or interrupted write)")
     try:
         manifest = json.loads(files[MANIFEST])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"manifest is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"manifest is not a JSON object (got {type(manifest).__name__})")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"unknown checkpoint format {manifest.get('format')!r}")
-    for name, entry in manifest["files"].items():
+    entries = manifest.get("files")
+    if not isinstance(entries, dict):
+        raise CheckpointError("manifest has no 'files' table")
+    missing = [name for name in PAYLOAD if name not in entries]
+    if missing:
+        raise CheckpointError(f"manifest lists no entry for {', '.join(missing)}")
+    for name, entry in entries.items():
         if name not in files:
             raise CheckpointError(f"missing file {name}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(f"manifest entry for {name} has no sha256")
         if _sha256(files[name]) != entry["sha256"]:
             raise CheckpointError(f"{name}: sha256 mismatch (corrupt or tampered)")
     return manifest
 
 
 def decode(files: dict[str, bytes], key: KeyProvider | None = None) -> Snapshot:
-    """Verify then load a checkpoint (torch payload with weights_only=True)."""
+    """Verify then load a checkpoint (torch payload with weights_only=True).
+
+    Any way the content can be malformed although its hashes match (a hand-edited manifest, a
+    corrupted safetensors header, a state without its counters, a pickle that weights_only refuses)
+    raises CheckpointError with the reason, so resume skips this checkpoint and tries an older one.
+    """
     from safetensors.torch import load
 
     manifest = verify(files)
@@ -88,11 +108,37 @@ def decode(files: dict[str, bytes], key: KeyProvider | None = None) -> Snapshot:
         try:
             data_key = key.unwrap(base64.b64decode(enc["wrapped_key"]))
             plain = {n: decrypt(data_key, base64.b64decode(enc["nonces"][n]), files[n],
-                                aad=f"{manifest['name']}/{n}".encode()) for n in manifest["files"]}
+                                aad=f"{manifest.get('name')}/{n}".encode()) for n in manifest["files"]}
         except DecryptionError as e:
             raise CheckpointError(str(e)) from e
-    state = json.loads(plain["state.json"])
-    trainer = torch.load(io.BytesIO(plain["trainer.pt"]), weights_only=True, map_location="cpu")
-    return Snapshot(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
-                    samples_seen=state["samples_seen"], model=load(plain["model.safetensors"]), trainer=trainer,
-                    rng=state["rng"], created_at=state["created_at"], meta=state.get("meta", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"manifest's encryption entry is malformed: {type(e).__name__}: {e}") from e
+    try:
+        state = json.loads(plain["state.json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"state.json is not valid JSON: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"state.json is not a JSON object (got {type(state).__name__})")
+    lacking = [k for k in STATE_KEYS if k not in state]
+    if lacking:
+        raise CheckpointError(f"state.json lacks {', '.join(lacking)}")
+    if not isinstance(state["rng"], dict) or any(k not in state["rng"] for k in ("python", "numpy")):
+        raise CheckpointError("state.json's rng entry is malformed (needs python and numpy states)")
+    try:
+        trainer = torch.load(io.BytesIO(plain["trainer.pt"]), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (refused by weights_only), EOFError, zip errors...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"trainer.pt cannot be loaded safely ({type(e).__name__}: {first[:200]})") from e
+    if not isinstance(trainer, dict) or any(k not in trainer for k in TRAINER_KEYS):
+        raise CheckpointError("trainer.pt lacks the optimizer/schedule/RNG state")
+    try:
+        model = load(plain["model.safetensors"])
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends on a corrupted header
+        raise CheckpointError(f"model.safetensors is unreadable ({type(e).__name__}: {e})") from e
+    try:
+        return Snapshot(step=int(state["step"]), epoch=int(state["epoch"]),
+                        batch_in_epoch=int(state["batch_in_epoch"]), samples_seen=int(state["samples_seen"]),
+                        model=model, trainer=trainer, rng=state["rng"], created_at=state["created_at"],
+                        meta=state.get("meta") or {})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"state.json has malformed counters: {e}") from e

@@ -117,9 +117,10 @@ class Store:
         for name in self.names():
             try:
                 return decode(self.read(name), key), name, skipped
-            except (CheckpointError, OSError, ValueError, RuntimeError) as e:
-                skipped.append(f"{self}/{name}: {e}")
-                log.warning("checkpoint %s/%s skipped: %s", self, name, e)
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with one checkpoint, try the next
+                reason = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+                skipped.append(f"{self}/{name}: {reason}")
+                log.warning("checkpoint %s/%s skipped: %s", self, name, reason)
         return None, None, skipped
 
 

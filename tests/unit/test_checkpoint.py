@@ -226,3 +226,87 @@ def test_each_rank_of_a_multi_process_run_keeps_its_own_checkpoints(tmp_path):
     assert str(single["local"]).rstrip("/").endswith("checkpoints")
     assert str(rank2["local"]).rstrip("/").endswith("checkpoints/rank-2")
     assert str(rank2["durable"]).rstrip("/").endswith("durable/rank-2")
+
+
+class _Evil:
+    """A pickle that would run code on load (weights_only refuses it)."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _rehash(files: dict) -> dict:
+    """Make the manifest's sha256 entries match the (malformed) files again, as an attacker could."""
+    import hashlib
+    import json
+
+    manifest = json.loads(files["manifest.json"])
+    if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict):
+        for name, entry in manifest["files"].items():
+            if isinstance(entry, dict) and name in files:
+                entry["sha256"] = hashlib.sha256(files[name]).hexdigest()
+                entry["bytes"] = len(files[name])
+        files["manifest.json"] = json.dumps(manifest).encode()
+    return files
+
+
+def _corrupt_manifest(files, change):
+    import json
+
+    manifest = json.loads(files["manifest.json"])
+    files["manifest.json"] = json.dumps(change(manifest)).encode()
+    return files
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _safetensors_header(data: bytes) -> bytes:
+    return (10**12).to_bytes(8, "little") + data[8:]  # header length far beyond the file
+
+
+MALFORMED = {
+    "manifest entry missing": (lambda f: _corrupt_manifest(f, lambda m: {**m, "files": {
+        k: v for k, v in m["files"].items() if k != "trainer.pt"}}), "no entry for trainer.pt"),
+    "manifest is []": (lambda f: {**f, "manifest.json": b"[]"}, "not a JSON object"),
+    "manifest files not a table": (lambda f: _corrupt_manifest(f, lambda m: {**m, "files": []}), "'files'"),
+    "manifest entry without sha256": (lambda f: _corrupt_manifest(f, lambda m: {**m, "files": {
+        **m["files"], "state.json": "x"}}), "no sha256"),
+    "safetensors header corrupted": (lambda f: _rehash({**f, "model.safetensors": _safetensors_header(
+        f["model.safetensors"])}), "model.safetensors is unreadable"),
+    "safetensors not safetensors": (lambda f: _rehash({**f, "model.safetensors": b"\x00" * 4}),
+                                    "model.safetensors is unreadable"),
+    "state.json missing keys": (lambda f: _rehash({**f, "state.json": b'{"step": 9}'}), "state.json lacks epoch"),
+    "state.json not JSON": (lambda f: _rehash({**f, "state.json": b"\xff{"}), "state.json is not valid JSON"),
+    "state.json rng malformed": (lambda f: _rehash({**f, "state.json": (
+        b'{"step": 9, "epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "rng": 1, "created_at": ""}')}),
+        "rng entry is malformed"),
+    "malicious pickle": (lambda f: _rehash({**f, "trainer.pt": _torch_bytes(_Evil())}),
+                         "trainer.pt cannot be loaded safely"),
+    "trainer.pt truncated": (lambda f: _rehash({**f, "trainer.pt": f["trainer.pt"][:50]}),
+                             "trainer.pt cannot be loaded safely"),
+    "trainer.pt without state": (lambda f: _rehash({**f, "trainer.pt": _torch_bytes({"optimizer": None})}),
+                                 "lacks the optimizer"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(MALFORMED))
+def test_malformed_checkpoint_with_matching_hashes_falls_back_to_an_older_one(tmp_path, corruption, capfd):
+    """Content that passes the sha256 check but is malformed is skipped with its reason, never a crash."""
+    corrupt, reason = MALFORMED[corruption]
+    store = Store(str(tmp_path))
+    good = _state()
+    good.step = 5
+    store.write("step-000000005", encode(capture(good)))
+    newer = _state(seed=2)
+    newer.step = 9
+    store.write("step-000000009", corrupt(encode(capture(newer))))
+    snapshot, name, skipped = store.load_latest()
+    assert name == "step-000000005" and snapshot.step == 5
+    assert len(skipped) == 1 and "step-000000009" in skipped[0] and reason in skipped[0], skipped
+    assert "pwned" not in capfd.readouterr().out  # the pickle's payload never ran
