@@ -8,14 +8,62 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from collections.abc import Mapping
 from typing import Any
+
+import httpx
 
 from greenstack.carbon import traces
 from greenstack.carbon.sources import country_table
 from greenstack.energy import select_meters
 
+PROBE_TIMEOUT_S = 5.0
 
-def diagnose(meter: str = "auto", zone: str = "DE-LU") -> dict[str, Any]:
+
+def probe_live_providers(zone: str = "DE-LU", *, env: Mapping[str, str] | None = None,
+                         transport: httpx.BaseTransport | None = None) -> list[dict[str, Any]]:
+    """For each live provider: are its credentials in the environment, and does one call with them work?
+
+    Only providers whose credentials are set are called (one short request, no retries); the report
+    names the environment variables, never their values, and errors are redacted.
+    """
+    import os
+
+    from greenstack.carbon.providers import PROVIDERS
+    from greenstack.carbon.providers.http import redact
+
+    env = os.environ if env is None else env
+    out: list[dict[str, Any]] = []
+    for name, cls in PROVIDERS.items():
+        item: dict[str, Any] = {"name": name, "key_env": list(cls.key_env)}
+        if not cls.key_env:
+            out.append({**item, "key_present": None, "checked": False,
+                        "note": "needs no key; used with carbon=" + name})
+            continue
+        provider = cls(zone if name == "electricitymaps" else "CAISO_NORTH", env=env, transport=transport,
+                       timeout_s=PROBE_TIMEOUT_S, retries=1)
+        missing = provider.missing_credentials()
+        if missing:
+            out.append({**item, "key_present": False, "checked": False, "note": missing})
+            continue
+        try:
+            if name == "watttime":
+                provider.login()  # checks the credentials; the data call needs a licensed region
+            else:
+                now = time.time()
+                provider.fetch(provider.requests_for(now - 3600, now, now)[0])
+            out.append({**item, "key_present": True, "checked": True, "ok": True, "error": None})
+        except Exception as e:  # a probe reports every failure instead of raising
+            out.append({**item, "key_present": True, "checked": True, "ok": False,
+                        "error": redact(f"{type(e).__name__}: {e}", provider.secrets())})
+        finally:
+            provider.client.close()
+    return out
+
+
+def diagnose(meter: str = "auto", zone: str = "DE-LU", *, env: Mapping[str, str] | None = None,
+             transport: httpx.BaseTransport | None = None) -> dict[str, Any]:
     """The machine's meters (used / not used with reasons) and carbon sources, as plain data."""
     from greenstack.carbon.sources import make_source
     from greenstack.errors import ConfigError
@@ -30,6 +78,7 @@ def diagnose(meter: str = "auto", zone: str = "DE-LU") -> dict[str, Any]:
     except ConfigError as e:
         carbon = {"zone": zone, "ok": False, "error": str(e)}
     return {"meters": used, "not_used": reasons, "estimated": estimated, "carbon": carbon,
+            "live_providers": probe_live_providers(zone, env=env, transport=transport),
             "embedded_zones": traces.available_zones(), "country_averages": len(country_table())}
 
 
@@ -61,6 +110,13 @@ def run_doctor(argv: list[str]) -> int:
         console.print("[yellow]will be estimated, not measured:[/] " + "; ".join(report["estimated"]))
     c = report["carbon"]
     console.print(f"[bold]carbon:[/] {c.get('source') if c['ok'] else c['error']}", markup=True)
+    for p in report["live_providers"]:
+        if not p["checked"]:
+            console.print(f"  live {p['name']}: not checked ({p['note']})", markup=False, soft_wrap=True)
+        elif p["ok"]:
+            console.print(f"  live {p['name']}: [green]works[/] (key from {' + '.join(p['key_env'])})", soft_wrap=True)
+        else:
+            console.print(f"  live {p['name']}: [red]key set but the call failed[/]: {p['error']}", soft_wrap=True)
     console.print(f"shipped hourly traces: {', '.join(report['embedded_zones'])}; "
                   f"annual averages for {report['country_averages']} countries")
     return 0

@@ -22,6 +22,9 @@ from greenstack.errors import DataError, Problem
 
 MAX_INTENSITY_G_PER_KWH = 2000.0
 DEFAULT_MAX_GAP_HOURS = 3.0
+#: timestamps outside [first, last] year are refused: no grid data predates 1990, and a year like 3023 or
+#: 1900 is a typo that would otherwise be replayed (hour-of-week) as if it were real data
+PLAUSIBLE_YEARS = (1990, 2099)
 MAX_ROWS_PER_PROBLEM = 10  # rows listed individually per kind of failure; the rest are summarised
 
 TIMESTAMP = "timestamp"
@@ -41,6 +44,10 @@ def _is_utc_aware(s: pd.Series) -> bool:
 
 def _not_before_previous(s: pd.Series) -> pd.Series:
     return (s.diff() >= pd.Timedelta(0)) | s.diff().isna()
+
+
+def _plausible_year(s: pd.Series) -> pd.Series:
+    return s.isna() | s.dt.year.between(*PLAUSIBLE_YEARS)
 
 
 def _gap_ok(max_gap: pd.Timedelta):
@@ -68,6 +75,7 @@ def trace_schema(max_gap_hours: float = DEFAULT_MAX_GAP_HOURS) -> pa.DataFrameSc
                 checks=[
                     pa.Check(_is_utc_aware, name="utc_timezone"),  # check names are matched in _REASONS
                     pa.Check(_not_before_previous, name="increasing"),
+                    pa.Check(_plausible_year, name="plausible_year"),
                     pa.Check(_gap_ok(max_gap), name="max_gap"),
                 ],
                 nullable=False, unique=True, report_duplicates="exclude_first",
@@ -229,6 +237,9 @@ _REASONS = {
     "increasing": ("earlier than the previous row {prev} ({prev_ts})", "sort the rows by timestamp"),
     "max_gap": ("{gap} after row {prev} ({prev_ts}); at most {max_gap:g} h allowed",
                 "fill the missing hours, or raise max_gap_hours"),
+    "plausible_year": (f"dated outside {PLAUSIBLE_YEARS[0]}-{PLAUSIBLE_YEARS[1]}: not grid data (a typo, "
+                       "e.g. 3023 for 2023?); it would be replayed as if it were",
+                       "fix the year of these timestamps"),
     "intensity_range": (f"outside [0, {MAX_INTENSITY_G_PER_KWH:g}] gCO2eq/kWh", "intensities are non-negative g/kWh"),
     "percent_range": ("outside [0, 100] %", "percentages go from 0 to 100"),
     "not_nullable": ("missing value", "every row needs a value"),

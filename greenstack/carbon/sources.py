@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -34,6 +35,10 @@ from greenstack.carbon import traces
 from greenstack.carbon.schema import DEFAULT_MAX_GAP_HOURS, MAX_INTENSITY_G_PER_KWH, validate_trace
 from greenstack.errors import ConfigError, Problem
 from greenstack.provenance import PROVENANCES, Figure, Provenance, weakest
+
+log = logging.getLogger("greenstack.carbon")
+#: replaying a series further than this from its own span gets a warning: the grid has changed since
+FAR_REPLAY_YEARS = 10.0
 
 HOUR_S = 3600
 DAY_S = 86400
@@ -168,6 +173,7 @@ class SeriesSource(IntensitySource):
         self.start_s = int(self._t[0])
         self.end_s = int(self._t[-1] + self.resolution_s)  # exclusive
         self.replay_year = self._latest_full_year()
+        self._warned_far = False
 
     def _latest_full_year(self) -> int | None:
         last = pd.Timestamp(self.end_s, unit="s", tz="UTC").year
@@ -195,6 +201,7 @@ class SeriesSource(IntensitySource):
         replay_note, replayable = "", True
         if (~inside).any():
             mapped[~inside], replay_note, replayable = self._replay(t[~inside])
+            self._warn_far(t[~inside])
         idx = np.clip(np.searchsorted(self._t, mapped, side="right") - 1, 0, len(self._t) - 1)
         ci = self._ci[idx].copy()
         re = self._re[idx].copy()
@@ -209,6 +216,17 @@ class SeriesSource(IntensitySource):
             label = f"{label} {replay_note}" if not inside.any() else f"{label} (in span) + {replay_note}"
         labels = [str(p) for p in np.unique(prov)] or ["estimated"]
         return IntensityLookup(t, ci, re, prov, weakest(*labels), label)
+
+    def _warn_far(self, t: np.ndarray) -> None:
+        """Warn (once per source) when a lookup is replayed from a span many years away."""
+        away_s = float(np.max(np.maximum(self.start_s - t, t - self.end_s)))
+        years = away_s / (365.25 * DAY_S)
+        if years > FAR_REPLAY_YEARS and not self._warned_far:
+            self._warned_far = True
+            first, end = self.span
+            log.warning("%s covers %s to %s, but times %.0f years away were looked up: they are replayed from "
+                        "it (hour-of-week) and the grid may differ a lot; check the trace's dates",
+                        self.label, first.date(), end.date(), years)
 
     def _replay(self, t: np.ndarray) -> tuple[np.ndarray, str, bool]:
         """Map times outside the series onto it; returns (times inside, description, ok)."""

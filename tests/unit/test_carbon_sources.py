@@ -170,3 +170,31 @@ def test_week_long_series_replays_hour_of_week():
     look = src.series_at(later)
     assert look.intensity_g_per_kwh[0] == 2 * 24 + 5  # Wednesday 05:00 of the trace week
     assert look.provenance == "estimated" and "hour-of-week" in look.source
+
+
+@pytest.mark.parametrize("year", [3023, 1900, 1989, 2100])
+def test_a_trace_dated_in_an_implausible_year_is_refused_naming_the_rows(tmp_path, year):
+    from greenstack.errors import DataError
+
+    path = tmp_path / "typo.csv"
+    hours = [f"2023-12-31T{h:02d}:00:00Z,{100 + h}" for h in range(22, 24)] + \
+        [f"{year}-01-01T{h:02d}:00:00Z,{200 + h}" for h in range(3)]
+    path.write_text("timestamp,carbon_intensity\n" + "\n".join(hours) + "\n")
+    with pytest.raises(DataError) as err:
+        CsvTraceSource(path)
+    text = str(err.value)
+    assert f"{year}-01-01T00:00:00Z" in text and "line 4" in text and "3023 for 2023" in text
+
+
+def test_replaying_a_trace_decades_away_warns_once(tmp_path, caplog):
+    path = tmp_path / "old.csv"
+    start = pd.Timestamp("1995-03-01T00:00Z")
+    path.write_text("timestamp,carbon_intensity\n" + "\n".join(
+        f"{(start + pd.Timedelta(hours=h)).isoformat()},{100 + h % 24}" for h in range(24 * 14)) + "\n")
+    src = CsvTraceSource(path)
+    with caplog.at_level("WARNING", logger="greenstack.carbon"):
+        src.series_at(pd.Timestamp("1995-03-20T00:00Z"))  # a few days away: no warning
+        assert caplog.records == []
+        src.series_at([pd.Timestamp("2026-06-01T00:00Z"), pd.Timestamp("2026-06-02T00:00Z")])
+        src.series_at(pd.Timestamp("2026-07-01T00:00Z"))
+    assert len(caplog.records) == 1 and "31 years away" in caplog.text and "1995-03-01" in caplog.text
