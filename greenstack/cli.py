@@ -94,6 +94,10 @@ def collect_problems(overrides: Sequence[str], *, multirun: bool = False) -> lis
 
 
 # -- train ---------------------------------------------------------------------------------------
+#: what greenstack's job-failure exception says; `_HydraNoise` drops it (greenstack already reported)
+_JOB_FAILED = "greenstack: job failed (reported above)"
+
+
 def _task(cfg: Any) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import CompactHydraException
@@ -107,19 +111,71 @@ def _task(cfg: Any) -> dict[str, Any]:
     run_dir = hydra_cfg.runtime.output_dir
     try:
         summary = runner.run(cfg, run_dir)
-    except GreenstackError as e:
-        _record_job(hydra_cfg, run_dir, "FAILED", error=f"{type(e).__name__}: {e}")
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        log_file = _log_failure(hydra_cfg, run_dir, e)
+        _record_job(hydra_cfg, run_dir, "FAILED", error=error)
         if _failure.get("debug"):
             raise
-        _failure["code"] = report_error(e)
-        raise JobFailed(f"job in {run_dir} failed: {type(e).__name__}") from None
-    except Exception as e:
-        _record_job(hydra_cfg, run_dir, "FAILED", error=f"{type(e).__name__}: {e}")
-        raise
+        if isinstance(e, GreenstackError):
+            _failure["code"] = report_error(e)
+        else:  # a bug or a library's error: the cause on screen, the traceback in the job's log
+            first = (str(e).strip().splitlines() or [""])[0]
+            _console().print(f"[bold red]greenstack error:[/] run failed: {type(e).__name__}: {first}\n"
+                             f"  traceback in {log_file} (rerun with --debug to see it here)",
+                             markup=True, soft_wrap=True, highlight=False)
+            _failure["code"] = 1
+        raise JobFailed(_JOB_FAILED) from None
     _record_job(hydra_cfg, run_dir, "COMPLETED", summary=summary)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun/Slurm every rank returns; rank 0 reports
         _print_run_summary(summary, run_dir)
     return summary
+
+
+def _log_failure(hydra_cfg: Any, run_dir: str, error: BaseException) -> Path:
+    """Write the error (with its traceback unless it is a user error) into the job's own log file, and
+    only there: the terminal gets one short message, the log the full story."""
+    import logging
+    import traceback
+
+    log_file = Path(run_dir) / f"{hydra_cfg.job.name}.log"
+    user_error = isinstance(error, GreenstackError)
+    text = f"run failed: {type(error).__name__}: {error}"
+    if not user_error:
+        text += "\n" + "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+    record = logging.getLogger("greenstack").makeRecord("greenstack", logging.ERROR, __file__, 0, text, None, None)
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_file.resolve()]
+    for handler in handlers:
+        handler.handle(record)
+    if not handlers:  # logging configured elsewhere (hydra/job_logging=none): append it ourselves
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s").format(record) + "\n")
+        except OSError:
+            pass
+    return log_file
+
+
+class _HydraNoise:
+    """stderr without Hydra's epilogue to a failed job ("Error executing job with overrides: ...",
+    the re-raised failure, "Set the environment variable HYDRA_FULL_ERROR=1 ..."): greenstack has
+    already said what failed and where its log is. Everything else passes through unchanged."""
+
+    _DROP = ("Error executing job with overrides:", _JOB_FAILED)
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        stripped = text.strip()
+        if stripped.startswith(self._DROP) or "HYDRA_FULL_ERROR=1" in stripped:
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _record_job(hydra_cfg: Any, run_dir: str, state: str, *, summary: dict[str, Any] | None = None,
@@ -192,11 +248,16 @@ def train(argv: list[str]) -> int:
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_task)
     jobtable.clear()
     code = 0
+    stderr = sys.stderr
+    if not _failure.get("debug"):
+        sys.stderr = _HydraNoise(stderr)
     try:
         app()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         code = _failure.get("code", code) if code else 0
+    finally:
+        sys.stderr = stderr
     outcomes = jobtable.outcomes() if multirun else []
     if outcomes:
         jobtable.print_table(outcomes)

@@ -176,11 +176,13 @@ def _report_compare(args: argparse.Namespace) -> int:
     table = Table(title=f"{len(comparison.rows)} runs: {comparison.metric} vs {comparison.cost}", title_justify="left",
                   caption=f"Pareto plot: {plot_path}  (* = Pareto-optimal: no run has both lower "
                           f"{comparison.cost} and higher {comparison.metric})", caption_justify="left")
-    for col in ("", "run", "overrides", comparison.metric, "kgCO2e", "kWh", "duration s", "energy USD"):
-        table.add_column(col, justify="right" if col not in ("", "run", "overrides") else "left", overflow="fold")
+    for col in ("", "run", "state", "overrides", comparison.metric, "kgCO2e", "kWh", "duration s", "energy USD"):
+        table.add_column(col, justify="right" if col not in ("", "run", "state", "overrides") else "left",
+                         overflow="fold")
     for r in comparison.rows:
         v = r.values
-        table.add_row("*" if r.pareto else "", r.label, " ".join(r.overrides), _fmt(r.metric),
+        state = r.state if r.state == "completed" else f"[red]{r.state}[/]"
+        table.add_row("*" if r.pareto else "", r.label, state, " ".join(r.overrides), _fmt(r.metric),
                       _fmt(v.get("carbon/total_kg_co2e")), _fmt(v.get("energy/total_kwh")),
                       _fmt(v.get("time/duration_s")), _fmt(v.get("cost/energy_usd")),
                       style="bold green" if r.pareto else None)

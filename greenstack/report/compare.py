@@ -21,9 +21,15 @@ DEFAULT_METRIC = "test/accuracy"
 DEFAULT_COST = "carbon/total_kg_co2e"
 
 
+def _is_job_dir(path: Path) -> bool:
+    """A run dir whether or not it finished: its sustainability.json, or Hydra's record of the job."""
+    return (path / "sustainability.json").is_file() or (path / ".hydra" / "config.yaml").is_file()
+
+
 def find_runs(paths: list[str | Path], *, max_depth: int = 3) -> list[Path]:
-    """Run dirs under each path: the path itself if it holds sustainability.json, else finished runs below it
-    (a multirun's numbered job dirs sort numerically)."""
+    """Run dirs under each path: the path itself if it holds sustainability.json, else the runs below it
+    (a multirun's numbered job dirs sort numerically), failed jobs (a `.hydra` record without
+    sustainability.json) included so a comparison never drops them silently."""
     found: list[Path] = []
     problems = []
 
@@ -40,9 +46,13 @@ def find_runs(paths: list[str | Path], *, max_depth: int = 3) -> list[Path]:
             continue
         below: list[Path] = []
         for depth in range(1, max_depth + 1):  # the shallowest level with runs: a sweep's job dirs
-            below = [p.parent for p in root.glob("*/" * depth + "sustainability.json")]
-            if below:
+            level = [p for p in root.glob("*/" * depth) if p.is_dir() and _is_job_dir(p)]
+            if any((p / "sustainability.json").is_file() for p in level):
+                below = level
                 break
+            below = below or level  # a sweep whose every job failed still lists them
+        if not below and _is_job_dir(root):
+            below = [root]  # one failed run
         if not below:
             problems.append(Problem("DIR", str(root), "no finished runs (sustainability.json) in or below it",
                                     "give run dirs or a multirun dir (multirun/<date>/<time>)"))
@@ -69,6 +79,8 @@ class Row:
     values: dict[str, float | None]
     provenance: dict[str, str]
     pareto: bool = False
+    #: completed, or how the run ended otherwise (failed, interrupted, budget_stopped: partial figures)
+    state: str = "completed"
 
 
 @dataclass
@@ -109,8 +121,10 @@ def _label(run: RunDir, root_common: Path | None) -> str:
 def compare_runs(paths: list[str | Path], *, metric: str = DEFAULT_METRIC, cost: str = DEFAULT_COST) -> Comparison:
     """Load the runs and mark the Pareto-optimal ones (maximise `metric`, minimise `cost`)."""
     dirs = find_runs(paths)
-    runs = [load_run(d) for d in dirs]
-    common = Path(os.path.commonpath([str(r.path.resolve()) for r in runs])) if len(runs) > 1 else None
+    failed = [d for d in dirs if not (d / "sustainability.json").is_file()]
+    runs = [load_run(d) for d in dirs if d not in failed]
+    every = [r.path for r in runs] + failed
+    common = Path(os.path.commonpath([str(p.resolve()) for p in every])) if len(every) > 1 else None
     keys = (metric, cost, "carbon/total_kg_co2e", "energy/total_kwh", "time/duration_s", "cost/energy_usd")
     rows = []
     notes = []
@@ -121,16 +135,34 @@ def compare_runs(paths: list[str | Path], *, metric: str = DEFAULT_METRIC, cost:
             notes.append(f"{run.path}: no {metric}, used val/accuracy")
         values = {k: run.value(k) for k in dict.fromkeys(keys)}
         prov = {k: str((run.figure(k) or {}).get("provenance", "")) for k in values}
-        rows.append(Row(_label(run, common), str(run.path), run.overrides, m, run.value(cost), values, prov))
-    complete = [r for r in rows if r.metric is not None and r.cost is not None
+        state = str(run.summary.get("status") or "completed")
+        rows.append(Row(_label(run, common), str(run.path), run.overrides, m, run.value(cost), values, prov,
+                        state=state))
+    for path in failed:
+        label = _label(RunDir(path, {}, [], {}, [], []), common)
+        rows.append(Row(label, str(path), _overrides(path), None, None, dict.fromkeys(keys), {}, state="failed"))
+        log_hint = next((str(p) for p in sorted(path.glob("*.log"))), None)
+        notes.append(f"{path}: failed before writing sustainability.json" + (f" (see {log_hint})" if log_hint else ""))
+    complete = [r for r in rows if r.state == "completed" and r.metric is not None and r.cost is not None
                 and math.isfinite(r.metric) and math.isfinite(r.cost)]
     for r in rows:
         if r not in complete:
-            notes.append(f"{r.path}: lacks {metric} or {cost}; left out of the Pareto front")
+            why = f"ended {r.state}" if r.state != "completed" else f"lacks {metric} or {cost}"
+            notes.append(f"{r.path}: {why}; left out of the Pareto front")
     for r, flag in zip(complete, pareto_front([(r.cost, r.metric) for r in complete]), strict=True):  # type: ignore[misc]
         r.pareto = flag
     rows.sort(key=lambda r: (r.cost is None, r.cost if r.cost is not None else 0.0))
     return Comparison(metric, cost, rows, notes=notes)
+
+
+def _overrides(path: Path) -> list[str]:
+    """The job's command-line overrides (Hydra's record), [] when unreadable."""
+    try:
+        from omegaconf import OmegaConf
+
+        return [str(o) for o in OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "overrides.yaml")) or []]
+    except Exception:  # noqa: BLE001 - a label only
+        return []
 
 
 def plot_pareto(comparison: Comparison, out: str | Path) -> Path:
