@@ -438,9 +438,10 @@ def _main(argv: list[str]) -> int:
         if debug:
             raise
         return report_error(e)
-    except KeyboardInterrupt:
-        print("greenstack: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C (130), or SIGTERM during a run (RunInterrupted, 143)
+        if not getattr(e, "reported", False):  # a run says so itself, with where its partial figures went
+            print(f"greenstack: {str(e) or 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0

@@ -52,6 +52,21 @@ class ConfigError(GreenstackError):
         return "\n".join(lines)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM during a run, raised in the main thread so the run can write its partial accounting.
+
+    A KeyboardInterrupt (not an Exception) so that nothing that catches `Exception` swallows it;
+    the CLI exits with the conventional 128 + signal number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
 class DataError(ConfigError):
     """Input data (carbon traces, hardware tables, datasets) failed validation."""
 

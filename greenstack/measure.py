@@ -313,8 +313,18 @@ class Measurement(Policy):
         self._epoch_kg = list(state.get("epoch_kg", []))
 
     # -- summary ----------------------------------------------------------------------------------
-    def final(self, state: State, latency_ms: float | None, latency_batch: int) -> tuple[dict[str, Figure], dict]:
-        """Summary figures (unit, provenance, source) and the CodeCarbon-compatible emissions row."""
+    @property
+    def resumed(self) -> bool:
+        """Whether this segment continues a run from a checkpoint (its totals include earlier segments)."""
+        return bool(self._carried["kwh"] or self._carried["kg"] or self._carried["duration_s"])
+
+    def final(self, state: State, latency_ms: float | None, latency_batch: int, *,
+              reduce: bool = True) -> tuple[dict[str, Figure], dict]:
+        """Summary figures (unit, provenance, source) and the CodeCarbon-compatible emissions row.
+
+        `reduce=False` (a run ending on an error): this process's figures only, no collective that
+        peers which already failed would never join.
+        """
         from greenstack.carbon.accounting import account_emissions, embodied_emissions_kg
 
         self.close()
@@ -331,7 +341,8 @@ class Measurement(Policy):
             local.update({c: float(v.sum()) + self._carried["kwh"].get(c, 0.0) for c, v in kwh.items()})
             local["kg"] = result.total_emissions_kg + self._carried["kg"]
         # every rank joins the reduction (collectives must match); only metering ranks add energy
-        node = reduce_across_ranks({**local, "samples": float(state.samples_seen)})
+        node = {**local, "samples": float(state.samples_seen)}
+        node = reduce_across_ranks(node) if reduce else node
         if mon is None or result is None:
             return figs, {}
         per_component = {c: node[c] for c in mon.components}
@@ -462,14 +473,25 @@ EMISSIONS_COLUMNS = ["timestamp", "project_name", "run_id", "experiment_id", "du
                      "ram_total_size", "tracking_mode", "on_cloud", "pue", "provenance", "source"]
 
 
-def write_emissions_csv(path: Path, row: dict[str, Any]) -> None:
-    """Append one run row with CodeCarbon's column names (plus provenance/source) so dashboards read it."""
+def write_emissions_csv(path: Path, row: dict[str, Any], *, replace_run_id: str | None = None) -> None:
+    """Append one run row with CodeCarbon's column names (plus provenance/source) so dashboards read it.
+
+    `replace_run_id`: drop that run's earlier rows first (a resumed run's row covers its interrupted
+    segments, whose partial rows would otherwise be counted twice).
+    """
     import csv
     import io
 
     from greenstack.io import atomic_write_bytes
 
     existing = path.read_text() if path.is_file() else ""
+    if existing and replace_run_id is not None:
+        kept = [r for r in csv.DictReader(io.StringIO(existing)) if r.get("run_id") != replace_run_id]
+        out = io.StringIO()
+        rewrite = csv.DictWriter(out, fieldnames=EMISSIONS_COLUMNS, extrasaction="ignore")
+        rewrite.writeheader()
+        rewrite.writerows(kept)
+        existing = out.getvalue()
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=EMISSIONS_COLUMNS, extrasaction="ignore")
     if not existing:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from greenstack.engine.loop import Trainer
 from greenstack.engine.policy import Policy
-from greenstack.errors import ConfigError
+from greenstack.errors import ConfigError, RunInterrupted
 from greenstack.federated import launch as federated
 from greenstack.launch import preemption
 from greenstack.ledger.allocation import PoolAllocation
@@ -67,7 +71,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     worker = federated.join(cfg)  # None unless federated=ddp/geo
     finished = False
     try:
-        summary = _run(cfg, run_dir, worker)
+        with _sigterm_raises():
+            summary = _run(cfg, run_dir, worker)
         finished = True
         return summary
     except BaseException as e:
@@ -78,6 +83,37 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         preemption.end_run()  # process-wide hooks of this run's policies must not outlive it (multiruns)
         if worker is not None:
             worker.close(finished=finished)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `RunInterrupted` in the main thread, so the run ends through its finalisation
+    (partial accounting) instead of dying silently. Only where nobody else handles SIGTERM (a launcher,
+    a checkpointing policy installs its own); a second SIGTERM while finalising is ignored."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    raised: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        del frame
+        if not raised:
+            raised.append(signum)
+            raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def end_status(error: BaseException) -> str:
+    """How a run that raised ended: `interrupted` (a signal, Ctrl-C, a preemption) or `failed`."""
+    from greenstack.policies.checkpointing.hierarchical import Preempted
+
+    return "interrupted" if isinstance(error, (KeyboardInterrupt, Preempted)) else "failed"
 
 
 def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None) -> dict[str, Any]:
@@ -110,6 +146,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     report = RunReport(cfg, run_dir=run_dir, run_id=run_id, measurement=measurement)
     jsonl = JsonlWriter(run_dir) if rank == 0 else federated.NullSink()
     exit_code = 1
+    trainer: Trainer | None = None
     tracker.start(run_dir=run_dir, run_id=run_id, run_name=str(run_name),
                   config=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     try:
@@ -126,6 +163,15 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
         tracker.summary(summary["flat"])
         exit_code = 0
         return summary
+    except BaseException as e:  # the single end of every run that did not finish: its partial accounting
+        reason = str(e) or type(e).__name__
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, RunInterrupted):
+            reason = "interrupted by SIGINT"
+        written = report.finish_partial(trainer.state if trainer is not None else None, status=end_status(e),
+                                        reason=reason.splitlines()[0], policies=policies)
+        if written is not None and isinstance(e, KeyboardInterrupt):
+            e.reported = True  # type: ignore[attr-defined] # the CLI's "interrupted" line is said already
+        raise
     finally:
         record_policy_decisions(audit, policies)  # efficiency/alert/compression decisions, also of a failed run
         if pool is not None:

@@ -30,6 +30,19 @@ from greenstack.provenance import Figure
 log = logging.getLogger("greenstack")
 
 
+RUN_STATUSES = ("completed", "interrupted", "failed", "budget_stopped")
+
+
+def _spent(metrics: dict[str, Figure]) -> str:
+    """'12 steps, 0.0031 kWh, 0.0012 kgCO2eq': what a partial run had spent, for its one terminal line."""
+    parts = [f"{metrics['train/steps'].value} steps"]
+    for key, unit in (("energy/total_kwh", "kWh"), ("carbon/total_kg_co2e", "kgCO2eq")):
+        value = metrics[key].value if key in metrics else None
+        if isinstance(value, (int, float)):
+            parts.append(f"{value:.3g} {unit}")
+    return ", ".join(parts)
+
+
 class _Clock(Policy):
     """Wall-clock of the fit, measured."""
 
@@ -71,27 +84,28 @@ class RunReport:
         self.cfg, self.run_dir, self.run_id = cfg, run_dir, run_id
         self.clock = _Clock()
         self.measurement = measurement
+        #: sustainability.json is out: a later failure (report, tracker) must not replace it with a partial one
+        self.written = False
 
     def policies(self) -> list[Policy]:
         return [self.clock] + ([self.measurement] if self.measurement is not None else [])
 
     def finish(self, state: State, *, trainer: Any, data: Any, policies: list[Policy]) -> dict[str, Any]:
+        """The end of a run that trained to its end (or was stopped by a policy): every figure."""
         weights = self.run_dir / "model.safetensors"
         writer = state.rank == 0  # a multi-process run has one set of outputs, written by rank 0
         if writer:
             save_weights(state.model, weights)
-        n_params = sum(p.numel() for p in state.model.parameters())
         step_times = trainer.step_times_s
-        metrics: dict[str, Figure] = {
-            "time/duration_s": Figure(round(self.clock.duration_s, 3), "s", "measured", "time.perf_counter"),
-            "train/steps": Figure(state.step, "steps", "measured", "loop"),
-            "train/samples": Figure(state.samples_seen, "samples", "measured", "loop"),
+        metrics = self._progress_figures(state)
+        metrics.update({
             "time/median_step_s": Figure(statistics.median(step_times) if step_times else None, "s",
                                          "measured", "time.perf_counter per optimizer step"),
             "efficiency/model_size_mb": Figure(round(weights.stat().st_size / 1e6, 4) if writer else None, "MB",
                                                "measured", "size of model.safetensors"),
-            "model/parameters": Figure(n_params, "count", "measured", "sum of parameter numel"),
-        }
+            "model/parameters": Figure(sum(p.numel() for p in state.model.parameters()), "count", "measured",
+                                       "sum of parameter numel"),
+        })
         final = trainer.last_eval
         for key in ("val/accuracy", "test/accuracy", "test/loss"):
             if key in final:
@@ -103,25 +117,91 @@ class RunReport:
             size = int(batch["labels"].shape[0]) if isinstance(batch, dict) else 0
             figures, row = self.measurement.final(state, latency, size)
             metrics.update(figures)
-            if row and state.rank == 0:
-                row.update(project_name=self.cfg.get("project"), run_id=self.run_id,
-                           experiment_id=self.cfg.get("run_name") or "")
-                write_emissions_csv(self.run_dir / "emissions.csv", row)
+            self._write_emissions(state, row)
         for policy in policies:
             for key, fig in policy.summary().items():
                 metrics[key] = fig if isinstance(fig, Figure) else Figure(fig, "", "measured", policy.name)
+        status = self.status_of(state)
+        return self._write_summary(state, metrics, policies, status=status,
+                                   reason=state.stop_reason if status != "completed" else None)
+
+    def status_of(self, state: State) -> str:
+        """How a run that left the loop normally ended: completed, or stopped by its carbon budget.
+
+        A policy that stops a run for a failure says so with `state.extras["run_status"] = "failed"`
+        next to `state.request_stop(reason)`.
+        """
+        explicit = state.extras.get("run_status")
+        if explicit in RUN_STATUSES:
+            return explicit
+        decision = self.measurement.budget_decision if self.measurement is not None else None
+        if state.stop and decision is not None and decision.get("action") == "stop":
+            return "budget_stopped"
+        return "completed"
+
+    def finish_partial(self, state: State | None, *, status: str, reason: str,
+                       policies: list[Policy]) -> dict[str, Any] | None:
+        """The end of a run that did not reach its end (interrupted, failed): what was spent so far.
+
+        No weights, no evaluation: only the figures measured until now, flagged `"partial": true`.
+        Never raises (the run's own error is what the user must see); returns None when nothing
+        was written (nothing measured yet, or the full summary is already out).
+        """
+        if self.written or state is None:
+            return None
+        try:
+            metrics = self._progress_figures(state)
+            if self.measurement is not None:
+                figures, row = self.measurement.final(state, None, 0, reduce=False)
+                metrics.update(figures)
+                self._write_emissions(state, row)
+            for policy in policies:
+                try:
+                    for key, fig in policy.summary().items():
+                        metrics[key] = fig if isinstance(fig, Figure) else Figure(fig, "", "measured", policy.name)
+                except Exception:  # noqa: BLE001 - a policy's summary must not cost the run its accounting
+                    log.debug("summary of %s failed in a partial run", policy.name, exc_info=True)
+            return self._write_summary(state, metrics, policies, status=status, reason=reason)
+        except Exception:  # noqa: BLE001 - see docstring
+            log.warning("could not write the partial accounting of this run", exc_info=True)
+            return None
+
+    def _progress_figures(self, state: State) -> dict[str, Figure]:
+        duration = self.clock.duration_s if self.clock.ended_at is not None or not self.clock._t0 \
+            else time.perf_counter() - self.clock._t0
+        return {
+            "time/duration_s": Figure(round(duration, 3), "s", "measured", "time.perf_counter"),
+            "train/steps": Figure(state.step, "steps", "measured", "loop"),
+            "train/samples": Figure(state.samples_seen, "samples", "measured", "loop"),
+        }
+
+    def _write_emissions(self, state: State, row: dict[str, Any]) -> None:
+        if row and state.rank == 0:
+            row.update(project_name=self.cfg.get("project"), run_id=self.run_id,
+                       experiment_id=self.cfg.get("run_name") or "")
+            resumed = self.measurement is not None and self.measurement.resumed
+            # a resumed run's row includes its earlier segments: it replaces their partial rows
+            write_emissions_csv(self.run_dir / "emissions.csv", row, replace_run_id=self.run_id if resumed else None)
+
+    def _write_summary(self, state: State, metrics: dict[str, Figure], policies: list[Policy], *, status: str,
+                       reason: str | None) -> dict[str, Any]:
+        ended_at = self.clock.ended_at or datetime.now(timezone.utc)
         summary = {
             "schema": "greenstack.sustainability/1",
             "run_id": self.run_id,
             "run_name": self.cfg.get("run_name"),
             "greenstack_version": __version__,
+            "status": status,
+            "partial": status != "completed",
             "started_at": self.clock.started_at.isoformat() if self.clock.started_at else None,
-            "ended_at": self.clock.ended_at.isoformat() if self.clock.ended_at else None,
+            "ended_at": ended_at.isoformat() if self.clock.started_at else None,
             "stopped_early": state.stop_reason or None,
             "host": {"platform": platform.platform(), "python": platform.python_version(),
                      "torch": torch.__version__, "device": str(state.device)},
             "metrics": {k: v.to_dict() for k, v in metrics.items()},
         }
+        if status != "completed":
+            summary["end_reason"] = reason
         for policy in policies:  # geo-distributed runs: per-region energy, emissions, steps, bytes
             region_report = getattr(policy, "region_report", None)
             if callable(region_report) and region_report() is not None:
@@ -130,8 +210,14 @@ class RunReport:
             summary["energy_meters"] = self.measurement.meter_notes
             summary["carbon_source"] = self.measurement.source.describe()
             summary["carbon_budget"] = self.measurement.budget_decision
-        if writer:
+        if state.rank == 0:
             atomic_write_json(self.run_dir / "sustainability.json", summary)
+            self.written = True
+            if status != "completed":
+                said = reason if status == "interrupted" and (reason or "").startswith("interrupted") \
+                    else f"run {status.replace('_', ' ')}: {reason or 'no reason given'}"
+                log.warning("%s: partial accounting in %s (sustainability.json, emissions.csv): %s", said,
+                            self.run_dir, _spent(metrics))
         summary["flat"] = {k: v.value for k, v in metrics.items() if isinstance(v.value, (int, float))}
         return summary
 

@@ -89,6 +89,10 @@ def test_carbon_budget_stop_after_first_epoch(tmp_path):
     assert decision["projected_total_kg"] > decision["budget_kg"]
     assert "carbon.budget_kg" in summary["stopped_early"]
     assert summary["metrics"]["train/steps"]["value"] < 4 * 3
+    # a budget stop is a partial run, flagged as such on disk
+    written = json.loads((tmp_path / "sustainability.json").read_text())
+    assert written["status"] == "budget_stopped" and written["partial"] is True
+    assert "carbon.budget_kg" in written["end_reason"]
 
 
 def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
