@@ -335,7 +335,7 @@ def run_audit(argv: list[str]) -> int:
     show = sub.add_parser("show", help="print a log's decisions")
     show.add_argument("path")
     args = parser.parse_args(argv)
-    from greenstack.ledger.audit import AuditLog, verify
+    from greenstack.ledger.audit import AuditLog, verify_run
 
     if args.command == "show":
         records = AuditLog(_audit_path(args.path)).records()
@@ -354,7 +354,7 @@ def run_audit(argv: list[str]) -> int:
 
         result = CarbonPool(args.db).verify_audit()
     elif args.path:
-        result = verify(_audit_path(args.path), require_head=not args.no_head)
+        result = verify_run(_audit_path(args.path), require_head=not args.no_head)
     else:
         raise ConfigError(Problem("PATH", None, "give an audit log (or run dir), or --db URL for a pool's log"))
     if args.json:
@@ -363,11 +363,15 @@ def run_audit(argv: list[str]) -> int:
         console = _console()
         if result.ok:
             console.print(f"[green]OK[/]: {result.path}: {result.lines} records, hash chain intact"
-                          + (", head matches" if result.head_checked else ""))
+                          + (", head matches" if result.head_checked else "")
+                          + (f", anchors match ({', '.join(result.anchors_checked)})" if result.anchors_checked
+                             else "") + ("; keyed (HMAC)" if result.keyed else ""), soft_wrap=True)
         else:
             console.print(f"[red]TAMPERED[/]: {result.path}: {len(result.problems)} problem(s)")
             for p in result.problems:
-                console.print(f"  {p.format()}")
+                console.print(f"  {p.format()}", markup=False, soft_wrap=True)
+        for note in result.notes:
+            console.print(f"[yellow]note[/]: {note}", soft_wrap=True)
     return 0 if result.ok else EXIT_TAMPERED
 
 

@@ -23,7 +23,7 @@ from greenstack.errors import ConfigError, RunInterrupted
 from greenstack.federated import launch as federated
 from greenstack.launch import preemption
 from greenstack.ledger.allocation import PoolAllocation
-from greenstack.ledger.audit import attach_to_recorders, record_policy_decisions, run_audit_log
+from greenstack.ledger.audit import anchor_run, attach_to_recorders, record_policy_decisions, run_audit_log
 from greenstack.measure import Measurement
 from greenstack.policies.scheduler._base import start_when_scheduled
 from greenstack.report.html import finish_run_report
@@ -176,6 +176,10 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
         record_policy_decisions(audit, policies)  # efficiency/alert/compression decisions, also of a failed run
         if pool is not None:
             pool.close()  # a failed run settles what it logged so far
+        try:  # the final head, copied where cutting the log's tail shows (`greenstack audit verify`)
+            anchor_run(run_dir, audit, tracker)
+        except Exception as e:  # never mask the run's own outcome
+            log.warning("could not anchor the audit log's head: %s", e)
         jsonl.close()
         report.close()
         tracker.finish(exit_code=exit_code)

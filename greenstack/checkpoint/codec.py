@@ -47,6 +47,8 @@ def encode(snapshot: Snapshot, key: KeyProvider | None = None) -> dict[str, byte
              "state.json": json.dumps(state).encode()}
     manifest: dict[str, Any] = {"format": FORMAT, "name": snapshot.name, "step": snapshot.step,
                                 "created_at": snapshot.created_at, "files": {}, "encryption": None}
+    if isinstance(snapshot.meta, dict) and snapshot.meta.get("audit_head"):
+        manifest["audit_head"] = snapshot.meta["audit_head"]  # an anchor `greenstack audit verify` checks
     files: dict[str, bytes] = {}
     data_key = new_data_key() if key is not None else None
     if key is not None and data_key is not None:

@@ -6,7 +6,13 @@ line carries its sequence number (1-based, equal to its line number), the hash o
 its own SHA-256 over its canonical JSON, so editing, inserting, deleting or reordering a line breaks the
 chain at a line `verify` can name. A deleted *tail* leaves a valid chain; the head file written next to
 the log (`PATH.head`, the last sequence number and hash) catches that. With `GREENSTACK_AUDIT_KEY` set the
-hashes become HMAC-SHA256 under that key, so rewriting the whole chain also needs the key.
+hashes become HMAC-SHA256 under that key and the head carries its own MAC, so rewriting lines, the chain
+or the head (e.g. after cutting the tail) needs the key. Without a key everything is plain SHA-256:
+whoever can write the files can rewrite them consistently, which only anchors kept elsewhere reveal.
+
+Anchors: a run copies its final head into `sustainability.json` and the W&B summary, and each checkpoint
+manifest holds the head at the time it was written; `verify_run` checks the log against every one of
+them (a tail cut after the anchor, or an edited anchored line, shows).
 
 Lines are written in canonical form (sorted keys, no spaces), so even a whitespace-only edit is caught.
 """
@@ -66,6 +72,40 @@ def digest(body: Mapping[str, Any], key: bytes | None = None) -> str:
     return hmac.new(key, data, hashlib.sha256).hexdigest() if key else hashlib.sha256(data).hexdigest()
 
 
+def head_mac(key: bytes, seq: int, hash_: str) -> str:
+    """MAC of a head (last sequence number and hash): only a key holder can name a new end of the log."""
+    return hmac.new(key, f"greenstack.audit.head/1|{int(seq)}|{hash_}".encode(), hashlib.sha256).hexdigest()
+
+
+def make_head(seq: int, hash_: str, key: bytes | None = None, **extra: Any) -> dict[str, Any]:
+    """The head of a log (`{"seq", "hash"}`, plus `"mac"` under a key): for head files, pool rows, anchors."""
+    head: dict[str, Any] = {"seq": int(seq), "hash": str(hash_), **extra}
+    if key:
+        head["mac"] = head_mac(key, int(seq), str(hash_))
+    return head
+
+
+def _head_mac_problem(head: Mapping[str, Any], key: bytes | None, what: str) -> str | None:
+    """Why a head/anchor is not authentic under `key` (None when it is, or when there is no key)."""
+    if not key:
+        return None
+    mac = head.get("mac")
+    try:
+        good = isinstance(mac, str) and hmac.compare_digest(mac, head_mac(key, int(head.get("seq", -1)),
+                                                                          str(head.get("hash", ""))))
+    except (TypeError, ValueError):
+        good = False
+    if good:
+        return None
+    return (f"{what} has {'no' if not mac else 'a wrong'} MAC under GREENSTACK_AUDIT_KEY: it was rewritten "
+            "(e.g. after deleting the last lines) or written without the key")
+
+
+UNKEYED_NOTE = ("no GREENSTACK_AUDIT_KEY: lines, head and local anchors are plain SHA-256, so someone who can "
+                "write these files can edit or cut the log and rewrite them all consistently; only anchors kept "
+                "elsewhere (the W&B summary of an online run, checkpoints on remote storage) would show it")
+
+
 def make_record(seq: int, prev: str, kind: str, data: Mapping[str, Any], *, actor: str | None = None,
                 at: datetime | None = None, key: bytes | None = None) -> dict[str, Any]:
     """One chained record (with its hash) following the record whose hash is `prev`."""
@@ -115,6 +155,9 @@ class VerifyResult:
     problems: list[AuditProblem] = field(default_factory=list)
     head_checked: bool = False
     keyed: bool = False
+    anchors_checked: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list, repr=False)  # each line's hash, for anchor checks
 
     @property
     def ok(self) -> bool:
@@ -126,7 +169,8 @@ class VerifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "ok": self.ok, "lines": self.lines, "head_checked": self.head_checked,
-                "keyed": self.keyed, "problems": [{"line": p.line, "reason": p.reason} for p in self.problems]}
+                "keyed": self.keyed, "anchors_checked": self.anchors_checked, "notes": self.notes,
+                "problems": [{"line": p.line, "reason": p.reason} for p in self.problems]}
 
 
 def verify_lines(lines: Sequence[str], *, head: Mapping[str, Any] | None = None, key: bytes | None = None,
@@ -136,7 +180,8 @@ def verify_lines(lines: Sequence[str], *, head: Mapping[str, Any] | None = None,
     Reports the first break in the chain (later lines are only re-checked for their own hashes, since a
     single insertion or deletion shifts every following sequence number) and a head mismatch.
     """
-    result = VerifyResult(path=source, lines=len(lines), keyed=key is not None)
+    result = VerifyResult(path=source, lines=len(lines), keyed=key is not None,
+                          notes=[] if key else [UNKEYED_NOTE])
     problems = result.problems
     hashes: list[str] = []  # hash field of each line so far
     prev_ok = True
@@ -208,6 +253,10 @@ def verify_lines(lines: Sequence[str], *, head: Mapping[str, Any] | None = None,
         elif lines and prev_hash != want_hash:
             problems.append(AuditProblem(len(lines), "last line differs from the one the head recorded: "
                                                      "edited or replaced"))
+        forged = _head_mac_problem(head, key, "the head")
+        if forged:
+            problems.append(AuditProblem(len(lines), forged))
+    result.hashes = hashes
     problems.sort(key=lambda p: p.line)
     return result
 
@@ -362,9 +411,10 @@ class AuditLog:
         if not self.enabled:
             return {}
         payload = {**(data or {}), **fields}
+        key = _key()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path):
-            record, line = chain_next(_last_line(self.path), kind, payload, actor=self.actor, key=_key())
+            record, line = chain_next(_last_line(self.path), kind, payload, actor=self.actor, key=key)
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(line + "\n")
                 f.flush()
@@ -372,7 +422,7 @@ class AuditLog:
             from greenstack.io import atomic_write_bytes
 
             atomic_write_bytes(head_path(self.path),
-                               (canonical({"seq": record["seq"], "hash": record["hash"]}) + "\n").encode())
+                               (canonical(make_head(record["seq"], record["hash"], key)) + "\n").encode())
         return record
 
     def listener(self, kind: str | None = None) -> Callable[[Mapping[str, Any]], None]:
@@ -391,3 +441,112 @@ class AuditLog:
 
     def verify(self) -> VerifyResult:
         return verify(self.path)
+
+    def anchor(self) -> dict[str, Any] | None:
+        """The log's current head as an anchor to copy elsewhere (None when the log is empty or disabled)."""
+        return current_anchor(self.path) if self.enabled else None
+
+
+# -- anchors: copies of the head kept where tampering shows ------------------------------------------
+ANCHOR_KEY = "audit"  # in sustainability.json and checkpoint manifests (`audit_head` there)
+WANDB_PREFIX = "audit/head_"
+
+
+def current_anchor(path: str | Path, key: bytes | None = None) -> dict[str, Any] | None:
+    """`{"seq", "hash", "first", "mac"?}` of the log at `path` now: its last line, and its first line's
+    hash (which names the log, so an anchor from another run's log is recognised as such)."""
+    path = Path(path)
+    last = _last_line(path)
+    if last is None:
+        return None
+    with path.open("rb") as f:
+        first = json.loads(f.readline().decode("utf-8"))
+    record = json.loads(last)
+    return make_head(int(record["seq"]), str(record["hash"]), _key() if key is None else key,
+                     first=str(first.get("hash", "")))
+
+
+def anchor_run(run_dir: str | Path, audit: AuditLog, tracker: Any = None) -> dict[str, Any] | None:
+    """At the end of a run: copy the log's final head into `sustainability.json` (when the run wrote one)
+    and the tracker's summary (W&B: `audit/head_seq`, `audit/head_hash`, ...)."""
+    anchor = audit.anchor()
+    if anchor is None:
+        return None
+    summary_path = Path(run_dir) / "sustainability.json"
+    if summary_path.is_file():
+        from greenstack.io import atomic_write_json
+
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary[ANCHOR_KEY] = anchor
+        atomic_write_json(summary_path, summary)
+    if tracker is not None:
+        tracker.summary({f"{WANDB_PREFIX}{k}": v for k, v in anchor.items()})
+    return anchor
+
+
+def find_anchors(run_dir: str | Path) -> list[tuple[str, dict[str, Any], bool]]:
+    """Anchors of the run in `run_dir`: (where, anchor, is_final). Final: sustainability.json and the
+    newest W&B summary; the others (older W&B runs of a resumed run, checkpoint manifests) hold an
+    earlier head, which the log must still contain unchanged."""
+    run_dir = Path(run_dir)
+    found: list[tuple[str, dict[str, Any], bool]] = []
+
+    def load(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+
+    summary = load(run_dir / "sustainability.json")
+    if isinstance(summary, dict) and isinstance(summary.get(ANCHOR_KEY), dict):
+        found.append(("sustainability.json", summary[ANCHOR_KEY], True))
+    wandb = sorted(run_dir.glob("wandb/*run-*/files/wandb-summary.json"), key=lambda p: p.parent.parent.name)
+    for i, path in enumerate(wandb):
+        data = load(path)
+        if isinstance(data, dict) and f"{WANDB_PREFIX}seq" in data:
+            anchor = {k[len(WANDB_PREFIX):]: v for k, v in data.items() if k.startswith(WANDB_PREFIX)}
+            found.append((str(path.relative_to(run_dir)), anchor, i == len(wandb) - 1))
+    for path in sorted(run_dir.glob("**/manifest.json")):
+        data = load(path)
+        if isinstance(data, dict) and isinstance(data.get("audit_head"), dict):
+            found.append((str(path.relative_to(run_dir)), data["audit_head"], False))
+    return found
+
+
+def check_anchors(result: VerifyResult, anchors: Sequence[tuple[str, Mapping[str, Any], bool]], *,
+                  key: bytes | None = None) -> VerifyResult:
+    """Add to `result` every way the log disagrees with an anchor (see `find_anchors`)."""
+    key = _key() if key is None else key
+    hashes, n = result.hashes, result.lines
+    first = hashes[0] if hashes else ""
+    for where, anchor, final in anchors:
+        try:
+            seq, hash_ = int(anchor.get("seq", -1)), str(anchor.get("hash", ""))
+        except (TypeError, ValueError):
+            result.problems.append(AuditProblem(n, f"the anchor in {where} is malformed: edited"))
+            continue
+        if not final and anchor.get("first") and anchor.get("first") != first:
+            result.notes.append(f"{where}: the head of another log (a checkpoint of another run), not checked")
+            continue
+        result.anchors_checked.append(where)
+        forged = _head_mac_problem(anchor, key, f"the anchor in {where}")
+        if forged:
+            result.problems.append(AuditProblem(min(max(seq, 1), max(n, 1)), forged))
+        if seq > n:
+            gone = f"line {seq} was" if seq == n + 1 else f"lines {n + 1}-{seq} were"
+            result.problems.append(AuditProblem(n + 1, f"missing: {where} anchors {seq} lines, the log has {n} "
+                                                       f"({gone} deleted, and the head rewritten)"))
+        elif seq >= 1 and hashes[seq - 1] != hash_:
+            result.problems.append(AuditProblem(seq, f"differs from the line {where} anchors: edited or replaced"))
+        elif final and seq < n:
+            result.problems.append(AuditProblem(seq + 1, f"appended after the run ended ({where} anchors {seq} "
+                                                         "lines)"))
+    result.problems.sort(key=lambda p: p.line)
+    return result
+
+
+def verify_run(path: str | Path, *, require_head: bool = True, key: bytes | None = None) -> VerifyResult:
+    """`verify` plus the anchors of the run the log belongs to (the log's folder)."""
+    path = Path(path)
+    result = verify(path, require_head=require_head, key=key)
+    return check_anchors(result, find_anchors(path.parent), key=key)

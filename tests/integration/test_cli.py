@@ -63,6 +63,14 @@ def test_train_writes_the_contract_files_and_a_wandb_run(cli, tmp_path):
     assert float(rows[0]["emissions"]) == pytest.approx(figures["carbon/total_kg_co2e"]["value"])
     assert rows[0]["run_id"] == summary["run_id"] and rows[0]["region"] == "DE-LU"
     assert rows[0]["country_iso_code"] == "DEU"
+    # the audit log's final head is anchored in sustainability.json and the W&B summary (issue 22.1)
+    audit_lines = (run_dir / "audit.jsonl").read_text().splitlines()
+    anchor = json.loads((run_dir / "sustainability.json").read_text())["audit"]
+    assert anchor["seq"] == len(audit_lines) and anchor["hash"] == json.loads(audit_lines[-1])["hash"]
+    assert run["summary"]["audit/head_seq"] == anchor["seq"] and run["summary"]["audit/head_hash"] == anchor["hash"]
+    verified = cli("audit", "verify", str(run_dir), "--json")
+    assert verified.returncode == 0, verified.stdout
+    assert "sustainability.json" in json.loads(verified.stdout)["anchors_checked"]
 
 
 def test_validate_reports_three_mistakes_of_a_user_recipe_at_once(cli, tmp_path):

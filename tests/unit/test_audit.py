@@ -225,3 +225,98 @@ def test_policy_decisions_reach_the_run_log_once(tmp_path):
     kinds = [r["kind"] for r in audit.records()]
     assert kinds == ["schedule", "pause", "alert"]
     assert verify(audit.path).ok
+
+
+# -- issue 22.1: an authenticated head, and anchors that show a cut tail ------------------------------
+def _cut_tail_and_rewrite_head(path: Path, n: int) -> None:
+    """The attack: drop the last n lines and write a head naming the new last line."""
+    lines = path.read_text().splitlines()[:-n]
+    path.write_text("".join(line + "\n" for line in lines))
+    last = json.loads(lines[-1])
+    head_path(path).write_text(canonical({"seq": last["seq"], "hash": last["hash"]}) + "\n")
+
+
+def test_keyed_head_is_authenticated_so_a_cut_tail_with_rewritten_head_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("GREENSTACK_AUDIT_KEY", "s3cret")
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for i in range(5):
+        log.append("schedule", {"i": i})
+    result = verify(log.path)
+    assert result.ok and result.keyed and result.notes == []
+    _cut_tail_and_rewrite_head(log.path, 2)
+    result = verify(log.path)
+    assert not result.ok and any("MAC" in p.reason and "rewritten" in p.reason for p in result.problems)
+
+
+def test_unkeyed_verify_says_what_it_cannot_detect(log):
+    result = verify(log.path)
+    assert result.ok and not result.keyed
+    assert any("GREENSTACK_AUDIT_KEY" in note and "rewrite" in note for note in result.notes)
+
+
+def _finished_run(run_dir: Path) -> AuditLog:
+    from greenstack.ledger.audit import anchor_run
+
+    log = AuditLog(run_dir / "audit.jsonl", actor="run x")
+    for i in range(6):
+        log.append("schedule", {"i": i})
+    (run_dir / "sustainability.json").write_text(json.dumps({"schema": "greenstack.sustainability/1"}))
+
+    class Tracker:
+        summary_values: dict = {}
+
+        def summary(self, values):
+            self.summary_values = values
+            files = run_dir / "wandb" / "offline-run-20260101_000000-x" / "files"
+            files.mkdir(parents=True, exist_ok=True)
+            (files / "wandb-summary.json").write_text(json.dumps(values))
+
+    anchor = anchor_run(run_dir, log, Tracker())
+    assert anchor is not None and anchor["seq"] == 6
+    return log
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_run_anchors_catch_a_cut_tail_even_with_a_consistent_head(tmp_path, monkeypatch, keyed):
+    from greenstack.ledger.audit import verify_run
+
+    if keyed:
+        monkeypatch.setenv("GREENSTACK_AUDIT_KEY", "s3cret")
+    log = _finished_run(tmp_path)
+    result = verify_run(log.path)
+    assert result.ok, result.problems
+    assert set(result.anchors_checked) == {"sustainability.json",
+                                           "wandb/offline-run-20260101_000000-x/files/wandb-summary.json"}
+    _cut_tail_and_rewrite_head(log.path, 2)
+    if not keyed:
+        assert verify(log.path).ok  # the chain and a rewritten plain head alone cannot show it ...
+    result = verify_run(log.path)  # ... the anchors do
+    reasons = [p.format() for p in result.problems]
+    assert not result.ok and any("sustainability.json anchors 6 lines, the log has 4" in r for r in reasons)
+    assert any("wandb-summary.json anchors 6 lines" in r for r in reasons)
+
+
+def test_anchor_catches_an_edited_anchored_line_and_appends_after_the_end(tmp_path):
+    from greenstack.ledger.audit import verify_run
+
+    log = _finished_run(tmp_path)
+    lines = lines_of(log)
+    lines[5] = rehash(lines[5], data={"i": 99})  # last line edited, hash recomputed, head rewritten
+    log.path.write_text("".join(line + "\n" for line in lines))
+    head_path(log.path).write_text(canonical({"seq": 6, "hash": json.loads(lines[5])["hash"]}) + "\n")
+    assert verify(log.path).ok
+    result = verify_run(log.path)
+    assert not result.ok and result.first_bad_line == 6 and "differs from the line" in result.problems[0].reason
+    log2 = _finished_run(tmp_path / "b" if (tmp_path / "b").mkdir() is None else tmp_path)
+    log2.append("alert", {"late": True})
+    result = verify_run(log2.path)
+    assert not result.ok and "appended after the run ended" in result.problems[0].reason
+
+
+def test_cli_audit_verify_of_a_run_dir_reports_the_cut_tail(cli, tmp_path):
+    log = _finished_run(tmp_path)
+    ok = cli("audit", "verify", str(tmp_path))
+    assert ok.returncode == 0 and "anchors match" in ok.stdout and "GREENSTACK_AUDIT_KEY" in ok.stdout
+    _cut_tail_and_rewrite_head(log.path, 3)
+    bad = cli("audit", "verify", str(tmp_path))
+    assert bad.returncode == 1 and "TAMPERED" in bad.stdout and "lines 4-6 were deleted" in bad.stdout

@@ -310,3 +310,31 @@ def test_malformed_checkpoint_with_matching_hashes_falls_back_to_an_older_one(tm
     assert name == "step-000000005" and snapshot.step == 5
     assert len(skipped) == 1 and "step-000000009" in skipped[0] and reason in skipped[0], skipped
     assert "pwned" not in capfd.readouterr().out  # the pickle's payload never ran
+
+
+def test_checkpoint_manifests_anchor_the_audit_head_so_a_cut_log_shows(tmp_path):
+    """issue 22.1: each manifest holds the run's audit head at save time; `verify_run` checks the log against it."""
+    import json
+
+    from greenstack.ledger.audit import AuditLog, canonical, head_path, verify, verify_run
+
+    log = AuditLog(tmp_path / "audit.jsonl", actor="run t")
+    for i in range(3):
+        log.append("schedule", {"i": i})
+    x = torch.randn(8, 4)
+    batches = [{"inputs": x, "labels": (x[:, 0] > 0).long()}] * 4
+    policy = HierarchicalCheckpointing(memory_every=0, local_every=2, local_dir=str(tmp_path / "checkpoints"),
+                                       signals=[])
+    Trainer(torch.nn.Linear(4, 2), batches, Optim(lr=0.1), TrainerConfig(max_duration="4ba", progress=False),
+            policies=[policy], batch_size=8, run_dir=str(tmp_path)).fit()
+    manifests = sorted((tmp_path / "checkpoints").glob("*/manifest.json"))
+    assert manifests
+    anchor = json.loads(manifests[-1].read_text())["audit_head"]
+    assert anchor["seq"] == 3 and anchor["hash"] == log.records()[-1]["hash"]
+    assert verify_run(log.path).ok
+    lines = log.path.read_text().splitlines()[:1]  # cut two lines, rewrite a consistent head
+    log.path.write_text(lines[0] + "\n")
+    head_path(log.path).write_text(canonical({"seq": 1, "hash": json.loads(lines[0])["hash"]}) + "\n")
+    assert verify(log.path).ok
+    result = verify_run(log.path)
+    assert not result.ok and "manifest.json anchors 3 lines, the log has 1" in result.problems[0].reason

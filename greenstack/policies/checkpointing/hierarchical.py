@@ -263,7 +263,7 @@ class HierarchicalCheckpointing(Policy):
             return
         self._settle(state)
         t0 = time.perf_counter()
-        pending = capture_async(state, meta={"run_dir": state.run_dir})
+        pending = capture_async(state, meta={"run_dir": state.run_dir, **_audit_head(state)})
         tiers = [name for name, due in (("local", due_local), ("durable", due_durable)) if due]
         self._pending = (pending, tiers, time.perf_counter() - t0)
 
@@ -321,7 +321,7 @@ class HierarchicalCheckpointing(Policy):
         """
         self._settle(state)
         t0 = time.monotonic()
-        snapshot = capture(state, meta={"run_dir": state.run_dir, "reason": reason})
+        snapshot = capture(state, meta={"run_dir": state.run_dir, "reason": reason, **_audit_head(state)})
         self.memory.append(snapshot)
         saved = []
         for tier in self.tiers.values():
@@ -389,3 +389,16 @@ class CheckpointRefused(CheckpointError, GreenstackError):
     """No checkpoint could be loaded although some exist (tampered, wrong key, corrupt)."""
 
     exit_code = 3
+
+
+def _audit_head(state: State) -> dict[str, Any]:
+    """`{"audit_head": anchor}` of the run's audit log now (the manifest keeps it: a later cut shows)."""
+    if not state.run_dir:
+        return {}
+    from greenstack.ledger.audit import RUN_AUDIT_FILE, current_anchor
+
+    try:
+        anchor = current_anchor(Path(state.run_dir) / RUN_AUDIT_FILE)
+    except (OSError, ValueError, KeyError):
+        return {}  # an unreadable log is audit verify's to report, not a reason to skip a checkpoint
+    return {"audit_head": anchor} if anchor else {}
