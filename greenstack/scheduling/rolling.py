@@ -44,7 +44,8 @@ class ForecastMatrix:
     valid: np.ndarray  # False for warm-up arrivals (not enough history to fit the model)
 
 
-def _residual_stats(resid: np.ndarray, quantiles: Sequence[float]) -> tuple[np.ndarray, ...]:
+def _residual_stats(resid: np.ndarray, quantiles: Sequence[float],
+                    band_miss: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """Per bank and lead hour: MAPE-optimal log shift, mean log-ratio and quantile log-offsets.
 
     `resid` is (banks, H, k) recent out-of-sample log-residuals (actual / predicted); the same
@@ -60,7 +61,8 @@ def _residual_stats(resid: np.ndarray, quantiles: Sequence[float]) -> tuple[np.n
     mape = np.log(np.take_along_axis(ratio, pos[..., None], axis=2)[..., 0])
     recent = resid[..., -fc.INTERVAL_WINDOW:]
     mean = np.log(np.mean(np.exp(recent), axis=2))
-    q_off = np.moveaxis(np.quantile(recent, list(quantiles), axis=2), 0, 1)
+    miss = np.full((n_b, h), fc.BAND_MISS) if band_miss is None else band_miss
+    q_off = fc.calibrated_quantiles(recent, quantiles, miss)
     return mape, mean, q_off
 
 
@@ -164,7 +166,8 @@ def rolling_forecasts(values: np.ndarray, start_s: int, first_arrival: int, *, h
         lengths = {banks[b].residuals.shape[1] for b in idx}
         groups = [idx] if len(lengths) == 1 else [[b] for b in idx]
         for group in groups:
-            mape, mean, qo = _residual_stats(np.stack([banks[b].residuals for b in group]), qs)
+            mape, mean, qo = _residual_stats(np.stack([banks[b].residuals for b in group]), qs,
+                                             np.stack([banks[b].band_miss for b in group]))
             shift[group], mean_shift[group], q_off[group] = mape, mean, qo
 
     block_starts = list(range(first_arrival, end, refit_every_h))
