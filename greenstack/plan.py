@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,7 +108,34 @@ def _load(path: str, units: str, role: str) -> pd.DataFrame:
         check_units(df["carbon_intensity"].to_numpy(), Path(path).name)
     df.attrs["role"] = role
     df.attrs["exog"] = _read_exog(path)
+    if not df.attrs.get("zone"):
+        zone = zone_from_filename(path)
+        if zone:
+            df.attrs["zone"] = zone
     return df
+
+
+_DACF_NAME = re.compile(r"^DACF-(?P<region>[A-Za-z]+)_")
+
+
+def zone_from_filename(path: str) -> str | None:
+    """The region a file without a zone column names itself after (the DACF archive: `DACF-CISO_...csv`)."""
+    m = _DACF_NAME.match(Path(path).name)
+    return m["region"].upper() if m else None
+
+
+def _canonical_zone(zone: str) -> str:
+    from greenstack.carbon.forecast import zone_context
+
+    return zone_context(zone).zone or str(zone)
+
+
+def trace_zone(trace: pd.DataFrame, history: Sequence[pd.DataFrame]) -> str | None:
+    """The trace's zone, else the one zone its history files agree on (for calendar and sun features)."""
+    if trace.attrs.get("zone"):
+        return str(trace.attrs["zone"])
+    zones = {str(h.attrs["zone"]) for h in history if h.attrs.get("zone")}
+    return zones.pop() if len(zones) == 1 else None
 
 
 def _lbs_hint(path: str, err: DataError) -> Problem | None:
@@ -236,7 +264,7 @@ def _history_for(trace: pd.DataFrame, history: list[pd.DataFrame], n_traces: int
     for h in history:
         hz = h.attrs.get("zone")
         if zone and hz:
-            if hz == zone:
+            if hz == zone or _canonical_zone(hz) == _canonical_zone(zone):
                 out.append(h)
         elif n_traces == 1 or h["timestamp"].iloc[-1] < trace["timestamp"].iloc[0]:
             out.append(h)
@@ -266,8 +294,9 @@ def _run_forecast_eval(args: argparse.Namespace) -> int:
     with progress:
         for df in traces_in:
             name = Path(df.attrs["path"]).name
-            series, exog = _combine(df, _history_for(df, history, len(traces_in)), name, weather)
-            ctx = zone_context(args.zone or df.attrs.get("zone"))
+            own_history = _history_for(df, history, len(traces_in))
+            series, exog = _combine(df, own_history, name, weather)
+            ctx = zone_context(args.zone or trace_zone(df, own_history))
             task = progress.add_task(f"{name}", total=None)
             ev = rolling_evaluate(series, df["timestamp"].iloc[0], horizon_h=horizon, context=ctx,
                                   origin_hour=args.origin_hour, exog=exog,

@@ -105,11 +105,12 @@ def run_backtest_command(args: argparse.Namespace) -> int:
     with progress:
         for df in traces_in:
             name = Path(df.attrs["path"]).name
-            series, exog = plan._combine(df, plan._history_for(df, history, len(traces_in)), name, weather)
+            own_history = plan._history_for(df, history, len(traces_in))
+            series, exog = plan._combine(df, own_history, name, weather)
             used.append(plan.weather_columns(exog) if cfg.forecaster == "greenstack" else [])
             first = int(round((df["timestamp"].iloc[0].floor("h") - series.index[0]).total_seconds() / 3600))
             task = progress.add_task(name, total=None)
-            ctx = zone_context(args.zone or df.attrs.get("zone"))
+            ctx = zone_context(args.zone or plan.trace_zone(df, own_history))
             results.append(run_backtest(series.to_numpy(), int(series.index[0].timestamp()), first, cfg,
                                         name=str(df.attrs["path"]), context=ctx, exog=exog,
                                         progress=lambda i, n, task=task: progress.update(task, completed=i, total=n)))
