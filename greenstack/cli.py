@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from greenstack.console import plural
 from greenstack.errors import ConfigError, GreenstackError, Problem
 
 USAGE = """usage: greenstack <command> [args]
@@ -22,19 +23,22 @@ commands:
   train [overrides]        train (Hydra app: recipe=NAME, key=value, -m for multirun, --cfg job);
                            -m ... launcher=slurm submits the jobs to Slurm; a job table follows every multirun
   validate [overrides]     compose and check a config; lists every problem, exit 2 if any
-  ls [GROUP]               config groups, options and recipes, with where each came from
-  cp GROUP/OPTION DEST     copy a recipe or config option to edit (e.g. cp recipe/quickstart my.yaml)
+  ls [GROUP] [overrides]   config groups, options and recipes, with where each came from
+                           (hydra.searchpath=[...] adds config sources, as for train)
+  cp GROUP/OPTION DEST     copy a recipe or config option to edit (e.g. cp recipe/quickstart recipes-mine/)
   doctor                   which energy meters and carbon sources work on this machine
   plan forecast-eval ...   rolling-origin evaluation of the carbon-intensity forecaster
   plan backtest ...        backtest carbon-aware start times against the oracle on a trace
   plan region ...          where and when a CPU job should run (carbon x price)
-  carbon sign|verify ...   sign or verify a carbon-intensity data file (Ed25519)
+  carbon check ...         validate a carbon-intensity CSV and flag spikes
+  carbon keygen|sign|verify  sign or verify a carbon-intensity data file (Ed25519)
   carbon weather ...       weather-forecast columns (Open-Meteo, no look-ahead) for the forecaster
   model keygen|sign|verify signed model artifacts with an ownership fingerprint
   report tco|compare|html  cost of a run (vs a measured baseline), multirun Pareto table/plot, report.html
   pool create|request|settle|status|budget|log   shared carbon budget pool (SQLite file or PostgreSQL URL)
   audit verify|show PATH   check a hash-chained decision log (names the first tampered line)
 
+`greenstack <command> --help` describes a command's arguments.
 global flag: --debug shows tracebacks.  Docs: README.md
 """
 
@@ -45,9 +49,9 @@ _failure: dict[str, Any] = {}
 
 
 def _console(stderr: bool = True) -> Any:
-    from rich.console import Console
+    from greenstack.console import make_console
 
-    return Console(stderr=stderr, highlight=False)
+    return make_console(stderr=stderr)
 
 
 def print_problems(problems: Sequence[Problem], title: str) -> None:
@@ -63,7 +67,7 @@ def print_problems(problems: Sequence[Problem], title: str) -> None:
 
 def report_error(error: BaseException) -> int:
     if isinstance(error, ConfigError) and len(error.problems) > 1:
-        print_problems(error.problems, f"greenstack: {len(error.problems)} problems")
+        print_problems(error.problems, f"greenstack: {plural(len(error.problems), 'problem')}")
     else:
         _console().print(f"[bold red]greenstack error:[/] {error}", markup=True, soft_wrap=True)
     return getattr(error, "exit_code", 1)
@@ -81,16 +85,35 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 
 def collect_problems(overrides: Sequence[str], *, multirun: bool = False) -> list[Problem]:
     """Every problem with the config(s) these overrides describe (each job of a basic multirun)."""
+    problems: list[Problem] = recipe_path_problems()
+    if problems:  # recipes would come from elsewhere: composing further would only add noise
+        return problems
     from greenstack.compose import compose_with_problems, expand_sweep
     from greenstack.validate import validate_config
 
-    problems: list[Problem] = []
     for job in expand_sweep(overrides) if multirun else [list(overrides)]:
         cfg, found = compose_with_problems(job)
         problems += found
         if cfg is not None:
             problems += validate_config(cfg)
     return _dedupe(problems)
+
+
+def recipe_path_problems() -> list[Problem]:
+    """A GREENSTACK_RECIPE_PATH entry that is missing or a file (else recipes would silently come from elsewhere)."""
+    from greenstack.paths import RECIPE_PATH_ENV
+    from greenstack.paths import recipe_path_problems as bad_entries
+
+    return [Problem(RECIPE_PATH_ENV, entry, reason,
+                    "point it at a directory of recipe YAML files (create one with "
+                    "`greenstack cp recipe/quickstart DIR/`), or unset it")
+            for entry, reason in bad_entries()]
+
+
+def _check_recipe_path() -> None:
+    problems = recipe_path_problems()
+    if problems:
+        raise ConfigError(problems)
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -240,10 +263,14 @@ def train(argv: list[str]) -> int:
         overrides = [a for a in argv if not a.startswith("-")]
         problems = collect_problems(overrides, multirun=multirun)
         if problems:
-            print_problems(problems, f"greenstack: config invalid ({len(problems)} problems); nothing was run")
+            print_problems(problems, f"greenstack: config invalid ({plural(len(problems), 'problem')}); nothing was run")
             return 2
+    from greenstack.compose import searchpath_dirs
     from greenstack.launch import jobs as jobtable
+    from greenstack.paths import searchpath_recipes
 
+    if skip_preflight:
+        _check_recipe_path()
     sys.argv = ["greenstack train", *argv]
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_task)
     jobtable.clear()
@@ -252,7 +279,8 @@ def train(argv: list[str]) -> int:
     if not _failure.get("debug"):
         sys.stderr = _HydraNoise(stderr)
     try:
-        app()
+        with searchpath_recipes(searchpath_dirs([a for a in argv if not a.startswith("-")])):
+            app()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         code = _failure.get("code", code) if code else 0
@@ -267,20 +295,58 @@ def train(argv: list[str]) -> int:
 
 
 # -- validate / ls / cp ----------------------------------------------------------------------------
+VALIDATE_HELP = """usage: greenstack validate [-m] [overrides ...]
+
+Compose the config that `greenstack train` would run with these overrides (recipe=NAME, key=value,
+group=option, hydra.searchpath=[...]) and check it: every _target_ against its signature, every value
+against its type, model names, data paths, carbon zones. Prints every problem at once.
+  -m, --multirun   check every job of a sweep (a=1,2 b=x,y)
+Exit 0 valid, 2 with problems.
+"""
+
+LS_HELP = """usage: greenstack ls [GROUP] [overrides ...]
+
+List config groups, their options and recipes, with the source each comes from (first source wins;
+a shadowed option is marked). Overrides such as 'hydra.searchpath=[file:///path/to/team-repo]' add
+the same config sources as for `greenstack train`; GREENSTACK_RECIPE_PATH adds recipe directories.
+"""
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
 def validate(argv: list[str]) -> int:
+    if _wants_help(argv):
+        print(VALIDATE_HELP)
+        return 0
     problems = collect_problems([a for a in argv if a not in ("-m", "--multirun")],
                                 multirun="-m" in argv or "--multirun" in argv)
     if problems:
-        print_problems(problems, f"greenstack validate: {len(problems)} problems")
+        print_problems(problems, f"greenstack validate: {plural(len(problems), 'problem')}")
         return 2
     _console(stderr=False).print("[green]config is valid[/]")
     return 0
 
 
-def _sources() -> list[Any]:
+def _sources(overrides: Sequence[str] = ()) -> list[Any]:
+    """Config sources in search order, with the `hydra.searchpath` entries of `overrides` (before the schema)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    return list(GlobalHydra.instance().config_loader().get_sources())
+    from greenstack.compose import searchpath_entries
+
+    sources = list(GlobalHydra.instance().config_loader().get_sources())
+    entries = searchpath_entries(overrides)
+    if entries:
+        from hydra._internal.config_repository import ConfigRepository
+        from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+
+        csp = ConfigSearchPathImpl()
+        for entry in entries:
+            csp.append(provider="hydra.searchpath", path=entry if "://" in entry else f"file://{entry}")
+        at = len(sources) - 1 if sources and sources[-1].provider == "schema" else len(sources)
+        sources[at:at] = ConfigRepository(csp).get_sources()
+    return sources
 
 
 def _source_file(source: Any, group: str, option: str) -> Path | None:
@@ -300,23 +366,38 @@ def ls(argv: list[str]) -> int:
 
     from greenstack.compose import hydra_context
 
-    only = argv[0] if argv else None
+    if _wants_help(argv):
+        print(LS_HELP)
+        return 0
+    overrides = [a for a in argv if "=" in a]
+    groups = [a for a in argv if "=" not in a]
+    if len(groups) > 1 or any(g.startswith("-") for g in groups):
+        raise ConfigError("expected at most one GROUP, then overrides (key=value)", key="ls", value=" ".join(groups),
+                          fix="e.g. greenstack ls recipe 'hydra.searchpath=[file:///path/to/repo]'")
+    only = groups[0] if groups else None
+    _check_recipe_path()
     table = Table(title="greenstack config groups (first source wins)", title_justify="left")
     for col in ("group", "option", "source"):
         table.add_column(col, overflow="fold")
-    with hydra_context():
+    with hydra_context(overrides):
         seen: set[tuple[str, str]] = set()
+        files_listed: set[Path] = set()
         rows = []
-        for source in _sources():
+        for source in _sources(overrides):
             if not source.available():
                 continue
             for group in source.list("", ObjectType.GROUP):
                 if group == "hydra" or (only and group != only):
                     continue
                 for option in source.list(group, ObjectType.CONFIG):
+                    file = _source_file(source, group, option)
+                    if file is not None and file.resolve() in files_listed:
+                        continue  # a searchpath repo's recipe/ dir is also listed as a recipe source
+                    if file is not None:
+                        files_listed.add(file.resolve())
                     shadowed = (group, option) in seen
                     seen.add((group, option))
-                    where = f"{source.provider}: {_source_file(source, group, option) or source.path}"
+                    where = f"{source.provider}: {file or source.path}"
                     rows.append((group, option + (" (shadowed)" if shadowed else ""), where))
     if only and not rows:
         raise ConfigError("no such config group", key="ls", value=only, fix="run `greenstack ls` for all groups")
@@ -327,9 +408,11 @@ def ls(argv: list[str]) -> int:
 
 
 def cp(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="greenstack cp")
+    """Copy a packaged (or searchpath) option to edit. DEST is a directory when it ends with `/`, exists
+    as one, or has no .yaml/.yml suffix (created if missing); otherwise it is the file to write."""
+    parser = argparse.ArgumentParser(prog="greenstack cp", description=cp.__doc__)
     parser.add_argument("name", help="GROUP/OPTION, e.g. recipe/quickstart or model/timm")
-    parser.add_argument("dest", help="file or directory to copy to")
+    parser.add_argument("dest", help="directory (e.g. recipes-mine/, created if missing) or file to copy to")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
     args = parser.parse_args(argv)
     from greenstack.compose import hydra_context
@@ -337,6 +420,7 @@ def cp(argv: list[str]) -> int:
     group, _, option = args.name.removesuffix(".yaml").partition("/")
     if not option:
         raise ConfigError("name must be GROUP/OPTION", key="cp", value=args.name, fix="e.g. recipe/quickstart")
+    _check_recipe_path()
     with hydra_context():
         found = next((f for s in _sources() if s.available() and (f := _source_file(s, group, option))), None)
         if found is None:
@@ -345,17 +429,41 @@ def cp(argv: list[str]) -> int:
             options = group_options(group)
             raise ConfigError(f"no option {option!r} in group {group!r}", key="cp", value=args.name,
                               fix=f"options: {', '.join(options)}" if options else "see `greenstack ls`")
-    dest = Path(args.dest)
-    if dest.is_dir():
+    raw = str(args.dest)
+    dest = Path(raw).expanduser()
+    as_dir = raw.endswith(("/", os.sep)) or dest.is_dir() or dest.suffix.lower() not in (".yaml", ".yml")
+    if as_dir:
+        if dest.exists() and not dest.is_dir():
+            raise ConfigError("destination is a file, not a directory", key="cp", value=raw,
+                              fix=f"remove it, or give a file name ending in .yaml (e.g. {dest}.yaml)")
         dest = dest / found.name
+    elif not dest.parent.is_dir():
+        raise ConfigError("the destination's directory does not exist", key="cp", value=raw,
+                          fix=f"create {dest.parent} first, or give a directory ending in / (created for you)")
     if dest.exists() and not args.force:
         raise ConfigError("destination exists", key="cp", value=str(dest), fix="pass --force to overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(found, dest)
-    _console(stderr=False).print(f"copied {found} -> {dest}")
+    out = _console(stderr=False)
+    out.print(f"copied {found} -> {dest}")
     if group == "recipe":
-        _console(stderr=False).print(f"run it with: GREENSTACK_RECIPE_PATH={dest.parent.resolve()} "
-                                     f"greenstack train recipe={dest.stem}")
+        out.print(f"run it with: GREENSTACK_RECIPE_PATH={_shell_path(dest.parent)} greenstack train recipe={dest.stem}")
+    elif dest.parent.name == group:
+        out.print(f"use it with: greenstack train 'hydra.searchpath=[file://{dest.parent.parent.resolve()}]' "
+                  f"{group}={dest.stem}")
+    else:
+        out.print(f"to use it, put it in DIR/{group}/ and add 'hydra.searchpath=[file:///abs/path/to/DIR]'")
     return 0
+
+
+def _shell_path(path: Path) -> str:
+    """A directory as the user may type it: relative to the working directory when inside it."""
+    resolved = path.resolve()
+    try:
+        rel = resolved.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return str(resolved)
+    return str(rel) if str(rel) != "." else "."
 
 
 def doctor(argv: list[str]) -> int:

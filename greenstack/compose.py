@@ -18,17 +18,19 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from greenstack.errors import Problem
-from greenstack.paths import conf_dir
+from greenstack.paths import conf_dir, searchpath_recipes
 
 CONFIG_NAME = "train"
 
 
 @contextmanager
-def hydra_context() -> Iterator[GlobalHydra]:
-    """A fresh, initialised global Hydra for the packaged config tree."""
+def hydra_context(overrides: Sequence[str] = ()) -> Iterator[GlobalHydra]:
+    """A fresh, initialised global Hydra for the packaged config tree; the `recipe/` dirs of a
+    `hydra.searchpath=[...]` among `overrides` shadow the packaged recipes (as in `greenstack train`)."""
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="greenstack"):
+        with searchpath_recipes(searchpath_dirs(overrides)), \
+                initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="greenstack"):
             yield GlobalHydra.instance()
     finally:
         GlobalHydra.instance().clear()
@@ -44,7 +46,7 @@ def _check_group_overrides(overrides: Sequence[str]) -> tuple[list[str], list[Pr
     parser = OverridesParser.create()
     kept, problems = [], []
     loader = GlobalHydra.instance().config_loader()
-    extra_dirs = _searchpath_dirs(parser, overrides)
+    extra_dirs = searchpath_dirs(overrides)
     for text in overrides:
         try:
             override = parser.parse_override(text)
@@ -71,9 +73,10 @@ def _check_group_overrides(overrides: Sequence[str]) -> tuple[list[str], list[Pr
     return kept, problems
 
 
-def _searchpath_dirs(parser: OverridesParser, overrides: Sequence[str]) -> list[Path]:
-    """Directories added by a `hydra.searchpath=[...]` override (file:// or plain paths)."""
-    dirs: list[Path] = []
+def searchpath_entries(overrides: Sequence[str]) -> list[str]:
+    """The entries of a `hydra.searchpath=[...]` override, as written (`file://DIR`, `pkg://mod`, DIR)."""
+    parser = OverridesParser.create()
+    entries: list[str] = []
     for text in overrides:
         if not text.lstrip("+").startswith("hydra.searchpath="):
             continue
@@ -81,17 +84,20 @@ def _searchpath_dirs(parser: OverridesParser, overrides: Sequence[str]) -> list[
             value = parser.parse_override(text).value()
         except HydraException:
             continue
-        for entry in value if isinstance(value, list) else [value]:
-            entry = str(entry)
-            if entry.startswith("file://") or "://" not in entry:
-                dirs.append(Path(entry.removeprefix("file://")))
-    return dirs
+        entries += [str(e) for e in (value if isinstance(value, list) else [value])]
+    return entries
+
+
+def searchpath_dirs(overrides: Sequence[str]) -> list[Path]:
+    """Directories added by a `hydra.searchpath=[...]` override (file:// or plain paths)."""
+    return [Path(e.removeprefix("file://")) for e in searchpath_entries(overrides)
+            if e.startswith("file://") or "://" not in e]
 
 
 def compose_with_problems(overrides: Sequence[str], *, return_hydra_config: bool = False
                           ) -> tuple[DictConfig | None, list[Problem]]:
     """Compose `train` with `overrides`; collect every override problem instead of stopping at one."""
-    with hydra_context():
+    with hydra_context(overrides):
         kept, problems = _check_group_overrides(overrides)
         for _ in range(len(kept) + 1):
             try:

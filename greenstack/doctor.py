@@ -92,10 +92,11 @@ def run_doctor(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from greenstack.console import make_console
+
+    console = make_console()
     table = Table(title="energy meters on this machine", title_justify="left")
     for col in ("meter", "measures", "provenance", "source"):
         table.add_column(col, overflow="fold")

@@ -326,8 +326,9 @@ def _progress(enabled: bool) -> Any:
 
 def print_eval_table(results: Sequence[dict[str, Any]], file: Any = None) -> None:
     """Day-1/2/3 MAPE and MAE, greenstack vs seasonal-naive, as a rich table."""
-    from rich.console import Console
     from rich.table import Table
+
+    from greenstack.console import make_console
 
     table = Table(title="forecast-eval: greenstack vs seasonal-naive (same hour, most recent day)")
     for col in ("trace", "day", "MAPE greenstack %", "MAPE naive %", "ratio", "MAE greenstack", "MAE naive"):
@@ -339,7 +340,7 @@ def print_eval_table(results: Sequence[dict[str, Any]], file: Any = None) -> Non
             table.add_row(Path(r["trace"]).name if i == 0 else "", day, f"{m:.2f}", f"{nv:.2f}",
                           f"{ratio:.2f}", f"{r['mae']['model'][day]:.1f}", f"{r['mae']['naive'][day]:.1f}")
         table.add_section()
-    console = Console(file=file or sys.stdout, width=max(120, Console().width))
+    console = make_console(file=file or sys.stdout, min_width=120)
     console.print(table)
     for r in results:
         console.print(f"{Path(r['trace']).name}: {r['origins']} daily origins"

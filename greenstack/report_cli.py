@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from greenstack.console import plural
 from greenstack.errors import ConfigError, Problem
 
 EXIT_DENIED = 3
@@ -22,9 +23,9 @@ POOL_DB_ENV = "GREENSTACK_POOL_DB"
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from greenstack.console import make_console
 
-    return Console(highlight=False, soft_wrap=False)
+    return make_console(soft_wrap=False)
 
 
 def _print_json(obj: Any) -> None:
@@ -173,7 +174,7 @@ def _report_compare(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{len(comparison.rows)} runs: {comparison.metric} vs {comparison.cost}", title_justify="left",
+    table = Table(title=f"{plural(len(comparison.rows), 'run')}: {comparison.metric} vs {comparison.cost}", title_justify="left",
                   caption=f"Pareto plot: {plot_path}  (* = Pareto-optimal: no run has both lower "
                           f"{comparison.cost} and higher {comparison.metric})", caption_justify="left")
     for col in ("", "run", "state", "overrides", comparison.metric, "kgCO2e", "kWh", "duration s", "energy USD"):

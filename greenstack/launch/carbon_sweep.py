@@ -269,8 +269,9 @@ def _read_summary(run_dir: str | None) -> Any:
 
 def print_report(report: dict[str, Any]) -> None:
     """The Pareto front (and every trial) as a table on stdout."""
-    from rich.console import Console
     from rich.table import Table
+
+    from greenstack.console import make_console
 
     front = set(report["pareto_front"])
     table = Table(title=f"carbon sweep: {report['n_trials']} trials, {report['spent_kg']:.3g} of "
@@ -283,4 +284,4 @@ def print_report(report: dict[str, Any]) -> None:
         kg = f"{t['kg']:.3g}" if t["kg"] is not None else "-"
         params = " ".join(f"{k}={v}" for k, v in t["params"].items())
         table.add_row(str(t["number"]), "*" if t["number"] in front else "", t["state"], acc, kg, params, t["note"])
-    Console(highlight=False, width=200, soft_wrap=True).print(table)
+    make_console(soft_wrap=True, min_width=200).print(table)

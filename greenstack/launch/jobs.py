@@ -91,8 +91,10 @@ def print_table(items: list[JobOutcome], *, title: str = "greenstack sweep") -> 
     from rich.console import Console
     from rich.table import Table
 
+    from greenstack.console import make_console, plural
+
     failed = [o for o in items if o.failed]
-    table = Table(title=f"{title}: {len(items)} jobs, {len(failed)} failed", title_justify="left")
+    table = Table(title=f"{title}: {plural(len(items), 'job')}, {len(failed)} failed", title_justify="left")
     for col in ("#", "state", "metric", "kgCO2e", "overrides", "log"):
         table.add_column(col, overflow="fold")
     colours = {"COMPLETED": "green", "FAILED": "red", "CANCELLED": "yellow", "TIMEOUT": "red"}
@@ -101,7 +103,7 @@ def print_table(items: list[JobOutcome], *, title: str = "greenstack sweep") -> 
         kg = f"{o.emissions_kg:.3g}" if o.emissions_kg is not None else "-"
         state = f"[{colours.get(o.state.split()[0], 'red')}]{o.state}[/]"
         table.add_row(str(o.num), state, metric, kg, " ".join(o.overrides), o.log_path or o.run_dir or "")
-    Console(highlight=False, width=200, soft_wrap=True).print(table)
+    make_console(soft_wrap=True, min_width=200).print(table)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     for o in failed:
         where = o.log_path or o.run_dir or "(no log)"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from greenstack.console import plural
 from greenstack.errors import ConfigError, Problem
 from greenstack.report.tco import RunDir, load_run
 
@@ -199,7 +200,8 @@ def plot_pareto(comparison: Comparison, out: str | Path) -> Path:
         ax.grid(alpha=0.3)
     ax.set_xlabel("gCO2eq" if grams else comparison.cost)
     ax.set_ylabel(comparison.metric)
-    ax.set_title(f"{comparison.metric} vs {'emissions' if grams else comparison.cost}: {len(pts)} runs", fontsize=10)
+    ax.set_title(f"{comparison.metric} vs {'emissions' if grams else comparison.cost}: "
+                 f"{plural(len(pts), 'run')}", fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     out = Path(out)

@@ -125,8 +125,9 @@ def run_backtest_command(args: argparse.Namespace) -> int:
 def print_backtest_table(doc: dict[str, Any], results: list[Any], cfg: Any, file: Any = None,
                          weather: list[list[str]] | None = None) -> None:
     """Mean % saved vs starting at arrival, per trace and method, with the capture ratio."""
-    from rich.console import Console
     from rich.table import Table
+
+    from greenstack.console import make_console, plural
 
     kind = "interruptible" if cfg.interruptible else "contiguous"
     table = Table(title=f"backtest: {cfg.duration_h:g} h {kind} job arriving every hour, slack {cfg.slack_h} h - "
@@ -144,13 +145,13 @@ def print_backtest_table(doc: dict[str, Any], results: list[Any], cfg: Any, file
     if len(doc["traces"]) > 1:
         table.add_section()
         row("aggregate", str(sum(e["jobs"] for e in doc["traces"])), doc["aggregate"])
-    console = Console(file=file or sys.stdout, width=max(120, Console().width))
+    console = make_console(file=file or sys.stdout, min_width=120)
     console.print(table)
     for i, r in enumerate(results):
         skipped = [f"{r.skipped_end} at the end (window past the trace)"] * bool(r.skipped_end) + \
                   [f"{r.skipped_warmup} in the forecaster's warm-up"] * bool(r.skipped_warmup)
         cols = weather[i] if weather else []
-        console.print(f"{Path(r.name).name}: {r.jobs} jobs" + (f", skipped {' and '.join(skipped)}" if skipped else "")
+        console.print(f"{Path(r.name).name}: {plural(r.jobs, 'job')}" + (f", skipped {' and '.join(skipped)}" if skipped else "")
                       + f", {r.seconds:.1f} s" + (f"; weather: {', '.join(cols)}" if cols else ""))
     console.print("capture = greenstack / oracle saving; plans use only data before each arrival "
                   f"(objective {cfg.objective}{', re-planned hourly' if cfg.replan else ''})")
@@ -227,8 +228,9 @@ def run_region_command(args: argparse.Namespace) -> int:
 
 
 def _print_region(doc: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from greenstack.console import make_console
 
     table = Table(title=f"region: {doc['duration_h']:g} h {doc['kind']} job from {doc['start']} "
                         f"(slack {doc['slack_h']:g} h), score = {doc['weights']['w_carbon']:g}*(1 - I/I_max) + "
@@ -242,7 +244,7 @@ def _print_region(doc: dict[str, Any]) -> None:
         table.add_row(c["zone"], f"{o['provider']} {o['region']}", o["instance_type"], c["start"][:16],
                       f"{c['intensity_g_per_kwh']:.0f}", f"{c['intensity_now_g_per_kwh']:.0f}",
                       "no spot" if o["spot_usd_per_h"] is None else f"{o['spot_ratio']:.2f}", f"{c['score']:.3f}")
-    console = Console(width=max(120, Console().width))
+    console = make_console(min_width=120)
     console.print(table)
     ch = doc["choice"]
     console.print(f"run in {ch['zone']} ({ch['provider']} {ch['region']}, {ch['instance_type']}) starting "

@@ -3,7 +3,9 @@
 Recipes live in `recipes/*.yaml` (a flat directory users can copy, share and version), but Hydra
 selects group options from `<search dir>/recipe/*.yaml`. `RecipeDirConfigSource` (scheme
 `recipes://`) maps one onto the other, and `GreenstackSearchPathPlugin` registers the packaged recipe
-directory plus every directory in GREENSTACK_RECIPE_PATH (user recipes first, so they can shadow ours).
+directory plus every directory in GREENSTACK_RECIPE_PATH and the `recipe/` dir of every
+`hydra.searchpath` repo of the command (user recipes first, so they shadow ours: Hydra itself appends
+searchpath entries after ours, where a packaged recipe of the same name would silently win).
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ class GreenstackSearchPathPlugin(SearchPathPlugin):
     """Adds greenstack's recipe directories to the search path of greenstack's own app only."""
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        from greenstack.paths import conf_dir, recipes_dir, user_recipe_dirs
+        from greenstack.paths import conf_dir, recipes_dir, searchpath_recipe_dirs, user_recipe_dirs
 
         ours = str(conf_dir())
         if not any(ours in (element.path or "") for element in search_path.get_path()):
             return
         for i, directory in enumerate(user_recipe_dirs()):
             search_path.append(provider=f"GREENSTACK_RECIPE_PATH[{i}]", path=f"recipes://{directory}")
+        for directory in searchpath_recipe_dirs():
+            search_path.append(provider="hydra.searchpath", path=f"recipes://{directory}")
         search_path.append(provider="greenstack-recipes", path=f"recipes://{recipes_dir()}")
