@@ -80,10 +80,12 @@ def parse_hours(text: str, key: str = "--horizon") -> int:
 
 
 def _configure_forecast_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", action="append", required=True, metavar="FILE",
-                   help="CSV to evaluate on (Electricity Maps export or timestamp,carbon_intensity); repeatable")
-    p.add_argument("--history", action="append", default=[], metavar="FILE",
-                   help="earlier data of the same zone, used for training only; repeatable")
+    p.add_argument("--trace", action="append", required=True, metavar="FILE|ZONE:YEAR",
+                   help="CSV to evaluate on (Electricity Maps export or timestamp,carbon_intensity), or a "
+                        "shipped zone-year such as GB:2023; repeatable")
+    p.add_argument("--history", action="append", default=[], metavar="FILE|ZONE:YEARS",
+                   help="earlier data of the same zone, used for training only (a CSV or e.g. GB:2021-2022); "
+                        "repeatable")
     p.add_argument("--horizon", default="72h", help="forecast horizon (default 72h)")
     p.add_argument("--zone", default=None, help="zone id for solar/calendar features if the CSV has none")
     p.add_argument("--origin-hour", type=int, default=0, help="UTC hour of the daily forecast origin (default 0)")
@@ -93,10 +95,45 @@ def _configure_forecast_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+_ZONE_YEARS = re.compile(r"^(?P<zone>[A-Za-z][A-Za-z0-9-]*):(?P<first>\d{4})(?:-(?P<last>\d{4}))?$")
+
+
+def shipped_zone_years(spec: str, role: str = "--trace") -> pd.DataFrame | None:
+    """`ZONE:YEAR` or `ZONE:FIRST-LAST` (e.g. GB:2023, GB:2021-2022): that part of a shipped trace, else None.
+
+    Why: the shipped traces are one file per zone (2021-2023), while evaluations need a year to test
+    on and earlier years to fit on; naming them saves exporting CSVs first.
+    """
+    match = _ZONE_YEARS.match(str(spec).strip())
+    if match is None or Path(spec).exists():
+        return None
+    from greenstack.carbon import traces
+
+    zone = traces.find_zone(match["zone"])
+    if zone is None:
+        raise traces.unknown_zone_error(match["zone"], extra_fix=f"{role} ZONE:YEAR, e.g. GB:2023")
+    first, last = int(match["first"]), int(match["last"] or match["first"])
+    df = traces.load_zone(zone)
+    years = df["timestamp"].dt.year
+    have = sorted(set(years))
+    if first > last or first not in have or last not in have:
+        raise ConfigError(Problem(role, spec, f"the shipped {zone} trace covers {have[0]}-{have[-1]}",
+                                  f"e.g. {zone}:{have[-1]} or {zone}:{have[0]}-{have[-2]}"))
+    out = df[(years >= first) & (years <= last)].reset_index(drop=True)
+    out.attrs.update(df.attrs)
+    out.attrs["path"] = f"{zone}:{first}" + (f"-{last}" if last != first else "")
+    return out
+
+
 def _load(path: str, units: str, role: str) -> pd.DataFrame:
     from greenstack.carbon import traces
     from greenstack.carbon.forecast import LBS_PER_MWH_TO_G_PER_KWH, check_units
 
+    shipped = shipped_zone_years(path, f"--{role}")
+    if shipped is not None:
+        shipped.attrs["role"] = role
+        shipped.attrs["exog"] = None
+        return shipped
     try:
         df = traces.load_csv_trace(path)
     except DataError as err:
