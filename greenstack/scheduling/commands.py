@@ -167,7 +167,8 @@ def configure_region(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", default=None, help="earliest start, ISO-8601 with offset (default: now)")
     p.add_argument("--slack", default="24h", help="how long the job may wait (default 24h; 0h = now only)")
     p.add_argument("--kind", default="cpu", choices=("cpu", "gpu"), help="instance prices to compare (default cpu)")
-    p.add_argument("--catalog", default=None, help="price catalog CSV (default: the shipped, dated snapshot)")
+    p.add_argument("--catalog", default=None,
+                   help="price catalog, JSON as for `report tco` or CSV (default: the shipped, dated snapshot)")
     p.add_argument("--w-carbon", type=float, default=0.6, help="weight of the carbon term (default 0.6)")
     p.add_argument("--w-price", type=float, default=0.4, help="weight of the spot-discount term (default 0.4)")
     p.add_argument("--objective", default="mean", help="mean (default) | point | median | a quantile level")
@@ -251,6 +252,7 @@ def _print_region(doc: dict[str, Any]) -> None:
     ch = doc["choice"]
     console.print(f"run in {ch['zone']} ({ch['provider']} {ch['region']}, {ch['instance_type']}) starting "
                   f"{ch['start'][:16]}Z: expected {ch['expected_g_per_kwh']:.0f} g/kWh, score {ch['score']:.3f}")
-    console.print(f"prices: {doc['catalog']['path']} (snapshot as of {doc['catalog']['as_of']})")
+    console.print(f"prices: {doc['catalog']['path']} (snapshot as of {doc['catalog']['as_of']}); cost a run there "
+                  f"with: greenstack report tco RUN_DIR --instance {ch['instance_type']} --region {ch['region']}")
     for note in doc["notes"]:
         console.print(f"note: {note}")

@@ -1,13 +1,16 @@
 """The cloud price catalog: on-demand and spot prices per zone and instance kind.
 
 Why a shipped, dated file: region choice trades carbon against price, and a scheduler must work
-offline and reproducibly. `data/cloud_prices.csv` is a labelled snapshot (see data/README.md) that
-users replace with their own export; like carbon traces, a catalog is validated with pandera and
-every offending row is named (row, line, column, value) before anything runs.
+offline and reproducibly. There is ONE shipped catalog, `greenstack/report/data/prices_<YYYY-MM>.json`,
+shared with `greenstack report tco`: its instance rows that name a carbon `zone` and a `kind` are the
+offers compared here, so whatever `plan region` picks, `report tco` can price. Users replace it with
+their own (the same JSON, or a CSV with the columns in REQUIRED, see data/README.md); like carbon
+traces, a catalog is validated with pandera and every offending row is named before anything runs.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +22,6 @@ from pandera.errors import SchemaErrors
 
 from greenstack.errors import ConfigError, DataError, Problem
 
-DEFAULT_CATALOG = Path(__file__).resolve().parent / "data" / "cloud_prices.csv"
 KINDS = ("cpu", "gpu")
 REQUIRED = ("zone", "provider", "region", "instance_type", "kind", "on_demand_usd_per_h", "spot_usd_per_h", "as_of")
 MAX_ROWS_PER_PROBLEM = 10
@@ -110,10 +112,43 @@ class PriceCatalog:
                      str(row.get("source", "")))
 
 
+def default_catalog_path() -> Path:
+    """The one shipped catalog (the newest `prices_*.json`, also used by `greenstack report tco`)."""
+    from greenstack.report.tco import default_catalog_path as shipped
+
+    return shipped()
+
+
 def load_price_catalog(path: str | Path | None = None) -> PriceCatalog:
-    """Read and validate a price catalog CSV (default: the shipped snapshot). Raises DataError naming rows."""
-    p = Path(path).expanduser() if path else DEFAULT_CATALOG
+    """Read and validate a price catalog, JSON or CSV (default: the shipped snapshot). Raises DataError naming rows."""
+    p = Path(path).expanduser() if path else default_catalog_path()
     return _load(str(p.resolve()) if p.exists() else str(p))
+
+
+def _json_rows(p: Path) -> pd.DataFrame:
+    """The zone offers of a `greenstack.prices/1` JSON catalog as CSV-like string columns."""
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(Problem(p.name, None, f"not valid JSON: {err}")) from err
+    rows = doc.get("instances") if isinstance(doc, dict) else None
+    if not isinstance(rows, list):
+        raise DataError(Problem(f"{p.name}.instances", None, "a JSON catalog needs a list of instances",
+                                "see greenstack/report/data/README.md for the format"))
+
+    def text(value: object) -> str:
+        return "" if value is None else str(value)
+
+    offers = [{"zone": text(r.get("zone")), "provider": text(r.get("provider")), "region": text(r.get("region")),
+               "location": text(r.get("location")), "instance_type": text(r.get("instance_type")),
+               "kind": text(r.get("kind")), "on_demand_usd_per_h": text(r.get("on_demand_usd_per_hour")),
+               "spot_usd_per_h": text(r.get("spot_usd_per_hour")), "as_of": text(r.get("as_of") or doc.get("as_of")),
+               "source": text(r.get("source") or doc.get("source"))}
+              for r in rows if isinstance(r, dict) and r.get("zone")]
+    if not offers:
+        raise DataError(Problem(f"{p.name}.instances", None, "no instance names a carbon `zone` and a `kind`",
+                                "add \"zone\" (e.g. GB) and \"kind\" (cpu|gpu) to the offers to compare"))
+    return pd.DataFrame(offers, columns=[*REQUIRED[:3], "location", *REQUIRED[3:], "source"])
 
 
 @lru_cache(maxsize=8)
@@ -121,11 +156,15 @@ def _load(path: str) -> PriceCatalog:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(Problem("catalog", path, "price catalog not found",
-                                  f"give an existing CSV with columns {', '.join(REQUIRED)}"))
-    try:
-        raw = pd.read_csv(p, dtype=str, keep_default_na=False, comment="#", encoding="utf-8-sig")
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        raise DataError(Problem(p.name, None, f"cannot read as CSV: {err}")) from err
+                                  f"give an existing JSON catalog like {default_catalog_path()}, or a CSV with "
+                                  f"columns {', '.join(REQUIRED)}"))
+    if p.suffix.lower() == ".json":
+        raw = _json_rows(p)
+    else:
+        try:
+            raw = pd.read_csv(p, dtype=str, keep_default_na=False, comment="#", encoding="utf-8-sig")
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+            raise DataError(Problem(p.name, None, f"cannot read as CSV: {err}")) from err
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in REQUIRED if c not in raw.columns]
     if missing:

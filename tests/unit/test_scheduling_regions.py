@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from greenstack.errors import ConfigError, DataError
 from greenstack.plan import run_plan
-from greenstack.scheduling.prices import DEFAULT_CATALOG, Offer, load_price_catalog
+from greenstack.scheduling.prices import Offer, default_catalog_path, load_price_catalog
 from greenstack.scheduling.regions import Candidate, region_score, score_regions
 
 
@@ -49,19 +51,20 @@ def test_shipped_catalog_is_dated_and_covers_every_shipped_zone():
     gb = cat.offer("gb", "gpu")
     assert gb.region == "eu-west-2" and 0 < gb.spot_ratio < 1
     assert cat.offer("US-NY-NYIS", "cpu").spot_ratio == 1.0  # no spot market: no discount
-    assert "snapshot" in (DEFAULT_CATALOG.parent / "README.md").read_text()
+    assert "snapshot" in (default_catalog_path().parent / "README.md").read_text()
     with pytest.raises(ConfigError, match="no cpu price"):
         cat.offer("FR", "cpu")
 
 
 def test_bad_catalog_rows_are_named(tmp_path):
-    lines = DEFAULT_CATALOG.read_text().splitlines()
-    lines[1] = lines[1].replace("0.888,0.352", "abc,0.352")         # row 0: not a number
-    lines[2] = lines[2].replace(",gpu,", ",tpu,")                    # row 1: unknown kind
-    lines[3] = lines[3].replace("1.048,0.412", "1.048,2.5")          # row 2: spot above on-demand
-    lines[4] = lines[4].replace("2024-06-01", "June 2024")           # row 3: bad date
+    frame = load_price_catalog().frame.astype(object)  # the CSV form users may export
+    frame = frame[frame["spot_usd_per_h"].notna()].reset_index(drop=True)
+    frame.loc[0, "on_demand_usd_per_h"] = "abc"                            # row 0: not a number
+    frame.loc[1, "kind"] = "tpu"                                           # row 1: unknown kind
+    frame.loc[2, "spot_usd_per_h"] = frame.loc[2, "on_demand_usd_per_h"] + 1  # row 2: spot above on-demand
+    frame.loc[3, "as_of"] = "June 2024"                                    # row 3: bad date
     bad = tmp_path / "prices.csv"
-    bad.write_text("\n".join(lines) + "\n")
+    frame.to_csv(bad, index=False)
     with pytest.raises(DataError) as err:
         load_price_catalog(bad)
     keys = {p.key for p in err.value.problems}
@@ -113,3 +116,34 @@ def test_unknown_region_suggests_the_closest():
     with pytest.raises(ConfigError) as err:
         run_plan(["region", "--duration", "2h", "--candidates", "US-CAL-CIS0"])
     assert "did you mean 'US-CAL-CISO'" in err.value.problems[0].fix
+
+
+def test_plan_region_and_report_tco_share_one_catalog(capsys):
+    """Every offer plan region can pick is priced by report tco, at the same on-demand and spot price."""
+    from greenstack.report.tco import load_catalog
+
+    offers, tco = load_price_catalog(), load_catalog()
+    assert offers.path == tco.path
+    for row in offers.frame.itertuples():
+        priced = tco.instance(row.instance_type, row.region)
+        assert priced["on_demand_usd_per_hour"] == pytest.approx(row.on_demand_usd_per_h)
+        assert (priced["spot_usd_per_hour"] is None) == pd.isna(row.spot_usd_per_h)
+        for storage_class in ("object", "block"):  # storage is priced where the instance runs
+            assert tco.storage_price(row.provider, row.region, storage_class)["usd_per_gb_month"] > 0
+    assert run_plan(["region", "--duration", "2h", "--candidates", "GB,DE-LU,US-CAL-CISO", "--start",
+                     "2025-03-01T10:00:00Z", "--json"]) == 0
+    choice = json.loads(capsys.readouterr().out)["choice"]
+    assert choice["instance_type"] == "c6i.4xlarge"
+    assert tco.instance(choice["instance_type"], choice["region"])["on_demand_usd_per_hour"] > 0
+
+
+def test_report_tco_prices_the_instance_plan_region_picks(tmp_path, capsys):
+    from greenstack.report_cli import run_report
+
+    runs = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
+    assert run_plan(["region", "--duration", "2h", "--candidates", "GB,DE-LU", "--kind", "cpu", "--json"]) == 0
+    choice = json.loads(capsys.readouterr().out)["choice"]
+    assert run_report(["tco", str(runs / "small"), "--instance", choice["instance_type"], "--region",
+                       choice["region"], "--json"]) == 0
+    out = capsys.readouterr().out
+    assert choice["instance_type"] in out and "prices_" in out
