@@ -198,21 +198,9 @@ def _lbs_hint(path: str, err: DataError) -> Problem | None:
 
 def _read_exog(path: str) -> pd.DataFrame | None:
     """Optional weather-forecast columns (`forecast_*` / `weather_*`) of a canonical CSV."""
-    head = pd.read_csv(path, nrows=0, encoding="utf-8-sig")
-    cols = [c for c in head.columns if str(c).lower().startswith(("forecast_", "weather_"))]
-    if not cols:
-        return None
-    tcol = next((c for c in head.columns if str(c).strip().lower() in ("timestamp", "datetime (utc)")), None)
-    if tcol is None:
-        raise DataError(Problem(Path(path).name, None, "weather columns but no `timestamp` column",
-                                "add a UTC `timestamp` column (as `greenstack carbon weather` writes)"))
-    raw = pd.read_csv(path, usecols=[tcol, *cols], encoding="utf-8-sig")
-    try:
-        idx = pd.to_datetime(raw[tcol], utc=True, format="ISO8601")
-    except (ValueError, TypeError) as err:
-        raise DataError(Problem(f"{Path(path).name}.{tcol}", None, f"unreadable timestamps ({err})",
-                                "use ISO 8601 UTC times, e.g. 2024-01-01T00:00:00Z")) from None
-    return raw[cols].apply(pd.to_numeric, errors="coerce").set_index(pd.DatetimeIndex(idx))
+    from greenstack.carbon.traces import read_weather_columns
+
+    return read_weather_columns(path)
 
 
 WEATHER_HELP = ("CSV of weather-forecast columns (timestamp + weather_*; e.g. from `greenstack carbon weather`) "

@@ -174,6 +174,8 @@ class SeriesSource(IntensitySource):
         self.end_s = int(self._t[-1] + self.resolution_s)  # exclusive
         self.replay_year = self._latest_full_year()
         self._warned_far = False
+        # weather-forecast columns (UTC-indexed `weather_*`) that came with the series, for the forecaster
+        self.weather: pd.DataFrame | None = None
 
     def _latest_full_year(self) -> int | None:
         last = pd.Timestamp(self.end_s, unit="s", tz="UTC").year
@@ -286,6 +288,11 @@ class CsvTraceSource(SeriesSource):
         super().__init__(df, name=name, zone=zone or name, country_iso3=iso3, covered_provenance=provenance,
                          label=f"{name}" + (f" ({zone})" if zone else ""), validated=True)
         self.path = paths
+        frames = [w for p in ([paths] if isinstance(paths, str) else paths)
+                  if (w := traces.read_weather_columns(p)) is not None]
+        if frames:
+            weather = pd.concat(frames).sort_index()
+            self.weather = weather[~weather.index.duplicated(keep="last")]
 
 
 @lru_cache(maxsize=1)

@@ -202,3 +202,25 @@ def trace_arrays(df: pd.DataFrame) -> dict[str, np.ndarray]:
         "estimated": (df["estimated"].to_numpy().astype(bool) if "estimated" in df.columns
                       else np.zeros(n, dtype=bool)),
     }
+
+
+def read_weather_columns(path: str | Path) -> pd.DataFrame | None:
+    """A CSV's weather-forecast columns (`forecast_*` / `weather_*`) on a UTC index, or None without any.
+
+    Why here: the forecast-eval/backtest commands and `carbon=csv` sources read a trace's weather the same way.
+    """
+    head = pd.read_csv(path, nrows=0, encoding="utf-8-sig")
+    cols = [c for c in head.columns if str(c).lower().startswith(("forecast_", "weather_"))]
+    if not cols:
+        return None
+    tcol = next((c for c in head.columns if str(c).strip().lower() in ("timestamp", "datetime (utc)")), None)
+    if tcol is None:
+        raise DataError(Problem(Path(path).name, None, "weather columns but no `timestamp` column",
+                                "add a UTC `timestamp` column (as `greenstack carbon weather` writes)"))
+    raw = pd.read_csv(path, usecols=[tcol, *cols], encoding="utf-8-sig")
+    try:
+        idx = pd.to_datetime(raw[tcol], utc=True, format="ISO8601")
+    except (ValueError, TypeError) as err:
+        raise DataError(Problem(f"{Path(path).name}.{tcol}", None, f"unreadable timestamps ({err})",
+                                "use ISO 8601 UTC times, e.g. 2024-01-01T00:00:00Z")) from None
+    return raw[cols].apply(pd.to_numeric, errors="coerce").set_index(pd.DatetimeIndex(idx))

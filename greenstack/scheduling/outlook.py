@@ -43,6 +43,7 @@ class Outlook:
     source: str
     requested_h: int
     notes: list[str] = field(default_factory=list)
+    weather_columns: list[str] = field(default_factory=list)  # what the forecaster used (none: not a forecast)
 
     @property
     def hours(self) -> int:
@@ -59,7 +60,7 @@ class Outlook:
     def describe(self) -> dict[str, Any]:
         return {"zone": self.zone, "from": self.times[0].isoformat() if self.hours else None, "hours": self.hours,
                 "requested_h": self.requested_h, "kind": self.kind, "provenance": self.provenance,
-                "source": self.source, "notes": list(self.notes)}
+                "source": self.source, "weather_columns": list(self.weather_columns), "notes": list(self.notes)}
 
 
 def hour_floor(when: datetime) -> datetime:
@@ -87,7 +88,10 @@ def intensity_outlook(source: Any, start: datetime, hours: int, *, horizon_h: in
 
     `weather`: UTC-indexed weather-forecast columns (`weather_*`, lead-day suffixes honoured) that the
     forecaster uses when it runs; ignored (and said so) when the outlook is a replay or a provider's.
+    A source's own weather columns (`carbon=csv` with `weather_*` columns) join them, as in
+    `plan forecast-eval` (the trace's columns win over a same-named `weather` column).
     """
+    weather = merge_weather(getattr(source, "weather", None), weather)
     t0 = hour_floor(start)
     want = max(1, int(math.ceil(hours)))
     use = min(want, int(horizon_h))
@@ -123,7 +127,9 @@ def intensity_outlook(source: Any, start: datetime, hours: int, *, horizon_h: in
             sl = slice(lead, lead + use)
             qs = {q: v[sl] for q, v in f.quantiles.items()}
             mean = _mean_from_quantiles(qs[0.5], qs[0.1], qs[0.9])
-            return Outlook(zone, start, times, f.point[sl], qs, mean, "forecast", "estimated", f.source, want, notes)
+            used = [] if usable is None else [str(c) for c in usable.columns]
+            return Outlook(zone, start, times, f.point[sl], qs, mean, "forecast", "estimated", f.source, want, notes,
+                           used)
         if len(hist) and gap_h <= 3:
             notes.append(f"only {len(hist)} h observed before the start (the forecaster needs {need} h): "
                          "using the source's own values instead")
@@ -136,6 +142,25 @@ def intensity_outlook(source: Any, start: datetime, hours: int, *, horizon_h: in
         notes.append(f"no observations up to {pd.Timestamp(t0).isoformat()}: planning on {look.source} "
                      "(no forecast uncertainty available)")
     return Outlook(zone, start, times, v, {0.5: v}, v, kind, look.provenance, look.source, want, notes)
+
+
+def merge_weather(own: pd.DataFrame | None, extra: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A source's weather columns joined with extra ones (a `weather=` file); the source's win on a clash."""
+    if own is None or own.empty:
+        return extra
+    if extra is None or extra.empty:
+        return own
+    extra = extra.drop(columns=[c for c in extra.columns if c in own.columns])
+    return own if extra.empty else own.join(extra, how="outer")
+
+
+def weather_note(source: object, rule: str) -> list[str]:
+    """For rules that act on observed intensity only: say that the source's weather columns go unused."""
+    own = getattr(source, "weather", None)
+    if own is None or own.empty:
+        return []
+    return [f"{rule} acts on observed intensity: the trace's weather columns "
+            f"({', '.join(map(str, own.columns))}) are not used"]
 
 
 def observed_levels(source: Any, before: datetime, lookback_h: int) -> np.ndarray:
@@ -151,4 +176,5 @@ def intensity_now(source: Any, when: datetime) -> tuple[float, str, str]:
     return float(look.intensity_g_per_kwh[0]), str(look.provenance), str(look.source)
 
 
-__all__ = ["Outlook", "hour_floor", "intensity_now", "intensity_outlook", "observed_levels"]
+__all__ = ["Outlook", "hour_floor", "intensity_now", "intensity_outlook", "merge_weather", "observed_levels",
+           "weather_note"]

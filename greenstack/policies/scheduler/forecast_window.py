@@ -51,7 +51,7 @@ class Plan:
     def inputs(self, objective: Any, duration_h: float) -> dict[str, Any]:
         o = self.outlook
         return {"duration_h": duration_h, "deadline": self.deadline, "objective": objective,
-                "outlook": o.describe(), "source": o.source,
+                "outlook": o.describe(), "source": o.source, "weather_columns": list(o.weather_columns),
                 "expected_g_per_kwh_by_hour": [round(float(v), 2) for v in o.values(objective)]}
 
     def choice_dict(self) -> dict[str, Any]:

@@ -34,7 +34,13 @@ from greenstack.engine.events import Event
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy
-from greenstack.scheduling.outlook import hour_floor, intensity_now, intensity_outlook, observed_levels
+from greenstack.scheduling.outlook import (
+    hour_floor,
+    intensity_now,
+    intensity_outlook,
+    observed_levels,
+    weather_note,
+)
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
 from greenstack.scheduling.windows import best_slots, planning_values
 
@@ -135,8 +141,10 @@ class PauseResume(SchedulerPolicy):
                 hours = max(1, int(math.ceil(self.lookback_h)))
                 self.level = float(np.percentile(observed_levels(self.source(), now, hours), self.percentile))
                 how = f"p{self.percentile:g} of the {hours} h before the run"
-            self.record(state, "arm", {"mode": self.mode, "level_from": how, "deadline": self.deadline},
-                        {"pause_above_g_per_kwh": self.level}, numbers={"pause_level_g_per_kwh": self.level})
+            self.record(state, "arm", {"mode": self.mode, "level_from": how, "deadline": self.deadline,
+                                       "weather_columns": []},
+                        {"pause_above_g_per_kwh": self.level}, numbers={"pause_level_g_per_kwh": self.level},
+                        notes=weather_note(self.source(), "pause_resume in threshold mode"))
         else:
             self.record(state, "arm", {"mode": self.mode, "deadline": self.deadline,
                                        "min_chunk_h": self.min_chunk_h, "resume_overhead_h": self.resume_overhead_h},
@@ -196,6 +204,7 @@ class PauseResume(SchedulerPolicy):
         slots = best_slots(outlook.values(self.objective), work_h, deadline_h=min(hours, outlook.hours),
                            min_chunk_h=max(1, int(round(self.min_chunk_h))), resume_overhead_h=self.resume_overhead_h)
         plan = {"work_h": work_h, "slots": slots.to_dict(), "outlook": outlook.describe(),
+                "weather_columns": list(outlook.weather_columns),
                 "expected_saving_pct": slots.expected_saving_pct}
         if not slots.slots or slots.slots[0] == 0:
             return None, plan

@@ -20,7 +20,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy
-from greenstack.scheduling.outlook import intensity_now, observed_levels
+from greenstack.scheduling.outlook import intensity_now, observed_levels, weather_note
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
 
 
@@ -87,14 +87,15 @@ class Threshold(SchedulerPolicy):
         self.level = level
         first, prov, src = intensity_now(self.source(), arrival)
         inputs = {"level_g_per_kwh": level, "level_from": how, "intensity_now_g_per_kwh": first,
-                  "latest_start": latest, "source": src}
+                  "latest_start": latest, "source": src, "weather_columns": []}
+        unused = weather_note(self.source(), "the threshold rule")
         if first < level:
             self.record(state, "start_now", inputs, {"start": arrival}, expected_saving_pct=0.0, provenance=prov,
                         numbers={"threshold_g_per_kwh": level, "intensity_at_start_g_per_kwh": first},
-                        notes=[f"intensity {first:.0f} g/kWh is below the level {level:.0f}: starting now"])
+                        notes=[f"intensity {first:.0f} g/kWh is below the level {level:.0f}: starting now", *unused])
             return
         self.record(state, "wait", inputs, {"until": f"intensity < {level:.1f} g/kWh or {latest.isoformat()}"},
-                    provenance=prov, numbers={"threshold_g_per_kwh": level})
+                    provenance=prov, numbers={"threshold_g_per_kwh": level}, notes=unused)
         seen = {"intensity": first, "below": False}
 
         def check() -> float | None:
