@@ -227,7 +227,7 @@ def run_pool(argv: list[str]) -> int:
     settle = add("settle", "replace a reservation by the measured emissions")
     settle.add_argument("--id", type=int, required=True, help="allocation id from `pool request`")
     settle.add_argument("--kg", type=float, required=True, help="measured kgCO2e")
-    add("status", "budgets, reservations and settlements")
+    add("status", "budgets, reservations and settlements (exit 1 when the tables disagree with the audit log)")
     budget = add("budget", "add a participant or change its budget")
     budget.add_argument("--participant", required=True, metavar="NAME=KG")
     logp = add("log", "export the pool's hash-chained audit log as JSONL")
@@ -279,7 +279,12 @@ def run_pool(argv: list[str]) -> int:
             _print_json(status)
         else:
             _print_pool_status(status)
-        return 0
+            if not status["integrity"]["ok"]:  # never show a forged budget without saying so
+                console.print("[red]TAMPERED[/]: the tables disagree with the pool's audited history; the figures "
+                              "above are NOT trustworthy:", soft_wrap=True)
+                for problem in status["integrity"]["problems"]:
+                    console.print(f"  {problem}", markup=False, soft_wrap=True)
+        return 0 if status["integrity"]["ok"] else EXIT_TAMPERED
     if args.command == "budget":
         ((name, kg),) = parse_participants([args.participant]).items()
         pool.set_budget(name, kg)

@@ -8,6 +8,12 @@ balances, decides, writes the allocation and appends the decision to the pool's 
 (stored in the same database, so the log and the ledger can never disagree). Lock timeouts and
 serialization failures are retried.
 
+Why running balances: each participant's charged total (`used_mg`) is kept up to date by every
+allocation and settlement, so a request reads a handful of rows whatever the pool's history (a shared
+pool lives for years). The tables are checked against the audited history by `verify_audit` (and by
+`status`): a budget edited, or an allocation deleted, straight in the database shows there. Under
+`GREENSTACK_AUDIT_KEY` the chain and its head (kept on the pool row) are HMAC'd too.
+
 Rules for a request of X kg by participant P (fair share = P's budget):
   * P's charged total + X within its fair share, and the pool has room -> approved, charged X;
   * otherwise, if the pool has room for X x premium -> approved at a premium, charged X x premium
@@ -32,7 +38,17 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from greenstack.errors import ConfigError, Problem
-from greenstack.ledger.audit import VerifyResult, canonical, chain_next, verify_lines
+from greenstack.ledger.audit import (
+    GENESIS,
+    AuditProblem,
+    VerifyResult,
+    _key,
+    canonical,
+    head_mac,
+    make_head,
+    make_record,
+    verify_lines,
+)
 
 SCHEMA = "greenstack.pool/1"
 DEFAULT_PREMIUM = 1.5
@@ -43,9 +59,11 @@ Status = Literal["approved", "approved_premium", "denied"]
 _DDL = (
     """CREATE TABLE IF NOT EXISTS greenstack_pool (
         id INTEGER PRIMARY KEY CHECK (id = 1), schema TEXT NOT NULL, premium_factor DOUBLE PRECISION NOT NULL,
-        created_at TEXT NOT NULL, audit_seq BIGINT NOT NULL DEFAULT 0, audit_hash TEXT NOT NULL DEFAULT '')""",
+        created_at TEXT NOT NULL, audit_seq BIGINT NOT NULL DEFAULT 0, audit_hash TEXT NOT NULL DEFAULT '',
+        audit_mac TEXT NOT NULL DEFAULT '')""",
     """CREATE TABLE IF NOT EXISTS greenstack_participants (
-        name TEXT PRIMARY KEY, budget_mg BIGINT NOT NULL CHECK (budget_mg >= 0))""",
+        name TEXT PRIMARY KEY, budget_mg BIGINT NOT NULL CHECK (budget_mg >= 0),
+        used_mg BIGINT NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS greenstack_allocations (
         id BIGINT PRIMARY KEY, participant TEXT NOT NULL, run_id TEXT, status TEXT NOT NULL,
         requested_mg BIGINT NOT NULL, charged_mg BIGINT NOT NULL, factor DOUBLE PRECISION NOT NULL,
@@ -54,6 +72,9 @@ _DDL = (
 )
 #: allocation states that hold carbon: reserved (approved, not yet measured) and settled (measured)
 _HOLDING = ("reserved", "settled")
+#: columns added since the first pools were created: (table, column, definition); added on first use
+_ADDED_COLUMNS = (("greenstack_pool", "audit_mac", "TEXT NOT NULL DEFAULT ''"),
+                  ("greenstack_participants", "used_mg", "BIGINT NOT NULL DEFAULT 0"))
 
 
 def to_mg(kg: float) -> int:
@@ -123,6 +144,9 @@ class _Sqlite(_Backend):
     def ddl(self, conn: Any, statement: str) -> None:
         conn.execute(statement)
 
+    def columns(self, conn: Any, table: str) -> set[str]:
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({table})").fetchall()}
+
 
 class _Postgres(_Backend):
     kind = "postgresql"
@@ -169,6 +193,10 @@ class _Postgres(_Backend):
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
+
+    def columns(self, conn: Any, table: str) -> set[str]:
+        cur = conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s", (table,))
+        return {row[0] for row in cur.fetchall()}
 
 
 def _backend(db: str) -> _Backend:
@@ -254,6 +282,7 @@ class CarbonPool:
         self.db = str(db)
         self._backend = _backend(self.db)
         self.retries = retries
+        self._schema_checked = False
 
     # connection and transaction helpers
     @contextlib.contextmanager
@@ -271,6 +300,7 @@ class CarbonPool:
 
     def _write(self, body: Callable[[Any], Any]) -> Any:
         """Run `body(conn)` in a locked write transaction, retrying lock timeouts and serialization failures."""
+        self._ensure_schema()
         delay = 0.01
         for attempt in range(self.retries + 1):
             with self._conn() as conn:
@@ -287,12 +317,41 @@ class CarbonPool:
             delay = min(delay * 2, 1.0)
         raise AssertionError("unreachable")
 
+    def _ensure_schema(self) -> None:
+        """Add the columns newer greenstack keeps (running balances, head MAC) to a pool created before them,
+        filling the balances from the allocations; checked once per CarbonPool object."""
+        if self._schema_checked:
+            return
+        self._schema_checked = True  # first: `_write` below calls back here
+        with self._conn() as conn:
+            if not self._backend.columns(conn, "greenstack_pool"):
+                return  # no pool here (yet): `create` makes current tables, the others say "no pool"
+            missing = [(t, c, d) for t, c, d in _ADDED_COLUMNS if c not in self._backend.columns(conn, t)]
+        if not missing:
+            return
+
+        def body(conn: Any) -> None:
+            for table, column, definition in missing:
+                if column in self._backend.columns(conn, table):
+                    continue  # another process migrated first
+                self._q(conn, f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if column == "used_mg":
+                    holding = ", ".join(f"'{s}'" for s in _HOLDING)
+                    self._q(conn, "UPDATE greenstack_participants SET used_mg = (SELECT COALESCE(SUM(charged_mg), 0) "
+                                  "FROM greenstack_allocations a WHERE a.participant = greenstack_participants.name "
+                                  f"AND a.status IN ({holding}))")
+
+        self._write(body)
+
     def _audit(self, conn: Any, kind: str, data: Mapping[str, Any]) -> tuple[int, str]:
-        rows = self._q(conn, "SELECT line FROM greenstack_audit ORDER BY seq DESC LIMIT 1")
-        record, line = chain_next(rows[0][0] if rows else None, kind, data, actor="greenstack.pool")
-        self._q(conn, "INSERT INTO greenstack_audit (seq, line) VALUES (?, ?)", (record["seq"], line))
-        self._q(conn, "UPDATE greenstack_pool SET audit_seq = ?, audit_hash = ? WHERE id = 1",
-                (record["seq"], record["hash"]))
+        """Append one record to the pool's chain (keyed under GREENSTACK_AUDIT_KEY) and move the head."""
+        seq, prev = self._q(conn, "SELECT audit_seq, audit_hash FROM greenstack_pool WHERE id = 1")[0]
+        key = _key()
+        record = make_record(int(seq) + 1, str(prev) if int(seq) else GENESIS, kind, data, actor="greenstack.pool",
+                             key=key)
+        self._q(conn, "INSERT INTO greenstack_audit (seq, line) VALUES (?, ?)", (record["seq"], canonical(record)))
+        self._q(conn, "UPDATE greenstack_pool SET audit_seq = ?, audit_hash = ?, audit_mac = ? WHERE id = 1",
+                (record["seq"], record["hash"], head_mac(key, record["seq"], record["hash"]) if key else ""))
         return int(record["seq"]), str(record["hash"])
 
     def _require_pool(self, conn: Any) -> float:
@@ -381,14 +440,16 @@ class CarbonPool:
 
         def body(conn: Any) -> tuple[Decision, DeniedRequest | None]:
             factor = self._require_pool(conn)
-            share_rows = self._q(conn, "SELECT budget_mg FROM greenstack_participants WHERE name = ?", (participant,))
+            share_rows = self._q(conn, "SELECT budget_mg, used_mg FROM greenstack_participants WHERE name = ?",
+                                 (participant,))
             if not share_rows:
                 names = [r[0] for r in self._q(conn, "SELECT name FROM greenstack_participants ORDER BY name")]
                 raise ConfigError(Problem("--participant", participant, "not a participant of this pool",
                                           f"participants: {', '.join(names) or 'none'}"))
-            share = int(share_rows[0][0])
-            total = int(self._q(conn, "SELECT COALESCE(SUM(budget_mg), 0) FROM greenstack_participants")[0][0])
-            used_p, used_all = self._used(conn, participant)
+            share, used_p = int(share_rows[0][0]), int(share_rows[0][1])
+            # running balances: a few rows whatever the history (participants are few, allocations many)
+            total, used_all = (int(v) for v in self._q(conn, "SELECT COALESCE(SUM(budget_mg), 0), "
+                                                             "COALESCE(SUM(used_mg), 0) FROM greenstack_participants")[0])
             room = total - used_all
             premium_mg = int(math.ceil(want * factor))
             if used_p + want <= share and want <= room:
@@ -410,6 +471,9 @@ class CarbonPool:
                           "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, NULL, ?)",
                     (alloc_id, participant, run_id, "reserved" if status != "denied" else "denied", want, charged,
                      factor if status == "approved_premium" else 1.0, now.isoformat(), reason))
+            if charged:
+                self._q(conn, "UPDATE greenstack_participants SET used_mg = used_mg + ? WHERE name = ?",
+                        (charged, participant))
             seq, digest_ = self._audit(conn, "allocation", {
                 "allocation_id": alloc_id, "participant": participant, "run_id": run_id, "decision": status,
                 "requested_kg": to_kg(want), "charged_kg": to_kg(charged), "premium_factor": factor,
@@ -454,6 +518,8 @@ class CarbonPool:
             charged = int(math.ceil(measured * float(factor)))
             self._q(conn, "UPDATE greenstack_allocations SET status = 'settled', settled_mg = ?, charged_mg = ?, "
                           "settled_at = ? WHERE id = ?", (measured, charged, _now().isoformat(), int(allocation_id)))
+            self._q(conn, "UPDATE greenstack_participants SET used_mg = used_mg + ? WHERE name = ?",
+                    (charged - int(reserved_mg), participant))
             out = {"allocation_id": int(allocation_id), "participant": participant, "run_id": run_id,
                    "reserved_kg": to_kg(reserved_mg), "measured_kg": to_kg(measured), "premium_factor": float(factor),
                    "charged_kg": to_kg(charged), "released_kg": to_kg(reserved_mg - charged)}
@@ -461,14 +527,6 @@ class CarbonPool:
             return {**out, "audit_seq": seq, "audit_hash": digest_}
 
         return self._write(body)
-
-    def _used(self, conn: Any, participant: str) -> tuple[int, int]:
-        holding = ", ".join(f"'{s}'" for s in _HOLDING)
-        mine = self._q(conn, f"SELECT COALESCE(SUM(charged_mg), 0) FROM greenstack_allocations "
-                             f"WHERE participant = ? AND status IN ({holding})", (participant,))
-        every = self._q(conn, f"SELECT COALESCE(SUM(charged_mg), 0) FROM greenstack_allocations "
-                              f"WHERE status IN ({holding})")
-        return int(mine[0][0]), int(every[0][0])
 
     # -- reading --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -479,6 +537,7 @@ class CarbonPool:
             rows = self._q(conn, "SELECT participant, status, COUNT(*), COALESCE(SUM(charged_mg), 0), "
                                  "COALESCE(SUM(settled_mg), 0) FROM greenstack_allocations GROUP BY participant, status")
             head = self._q(conn, "SELECT audit_seq, audit_hash FROM greenstack_pool WHERE id = 1")[0]
+            checked = self._verify(conn)
             per: dict[str, dict[str, Any]] = {}
             for name, budget in budgets:
                 per[name] = {"name": name, "budget_kg": to_kg(budget), "reserved_kg": 0.0, "settled_kg": 0.0,
@@ -504,18 +563,11 @@ class CarbonPool:
                     "settled_kg": sum(p["settled_kg"] for p in per.values()),
                     "remaining_kg": max(total - used, 0.0), "overdrawn_kg": max(used - total, 0.0),
                     "participants": list(per.values()),
-                    "audit": {"records": int(head[0]), "head_hash": head[1]}}
+                    "audit": {"records": int(head[0]), "head_hash": head[1]},
+                    "integrity": {"ok": checked.ok, "keyed": checked.keyed,
+                                  "problems": [p.format() for p in checked.problems]}}
 
-        with self._conn() as conn:
-            if self._backend.kind == "postgresql":
-                with conn.transaction():
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    return body(conn)
-            conn.execute("BEGIN")
-            try:
-                return body(conn)
-            finally:
-                conn.execute("COMMIT")
+        return self._read(body)
 
     def allocations(self) -> list[dict[str, Any]]:
         """Every allocation (approved, denied, settled), oldest first."""
@@ -534,18 +586,47 @@ class CarbonPool:
             out.append(item)
         return out
 
+    def _audit_lines(self, conn: Any) -> tuple[list[str], dict[str, Any]]:
+        lines = [r[0] for r in self._q(conn, "SELECT line FROM greenstack_audit ORDER BY seq")]
+        seq, hash_, mac = self._q(conn, "SELECT audit_seq, audit_hash, audit_mac FROM greenstack_pool WHERE id = 1")[0]
+        return lines, {"seq": int(seq), "hash": str(hash_), **({"mac": str(mac)} if mac else {})}
+
     def audit_lines(self) -> tuple[list[str], dict[str, Any]]:
-        """The pool's audit log as JSONL lines, and its head (sequence and hash kept on the pool row)."""
+        """The pool's audit log as JSONL lines, and its head (sequence, hash and MAC kept on the pool row)."""
+        self._ensure_schema()
         with self._conn() as conn:
             self._require_pool(conn)
-            lines = [r[0] for r in self._q(conn, "SELECT line FROM greenstack_audit ORDER BY seq")]
-            head = self._q(conn, "SELECT audit_seq, audit_hash FROM greenstack_pool WHERE id = 1")[0]
-        return lines, {"seq": int(head[0]), "hash": str(head[1])}
+            return self._audit_lines(conn)
+
+    def _verify(self, conn: Any) -> VerifyResult:
+        lines, head = self._audit_lines(conn)
+        result = verify_lines(lines, head=head, key=_key(), source=f"{redact(self.db)} (greenstack_audit)")
+        result.problems.extend(_ledger_problems(self, conn, lines))
+        result.problems.sort(key=lambda p: p.line)
+        return result
 
     def verify_audit(self) -> VerifyResult:
-        """Check the pool's own audit chain against the head stored on the pool row."""
-        lines, head = self.audit_lines()
-        return verify_lines(lines, head=head, source=f"{redact(self.db)} (greenstack_audit)")
+        """Check the pool's audit chain against its head, and the ledger's tables against the audited history
+        (budgets, allocations, running balances): an edit straight in the database shows here."""
+        def body(conn: Any) -> VerifyResult:
+            self._require_pool(conn)
+            return self._verify(conn)
+
+        return self._read(body)
+
+    def _read(self, body: Callable[[Any], Any]) -> Any:
+        """`body(conn)` in one consistent read-only snapshot (REPEATABLE READ on PostgreSQL)."""
+        self._ensure_schema()
+        with self._conn() as conn:
+            if self._backend.kind == "postgresql":
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    return body(conn)
+            conn.execute("BEGIN")
+            try:
+                return body(conn)
+            finally:
+                conn.execute("COMMIT")
 
     def export_audit(self, path: str | Path) -> Path:
         """Write the pool's audit log as a JSONL file plus head file (`greenstack audit verify` reads both)."""
@@ -553,10 +634,86 @@ class CarbonPool:
         from greenstack.ledger.audit import head_path
 
         lines, head = self.audit_lines()
+        head = make_head(head["seq"], head["hash"]) | ({"mac": head["mac"]} if "mac" in head else {})
         path = Path(path)
         atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
         atomic_write_bytes(head_path(path), (canonical(head) + "\n").encode())
         return path
+
+
+def _ledger_problems(pool: CarbonPool, conn: Any, lines: Sequence[str]) -> list[AuditProblem]:
+    """Where the tables disagree with the history the audit log tells (replayed from its records).
+
+    Budgets come from `create`/`budget` records, allocations from `allocation` records (then
+    `settlement`), running balances from both; a row the log never mentions is reported too.
+    """
+    budgets: dict[str, tuple[int, int]] = {}  # name -> (budget_mg, line)
+    allocs: dict[int, dict[str, Any]] = {}  # id -> expected row and the line that last set it
+    for n, raw in enumerate(lines, start=1):
+        try:
+            record = json.loads(raw)
+            kind, data = record["kind"], record["data"]
+            if kind == "pool" and data.get("action") == "create":
+                for name, kg in data["participants"].items():
+                    budgets[name] = (to_mg(kg), n)
+            elif kind == "pool" and data.get("action") == "budget":
+                budgets[data["participant"]] = (to_mg(data["budget_kg"]), n)
+            elif kind == "allocation":
+                approved = data["decision"] != "denied"
+                allocs[int(data["allocation_id"])] = {
+                    "participant": data["participant"], "status": "reserved" if approved else "denied",
+                    "requested_mg": to_mg(data["requested_kg"]), "charged_mg": to_mg(data["charged_kg"]),
+                    "settled_mg": None, "line": n}
+            elif kind == "settlement":
+                allocs[int(data["allocation_id"])].update(status="settled", settled_mg=to_mg(data["measured_kg"]),
+                                                          charged_mg=to_mg(data["charged_kg"]), line=n)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # an unreadable or edited record is the chain check's to report
+    problems: list[AuditProblem] = []
+    end = max(len(lines), 1)
+    table = {name: (int(b), int(u)) for name, b, u in
+             pool._q(conn, "SELECT name, budget_mg, used_mg FROM greenstack_participants")}
+    for name in sorted(set(budgets) | set(table)):
+        if name not in table:
+            problems.append(AuditProblem(budgets[name][1], f"participant {name!r} is missing from "
+                                                           "greenstack_participants: deleted in the database"))
+        elif name not in budgets:
+            problems.append(AuditProblem(end, f"participant {name!r} in greenstack_participants (budget "
+                                              f"{to_kg(table[name][0]):g} kg) has no audited record: added in the "
+                                              "database"))
+        elif table[name][0] != budgets[name][0]:
+            problems.append(AuditProblem(budgets[name][1], f"greenstack_participants.budget_mg of {name!r} says "
+                                                           f"{to_kg(table[name][0]):g} kg, the audited history "
+                                                           f"{to_kg(budgets[name][0]):g} kg: edited in the database"))
+    rows = {int(r[0]): r[1:] for r in pool._q(conn, "SELECT id, participant, status, requested_mg, charged_mg, "
+                                                    "settled_mg FROM greenstack_allocations")}
+    fields = ("participant", "status", "requested_mg", "charged_mg", "settled_mg")
+    for alloc_id in sorted(set(allocs) | set(rows)):
+        want = allocs.get(alloc_id)
+        if alloc_id not in rows:
+            problems.append(AuditProblem(want["line"] if want else end, f"allocation {alloc_id} is missing from "
+                                                                        "greenstack_allocations: deleted in the database"))
+            continue
+        if want is None:
+            problems.append(AuditProblem(end, f"allocation {alloc_id} in greenstack_allocations has no audited "
+                                              "record: inserted in the database"))
+            continue
+        got = dict(zip(fields, rows[alloc_id], strict=True))
+        differ = [f"{f} {got[f]!r} (audited {want[f]!r})" for f in fields
+                  if (int(got[f]) if isinstance(got[f], (int, float)) else got[f]) != want[f]]
+        if differ:
+            problems.append(AuditProblem(want["line"], f"allocation {alloc_id} in greenstack_allocations differs "
+                                                       f"from the audited history: {', '.join(differ)}"))
+    used: dict[str, int] = {}
+    for a in allocs.values():
+        if a["status"] in _HOLDING:
+            used[a["participant"]] = used.get(a["participant"], 0) + a["charged_mg"]
+    for name, (_, used_mg) in sorted(table.items()):
+        if name in budgets and used_mg != used.get(name, 0):
+            problems.append(AuditProblem(end, f"greenstack_participants.used_mg of {name!r} says {to_kg(used_mg):g} "
+                                              f"kg charged, the audited allocations {to_kg(used.get(name, 0)):g} kg: "
+                                              "edited in the database"))
+    return problems
 
 
 def _check_participants(participants: Mapping[str, float]) -> list[Problem]:

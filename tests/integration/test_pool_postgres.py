@@ -82,3 +82,19 @@ def test_cli_against_postgres(cli, pg_url):
     status = json.loads(cli("pool", "status", "--db", pg_url, "--json").stdout)
     assert status["used_kg"] == 1.5 and status["backend"] == "postgresql"
     assert cli("audit", "verify", "--db", pg_url).returncode == 0
+
+
+def test_ledger_edited_in_postgres_fails_verify_and_status(pg_url):
+    import psycopg
+
+    pool = CarbonPool.create(pg_url, {"a": 1.0, "b": 2.0})
+    pool.request("a", 0.5, alternatives=None)
+    pool.request("b", 0.25, alternatives=None)
+    assert pool.verify_audit().ok and pool.status()["integrity"]["ok"]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE greenstack_participants SET budget_mg = 900000000 WHERE name = 'a'")
+        conn.execute("DELETE FROM greenstack_allocations WHERE id = 2")
+    problems = [p.reason for p in pool.verify_audit().problems]
+    assert any("budget_mg of 'a' says 900 kg, the audited history 1 kg" in p for p in problems)
+    assert any("allocation 2 is missing" in p for p in problems)
+    assert not pool.status()["integrity"]["ok"]

@@ -307,3 +307,84 @@ def test_cli_pool_without_db_explains(cli):
     env = {k: v for k, v in os.environ.items() if k != "GREENSTACK_POOL_DB"}
     out = cli("pool", "status", env=env)
     assert out.returncode == 2 and "--db" in out.stderr
+
+
+# -- issue 22: the tables are checked against the audited history; running balances; a keyed chain ---
+def _sql(pool: CarbonPool, statement: str) -> None:
+    with sqlite3.connect(pool.db) as conn:
+        conn.execute(statement)
+
+
+@pytest.mark.parametrize("forgery, expected", [
+    ("UPDATE greenstack_participants SET budget_mg = 500000000 WHERE name = 'nlp'",
+     "budget_mg of 'nlp' says 500 kg, the audited history 5 kg"),
+    ("DELETE FROM greenstack_allocations WHERE id = 2", "allocation 2 is missing from greenstack_allocations"),
+    ("UPDATE greenstack_allocations SET charged_mg = 1 WHERE id = 1", "charged_mg 1 (audited 3000000)"),
+    ("UPDATE greenstack_participants SET used_mg = 0 WHERE name = 'vision'", "used_mg of 'vision' says 0 kg"),
+    ("INSERT INTO greenstack_participants (name, budget_mg) VALUES ('mallory', 9000000)",
+     "participant 'mallory' in greenstack_participants (budget 9 kg) has no audited record"),
+])
+def test_tables_edited_outside_greenstack_fail_verify_and_status(pool, forgery, expected):
+    pool.request("vision", 3.0, alternatives=None)
+    first = pool.request("nlp", 2.0, alternatives=None)
+    pool.settle(first.allocation_id, 1.5)
+    assert pool.verify_audit().ok and pool.status()["integrity"]["ok"]
+    _sql(pool, forgery)
+    result = pool.verify_audit()
+    assert not result.ok and any(expected in p.reason for p in result.problems), result.problems
+    status = pool.status()
+    assert not status["integrity"]["ok"] and any(expected in p for p in status["integrity"]["problems"])
+
+
+def test_cli_pool_status_and_audit_verify_refuse_a_forged_budget(pool, cli):
+    pool.request("nlp", 2.0, alternatives=None)
+    _sql(pool, "UPDATE greenstack_participants SET budget_mg = 500000000 WHERE name = 'nlp'")
+    shown = cli("pool", "status", "--db", pool.db)
+    assert shown.returncode == 1 and "TAMPERED" in shown.stdout
+    assert "budget_mg of 'nlp' says 500 kg, the audited history 5 kg" in shown.stdout
+    verified = cli("audit", "verify", "--db", pool.db)
+    assert verified.returncode == 1 and "budget_mg of 'nlp'" in verified.stdout
+
+
+def test_running_balances_match_the_allocations_and_old_pools_are_migrated(tmp_path):
+    db = str(tmp_path / "old.sqlite")
+    pool = CarbonPool.create(db, {"a": 10.0, "b": 4.0})
+    pool.request("a", 6.0, alternatives=None)
+    second = pool.request("a", 6.0, alternatives=None)  # over share, and the 9 kg premium > 8 kg free
+    assert second.status == "denied"
+    third = pool.request("b", 2.0, alternatives=None)
+    pool.settle(third.allocation_id, 1.0)
+    with sqlite3.connect(db) as conn:
+        used = dict(conn.execute("SELECT name, used_mg FROM greenstack_participants"))
+    assert used == {"a": 6_000_000 + round(second.charged_kg * 1e6), "b": 1_000_000}
+    # a pool made before running balances and head MACs existed: the columns are added and filled on first use
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE greenstack_participants DROP COLUMN used_mg")
+        conn.execute("ALTER TABLE greenstack_pool DROP COLUMN audit_mac")
+    reopened = CarbonPool(db)
+    assert reopened.status()["integrity"]["ok"]
+    with sqlite3.connect(db) as conn:
+        assert dict(conn.execute("SELECT name, used_mg FROM greenstack_participants")) == used
+    assert reopened.request("b", 3.0, alternatives=None).status == "approved"  # 1 + 3 <= 4
+    assert reopened.verify_audit().ok
+
+
+def test_keyed_pool_chain_and_head_need_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("GREENSTACK_AUDIT_KEY", "pool-s3cret")
+    db = str(tmp_path / "keyed.sqlite")
+    pool = CarbonPool.create(db, {"a": 10.0})
+    for kg in (1.0, 2.0, 3.0):
+        pool.request("a", kg, alternatives=None)
+    assert pool.verify_audit().ok and pool.verify_audit().keyed
+    assert all(json.loads(line)["mac"] == "hmac-sha256" for line in pool.audit_lines()[0])
+    # cut the last allocation everywhere and point the head at the new last line: the head's MAC fails
+    with sqlite3.connect(db) as conn:
+        line = conn.execute("SELECT line FROM greenstack_audit WHERE seq = 3").fetchone()[0]
+        conn.execute("DELETE FROM greenstack_audit WHERE seq = 4")
+        conn.execute("DELETE FROM greenstack_allocations WHERE id = 3")
+        conn.execute("UPDATE greenstack_participants SET used_mg = 3000000")
+        conn.execute("UPDATE greenstack_pool SET audit_seq = 3, audit_hash = ?", (json.loads(line)["hash"],))
+    result = pool.verify_audit()
+    assert not result.ok and any("MAC" in p.reason for p in result.problems)
+    monkeypatch.delenv("GREENSTACK_AUDIT_KEY")
+    assert not CarbonPool(db).verify_audit().ok  # and without the key the keyed hashes do not verify
