@@ -55,7 +55,16 @@ def _console(stderr: bool = True) -> Any:
 
 
 def print_problems(problems: Sequence[Problem], title: str) -> None:
+    """One problem: one line naming the key; several: a table of them all."""
     from rich.table import Table
+
+    if len(problems) == 1:
+        import re
+
+        head = re.sub(r"\s*\(\d+ problems?\)|:? \d+ problems?", "", title)  # the title without its count
+        _console().print(f"[bold red]{head}:[/] {problems[0].format()}", markup=True, soft_wrap=True,
+                         highlight=False)
+        return
 
     table = Table(title=title, title_justify="left", show_lines=False, expand=False)
     for col in ("key", "value", "problem", "how to fix"):
@@ -92,7 +101,7 @@ def collect_problems(overrides: Sequence[str], *, multirun: bool = False) -> lis
     from greenstack.validate import validate_config
 
     for job in expand_sweep(overrides) if multirun else [list(overrides)]:
-        cfg, found = compose_with_problems(job)
+        cfg, found = compose_with_problems(job, return_hydra_config=True)  # the launcher decides some checks
         problems += found
         if cfg is not None:
             problems += validate_config(cfg)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -94,6 +95,15 @@ def searchpath_dirs(overrides: Sequence[str]) -> list[Path]:
             if e.startswith("file://") or "://" not in e]
 
 
+def _yaml_problem(error: yaml.YAMLError) -> Problem:
+    """A YAML syntax error as one problem: the file and line, what is wrong there, and (tabs) the fix."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "<yaml>"
+    what = getattr(error, "problem", None) or str(error).splitlines()[0]
+    fix = "indent with spaces, not tabs" if "\\t" in str(what) or "\t" in str(what) else "fix the YAML syntax there"
+    return Problem(where, "", f"not valid YAML: {what}", fix)
+
+
 def compose_with_problems(overrides: Sequence[str], *, return_hydra_config: bool = False
                           ) -> tuple[DictConfig | None, list[Problem]]:
     """Compose `train` with `overrides`; collect every override problem instead of stopping at one."""
@@ -103,6 +113,9 @@ def compose_with_problems(overrides: Sequence[str], *, return_hydra_config: bool
             try:
                 cfg = compose(config_name=CONFIG_NAME, overrides=kept, return_hydra_config=return_hydra_config)
                 return cfg, problems
+            except yaml.YAMLError as e:  # a recipe or config file that is not YAML: say which file and line
+                problems.append(_yaml_problem(e))
+                return None, problems
             except HydraException as e:
                 message = str(e).splitlines()[0]
                 culprit = next((o for o in kept if o.split("=")[0].lstrip("+~") in message), None)

@@ -21,7 +21,7 @@ class Problem:
     fix: str = ""
 
     def format(self) -> str:
-        text = f"{self.key} = {self.value!r}: {self.reason}"
+        text = f"{self.key}: {self.reason}" if isinstance(self.value, str) and not self.value else f"{self.key} = {self.value!r}: {self.reason}"
         return f"{text} ({self.fix})" if self.fix else text
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -37,10 +38,10 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
         return models.check_timm_name(node.get("name"), key=f"{path}.name")
 
     def folder(node: dict[str, Any], path: str) -> list[Problem]:
-        return data.check_image_folder(node.get("root"), key=f"{path}.root")
+        return data.check_data_options(node, path) + data.check_image_folder(node.get("root"), key=f"{path}.root")
 
     def text(node: dict[str, Any], path: str) -> list[Problem]:
-        problems = data.check_text_csv(node.get("path"), node.get("text_column", "text"),
+        problems = data.check_data_options(node, path) + data.check_text_csv(node.get("path"), node.get("text_column", "text"),
                                        node.get("label_column", "label"), key=f"{path}.path")
         return problems + _local_dir(node.get("tokenizer", "minilm"), f"{path}.tokenizer")
 
@@ -54,7 +55,10 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
         "greenstack.models.builders.build_transformers": transformers,
         "greenstack.data.image_folder": folder,
         "greenstack.data.text_csv": text,
-        "greenstack.data.synthetic_text": lambda n, p: _local_dir(n.get("tokenizer", "minilm"), f"{p}.tokenizer"),
+        "greenstack.data.synthetic_text": lambda n, p: (data.check_data_options(n, p)
+                                                        + _local_dir(n.get("tokenizer", "minilm"), f"{p}.tokenizer")),
+        "greenstack.data.synthetic_image": data.check_data_options,
+        "greenstack.data.digits": data.check_data_options,
     }
 
 
@@ -223,11 +227,50 @@ def validate_config(cfg: DictConfig) -> list[Problem]:
         container = OmegaConf.to_container(body, resolve=False)
         _walk(_drop(container, bad), "", problems, _domain_checks())
         return problems
-    _walk(OmegaConf.to_container(body, resolve=True), "", problems, _domain_checks())
+    container = OmegaConf.to_container(body, resolve=True)
+    problems += non_finite_numbers(container)
+    _walk(container, "", problems, _domain_checks())
+    problems += _device_available(cfg)
     problems += importlib.import_module("greenstack.federated.config").check_federated(body)
     if not isinstance(cfg.get("seed", 0), int):
         problems.append(Problem("seed", cfg.get("seed"), "expected int"))
     return problems
+
+
+def non_finite_numbers(node: Any, path: str = "") -> list[Problem]:
+    """Every nan/inf in a config: no greenstack setting takes one, and one silently ruins a run
+    (`optim.lr=inf` trains a NaN model; a NaN price makes every cost NaN)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return [Problem(path or "<config>", node, "must be a finite number", "give a real number (not nan/inf)")]
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in non_finite_numbers(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in non_finite_numbers(v, f"{path}[{i}]")]
+    return []
+
+
+def _device_available(cfg: DictConfig) -> list[Problem]:
+    """`trainer.device=cuda` where this machine has no CUDA: caught here, before a run dir exists. Jobs
+    submitted elsewhere (launcher=slurm) are checked on the node they run on, not here."""
+    device = str(OmegaConf.select(cfg, "trainer.device", default="auto") or "auto")
+    launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
+    if not launcher:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            launcher = str(OmegaConf.select(HydraConfig.get(), "launcher._target_", default="") or "")
+    if not device.startswith("cuda") or "slurm" in launcher.lower() or "submitit" in launcher.lower():
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Problem("trainer.device", device, "CUDA was requested but no CUDA device is available",
+                        "use trainer.device=auto or cpu")]
+    index = device.partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        return [Problem("trainer.device", device, f"this machine has {torch.cuda.device_count()} CUDA device(s)",
+                        f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")]
+    return []
 
 
 def _drop(container: Any, bad: set[str], path: str = "") -> Any:

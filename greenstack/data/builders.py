@@ -187,6 +187,33 @@ def image_folder(root: str, batch_size: int = 32, image_size: int = 64, channels
                           image_size=image_size, class_names=classes, source=f"image_folder:{base}")
 
 
+#: lower bounds of the data group's numeric options (any builder that has the key)
+_MINIMUMS = {"batch_size": 1, "image_size": 1, "channels": 1, "num_workers": 0, "num_samples": 1,
+             "num_classes": 2, "max_length": 1, "noise": 0}
+
+
+def check_data_options(node: dict[str, Any], path: str = "data") -> list[Problem]:
+    """Problems with a data node's sizes and fractions, found without building it (used by `validate`),
+    so `data.batch_size=0` or `data.val_fraction=1.5` stop before a run dir exists."""
+    problems = []
+    for key, low in _MINIMUMS.items():
+        value = node.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            problems.append(Problem(f"{path}.{key}", value, f"must be >= {low}"))
+    fractions = {}
+    for key in ("val_fraction", "test_fraction"):
+        value = node.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if 0 <= value < 1:
+                fractions[key] = value
+            else:
+                problems.append(Problem(f"{path}.{key}", value, "must be within [0, 1)", "e.g. 0.1"))
+    if len(fractions) == 2 and sum(fractions.values()) >= 1:
+        problems.append(Problem(f"{path}.val_fraction", fractions["val_fraction"],
+                                "val + test fractions leave no training data"))
+    return problems
+
+
 def check_image_folder(root: str, key: str = "data.root") -> list[Problem]:
     """Problems with an ImageFolder directory, found without loading it (used by `validate`)."""
     base = Path(str(root)).expanduser()
@@ -204,7 +231,28 @@ def check_image_folder(root: str, key: str = "data.root") -> list[Problem]:
     empty = [c.name for c in classes if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in c.iterdir())]
     if empty:
         return [Problem(key, root, f"class folders without images: {', '.join(sorted(empty))}")]
-    return []
+    return _unreadable_images(classes, key)
+
+
+def _unreadable_images(classes: list[Path], key: str) -> list[Problem]:
+    """Images that fail to decode (corrupt, truncated): the folder is read into memory at the start of a
+    run anyway, so decoding it here costs little and stops a bad file before anything is created."""
+    from PIL import Image
+
+    problems = []
+    for folder in sorted(classes):
+        for file in sorted(folder.iterdir()):
+            if file.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                with Image.open(file) as im:
+                    im.load()
+            except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... on bad files
+                problems.append(Problem(key, str(file), f"cannot read image: {e}",
+                                        "remove or replace the file"))
+                if len(problems) >= 5:
+                    return problems
+    return problems
 
 
 # -- text ----------------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ class TrainerConfig:
                 if d.unit == "dur":
                     problems.append(Problem(f"trainer.{key}", getattr(self, key),
                                             "a fraction of the run cannot define the run", 'use "3ep" or "500ba"'))
+                elif key == "max_duration" and d.value <= 0:
+                    problems.append(Problem("trainer.max_duration", self.max_duration,
+                                            "the run would take zero optimizer steps", 'e.g. "3ep" or "500ba"'))
             except ConfigError as e:
                 problems.extend(e.problems)
         if self.grad_accum < 1:

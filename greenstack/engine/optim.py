@@ -38,8 +38,23 @@ class Optim:
         if self.schedule not in SCHEDULES:
             problems.append(Problem("optim.schedule", self.schedule, "unknown schedule",
                                     f"choose one of {SCHEDULES}"))
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            problems.append(Problem("optim.lr", self.lr, "learning rate must be a positive number"))
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            problems.append(Problem("optim.lr", self.lr, "learning rate must be a positive finite number"))
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            problems.append(Problem("optim.weight_decay", self.weight_decay, "must be a finite number >= 0",
+                                    "e.g. optim.weight_decay=0.01 (0 = none)"))
+        if not (isinstance(self.momentum, (int, float)) and math.isfinite(self.momentum) and self.momentum >= 0):
+            problems.append(Problem("optim.momentum", self.momentum, "must be a finite number >= 0"))
+        betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
+            problems.append(Problem("optim.betas", self.betas, "must be two numbers within [0, 1)",
+                                    "e.g. optim.betas=[0.9,0.999]"))
+        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma > 0):
+            problems.append(Problem("optim.gamma", self.gamma, "must be a finite number > 0"))
+        if self.step_size_steps < 1:
+            problems.append(Problem("optim.step_size_steps", self.step_size_steps, "must be >= 1"))
         if self.warmup_steps < 0:
             problems.append(Problem("optim.warmup_steps", self.warmup_steps, "must be >= 0"))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
