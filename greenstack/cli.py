@@ -143,7 +143,8 @@ def _task(cfg: Any) -> dict[str, Any]:
     run_dir = hydra_cfg.runtime.output_dir
     try:
         summary = runner.run(cfg, run_dir)
-    except Exception as e:
+    except Exception as raised:
+        e = _unwrap(raised)
         error = f"{type(e).__name__}: {e}"
         log_file = _log_failure(hydra_cfg, run_dir, e)
         _record_job(hydra_cfg, run_dir, "FAILED", error=error)
@@ -162,6 +163,16 @@ def _task(cfg: Any) -> dict[str, Any]:
     if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun/Slurm every rank returns; rank 0 reports
         _print_run_summary(summary, run_dir)
     return summary
+
+
+def _unwrap(error: Exception) -> Exception:
+    """The error itself, not Hydra's `InstantiationException` around it (a data builder's ConfigError
+    raised inside `instantiate` is still the user's error, with its own clear message)."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(error, InstantiationException) and isinstance(error.__cause__, Exception):
+        error = error.__cause__
+    return error
 
 
 def _log_failure(hydra_cfg: Any, run_dir: str, error: BaseException) -> Path:

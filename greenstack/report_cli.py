@@ -200,6 +200,17 @@ def _db(value: str | None) -> str:
     if not db:
         raise ConfigError(Problem("--db", None, "no pool database given",
                                   f"--db FILE.sqlite or --db postgresql://..., or set {POOL_DB_ENV}"))
+    if "://" not in db:  # an SQLite file: say what is wrong with the path rather than sqlite3's traceback
+        path = Path(db).expanduser()
+        if path.is_dir():
+            raise ConfigError(Problem("--db", db, "is a directory", "give the pool's SQLite file, e.g. pool.sqlite"))
+        if not path.parent.is_dir():
+            raise ConfigError(Problem("--db", db, f"directory {path.parent} does not exist"))
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise ConfigError(Problem("--db", db, "not an SQLite database",
+                                              "give the file `greenstack pool create` made"))
     return db
 
 
@@ -344,6 +355,7 @@ def run_audit(argv: list[str]) -> int:
     from greenstack.ledger.audit import AuditLog, verify_run
 
     if args.command == "show":
+        _readable_jsonl(_audit_path(args.path), records=True)
         records = AuditLog(_audit_path(args.path)).records()
         from rich.table import Table
 
@@ -358,8 +370,9 @@ def run_audit(argv: list[str]) -> int:
     if args.db:
         from greenstack.ledger.pool import CarbonPool
 
-        result = CarbonPool(args.db).verify_audit()
+        result = CarbonPool(_db(args.db)).verify_audit()
     elif args.path:
+        _readable_jsonl(_audit_path(args.path), records=False)
         result = verify_run(_audit_path(args.path), require_head=not args.no_head)
     else:
         raise ConfigError(Problem("PATH", None, "give an audit log (or run dir), or --db URL for a pool's log"))
@@ -379,6 +392,25 @@ def run_audit(argv: list[str]) -> int:
         for note in result.notes:
             console.print(f"[yellow]note[/]: {note}", soft_wrap=True)
     return 0 if result.ok else EXIT_TAMPERED
+
+
+def _readable_jsonl(path: Path, *, records: bool) -> None:
+    """A log that is not UTF-8 text (or, to show it, not one JSON object a line): one clear error
+    naming the line, not a UnicodeDecodeError/JSONDecodeError traceback."""
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(Problem(f"{path}:{n}", "", f"not UTF-8 text (byte {e.start}): not an audit log, "
+                                                           "or damaged")) from None
+        if records and line.strip():
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(Problem(f"{path}:{n}", line[:60], "not a JSON record",
+                                          "`greenstack audit verify` names tampered lines")) from None
 
 
 def _audit_path(path: str) -> Path:

@@ -228,8 +228,11 @@ def validate_config(cfg: DictConfig) -> list[Problem]:
         _walk(_drop(container, bad), "", problems, _domain_checks())
         return problems
     container = OmegaConf.to_container(body, resolve=True)
-    problems += non_finite_numbers(container)
-    _walk(container, "", problems, _domain_checks())
+    non_finite = non_finite_numbers(container)
+    walked: list[Problem] = []
+    _walk(container, "", walked, _domain_checks())
+    said = {p.key for p in non_finite}  # "must be finite" says it all; no second row for the same key
+    problems += non_finite + [p for p in walked if p.key not in said]
     problems += _device_available(cfg)
     problems += importlib.import_module("greenstack.federated.config").check_federated(body)
     if not isinstance(cfg.get("seed", 0), int):

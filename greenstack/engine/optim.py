@@ -46,7 +46,10 @@ class Optim:
                                     "e.g. optim.weight_decay=0.01 (0 = none)"))
         if not (isinstance(self.momentum, (int, float)) and math.isfinite(self.momentum) and self.momentum >= 0):
             problems.append(Problem("optim.momentum", self.momentum, "must be a finite number >= 0"))
-        betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        try:  # a list, a tuple, or the ListConfig `instantiate` passes
+            betas = None if isinstance(self.betas, (str, bytes)) else list(self.betas)
+        except TypeError:
+            betas = None
         if betas is None or len(betas) != 2 or not all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
             problems.append(Problem("optim.betas", self.betas, "must be two numbers within [0, 1)",

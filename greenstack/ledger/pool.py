@@ -54,6 +54,8 @@ SCHEMA = "greenstack.pool/1"
 DEFAULT_PREMIUM = 1.5
 DEFAULT_ZONE = "DE-LU"  # the `carbon=embedded` default, used when a request names no zone
 MG_PER_KG = 1_000_000
+#: the largest amount the pool accepts: integer milligrams overflow a 64-bit column past ~9.2e12 kg
+MAX_KG = 1e12
 Status = Literal["approved", "approved_premium", "denied"]
 
 _DDL = (
@@ -77,8 +79,12 @@ _ADDED_COLUMNS = (("greenstack_pool", "audit_mac", "TEXT NOT NULL DEFAULT ''"),
                   ("greenstack_participants", "used_mg", "BIGINT NOT NULL DEFAULT 0"))
 
 
-def to_mg(kg: float) -> int:
-    return int(round(float(kg) * MG_PER_KG))
+def to_mg(kg: float, key: str = "--kg") -> int:
+    """kg as integer milligrams; an amount that is not finite or does not fit the ledger is a ConfigError."""
+    kg = float(kg)
+    if not math.isfinite(kg) or abs(kg) > MAX_KG:
+        raise ConfigError(Problem(key, kg, f"must be a finite amount of at most {MAX_KG:g} kgCO2e"))
+    return int(round(kg * MG_PER_KG))
 
 
 def to_kg(mg: int | float | None) -> float:
@@ -740,6 +746,8 @@ def parse_participants(items: Sequence[str]) -> dict[str, float]:
             kg = math.nan
         if not sep or not name.strip() or not math.isfinite(kg) or kg < 0:
             problems.append(Problem("--participant", item, "expected NAME=KG with KG >= 0", "e.g. vision=120"))
+        elif kg > MAX_KG:
+            problems.append(Problem("--participant", item, f"KG must be at most {MAX_KG:g}"))
         elif name.strip() in out:
             problems.append(Problem("--participant", item, "participant given twice"))
         else:
