@@ -30,6 +30,7 @@ commands:
   plan forecast-eval ...   rolling-origin evaluation of the carbon-intensity forecaster
   plan backtest ...        backtest carbon-aware start times against the oracle on a trace
   plan region ...          where and when a CPU job should run (carbon x price)
+  plan start ... --exec -- CMD   wait for the lowest-carbon window before a deadline, then exec CMD
   carbon check ...         validate a carbon-intensity CSV and flag spikes
   carbon keygen|sign|verify  sign or verify a carbon-intensity data file (Ed25519)
   carbon weather ...       weather-forecast columns (Open-Meteo, no look-ahead) for the forecaster

@@ -262,26 +262,53 @@ class Measurement(Policy):
         self._check_budget(state)
 
     def _check_budget(self, state: State) -> None:
+        self.check_budget(state)
+
+    def check_budget(self, state: State, *, every_step: bool = False) -> bool:
+        """Compare the run's (projected) emissions with `carbon.budget_kg`; True when it asks to stop.
+
+        At epoch ends (`every_step=False`) the first check records a decision either way, on the linear
+        projection to the planned end. Step-level checks (framework callbacks, `track`) record only a
+        breach: the projection once a tenth of the run is done, or the emissions so far when the length
+        is unknown or they already exceed the budget. One decision per run.
+        """
         budget = self.carbon_cfg.budget_kg
-        if budget is None or self.budget_decision is not None or state.progress <= 0:
-            return
+        if budget is None or self.budget_decision is not None:
+            return False
         from greenstack.carbon.accounting import project_total
 
-        projected = project_total(self._emissions_kg + self._carried["kg"], state.progress)
+        if every_step:
+            if self.monitor is not None:
+                self._account_new()
+            so_far = self._emissions_kg + self._carried["kg"]
+            if so_far > budget or state.progress < 0.1:
+                projected, basis = so_far, "emissions so far"
+            else:
+                projected, basis = project_total(so_far, state.progress), "linear projection"
+            if not projected > budget:
+                return False
+        else:
+            if state.progress <= 0:
+                return False
+            so_far = self._emissions_kg + self._carried["kg"]
+            projected, basis = project_total(so_far, state.progress), "linear projection"
         over = projected > budget
         action = self.carbon_cfg.budget_action if over else "continue"
-        self.budget_decision = {"after_epoch": state.epoch, "emissions_so_far_kg": self._emissions_kg + self._carried["kg"],
-                                "projected_total_kg": projected, "budget_kg": budget, "action": action,
-                                "at": datetime.now(timezone.utc).isoformat()}
+        self.budget_decision = {"after_epoch": state.epoch, "after_step": state.step, "emissions_so_far_kg": so_far,
+                                "projected_total_kg": projected, "basis": basis, "budget_kg": budget,
+                                "action": action, "at": datetime.now(timezone.utc).isoformat()}
         state.metrics["carbon/projected_total_kg"] = projected
         if over and action == "stop":
-            log.warning("carbon budget: projected %.3g kg > budget %.3g kg: stopping", projected, budget)
-            state.request_stop(f"projected emissions {projected:.3g} kg exceed carbon.budget_kg={budget:g}")
-        elif over:
-            log.warning("carbon budget: projected %.3g kg > budget %.3g kg (carbon.budget_action=warn)",
-                        projected, budget)
+            log.warning("carbon budget: %s %.3g kg > budget %.3g kg: stopping", basis, projected, budget)
+            state.request_stop(f"{'projected emissions' if basis.startswith('linear') else 'emissions so far'} "
+                               f"{projected:.3g} kg exceed carbon.budget_kg={budget:g}")
+            return True
+        if over:
+            log.warning("carbon budget: %s %.3g kg > budget %.3g kg (carbon.budget_action=warn)",
+                        basis, projected, budget)
         else:
             log.info("carbon budget: projected %.3g kg within %.3g kg", projected, budget)
+        return False
 
     def _gpu_utilization(self) -> float | None:
         for meter in self.monitor.meters if self.monitor else []:
@@ -404,7 +431,8 @@ class Measurement(Policy):
         if self.budget_decision is not None:
             d = self.budget_decision
             figs["carbon/projected_total_kg"] = Figure(d["projected_total_kg"], "kgCO2eq", prov,
-                                                       f"linear projection after epoch {d['after_epoch']}")
+                                                       f"{d.get('basis', 'linear projection')} after epoch {d['after_epoch']}"
+                                                       f" (step {d.get('after_step')})")
         return figs, self._emissions_row(state, figs, result, mon)
 
     def _memory_figure(self, state: State) -> Figure:

@@ -392,6 +392,10 @@ def _register_scheduling() -> None:
                                     run=commands.run_backtest_command))
     register("region", Subcommand(help=commands.REGION_HELP, configure=commands.configure_region,
                                   run=commands.run_region_command))
+    from greenstack.scheduling import start
+
+    register("start", Subcommand(help=start.START_HELP, configure=start.configure_start,
+                                 run=start.run_start_command))
 
 
 _register_scheduling()

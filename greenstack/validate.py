@@ -31,8 +31,17 @@ CONSTRUCT_GROUPS = {"carbon", "energy", "optim", "trainer", "tracker", "schedule
 
 
 def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]]:
-    from greenstack.data import builders as data
-    from greenstack.models import builders as models
+    # model/data builders (timm, transformers, torchvision) are imported only when a node needs them:
+    # validating the carbon/energy/scheduler groups alone (greenstack.track) must not pay seconds of imports
+    class _Lazy:
+        def __init__(self, module: str) -> None:
+            self.module = module
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(importlib.import_module(self.module), name)
+
+    data: Any = _Lazy("greenstack.data.builders")
+    models: Any = _Lazy("greenstack.models.builders")
 
     def timm(node: dict[str, Any], path: str) -> list[Problem]:
         return models.check_timm_name(node.get("name"), key=f"{path}.name")
@@ -57,8 +66,8 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
         "greenstack.data.text_csv": text,
         "greenstack.data.synthetic_text": lambda n, p: (data.check_data_options(n, p)
                                                         + _local_dir(n.get("tokenizer", "minilm"), f"{p}.tokenizer")),
-        "greenstack.data.synthetic_image": data.check_data_options,
-        "greenstack.data.digits": data.check_data_options,
+        "greenstack.data.synthetic_image": lambda n, p: data.check_data_options(n, p),
+        "greenstack.data.digits": lambda n, p: data.check_data_options(n, p),
     }
 
 

@@ -97,26 +97,39 @@ class RunReport:
         if writer:
             save_weights(state.model, weights)
         step_times = trainer.step_times_s
-        metrics = self._progress_figures(state)
-        metrics.update({
+        metrics: dict[str, Figure] = {
             "time/median_step_s": Figure(statistics.median(step_times) if step_times else None, "s",
                                          "measured", "time.perf_counter per optimizer step"),
             "efficiency/model_size_mb": Figure(round(weights.stat().st_size / 1e6, 4) if writer else None, "MB",
                                                "measured", "size of model.safetensors"),
             "model/parameters": Figure(sum(p.numel() for p in state.model.parameters()), "count", "measured",
                                        "sum of parameter numel"),
-        })
+        }
         final = trainer.last_eval
         for key in ("val/accuracy", "test/accuracy", "test/loss"):
             if key in final:
                 metrics[key] = Figure(final[key], "fraction" if "accuracy" in key else "nats", "measured",
                                       f"evaluation on the {key.split('/')[0]} split")
+        latency, size = None, 0
         if self.measurement is not None:
             batch = state.batch
             latency = measure_latency_ms(state.model, batch)
             size = int(batch["labels"].shape[0]) if isinstance(batch, dict) else 0
-            figures, row = self.measurement.final(state, latency, size)
-            metrics.update(figures)
+        return self.complete(state, metrics, policies, latency_ms=latency, latency_batch=size)
+
+    def complete(self, state: State, figures: dict[str, Figure], policies: list[Policy], *,
+                 latency_ms: float | None = None, latency_batch: int = 0) -> dict[str, Any]:
+        """sustainability.json and emissions.csv of a run that left its loop normally, from the figures
+        the loop measured itself (`figures`) plus progress, energy, carbon, cost and the policies' figures.
+
+        Why separate from `finish`: `greenstack.track` and the framework callbacks end runs greenstack's
+        loop did not drive (no weights to save, no evaluation) and must write the same files.
+        """
+        metrics = self._progress_figures(state)
+        metrics.update(figures)
+        if self.measurement is not None:
+            measured, row = self.measurement.final(state, latency_ms, latency_batch)
+            metrics.update(measured)
             self._write_emissions(state, row)
         for policy in policies:
             for key, fig in policy.summary().items():
