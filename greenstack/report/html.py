@@ -96,8 +96,28 @@ def accuracy_points(run: RunDir) -> list[tuple[str, float, float]]:
     return out
 
 
+def started_early(run: RunDir) -> str | None:
+    """Why the run started before its planned window (SIGUSR2, START_NOW, ...), from its scheduler decisions."""
+    decisions: list[Any] = [rec.get("data") for rec in run.audit if rec.get("kind") == "schedule"]
+    raw = (run.figure("scheduler/decisions") or {}).get("value")
+    if isinstance(raw, str):
+        try:
+            decisions += list(json.loads(raw))
+        except (ValueError, TypeError):
+            pass
+    for data in decisions:
+        inputs = data.get("inputs") if isinstance(data, Mapping) else None
+        if isinstance(inputs, Mapping) and data.get("action") == "start" \
+                and str(inputs.get("reason", "")).startswith("started early"):
+            return str(inputs["reason"])
+    return None
+
+
 def chosen_windows(run: RunDir) -> list[dict[str, Any]]:
-    """Windows a scheduler chose for this run: audit.jsonl schedule/region decisions, or sustainability.json."""
+    """Windows a scheduler chose for this run and then used: audit.jsonl schedule/region decisions, or
+    sustainability.json. A run started early did not use its planned window, so none is returned."""
+    if started_early(run):
+        return []
     found = []
     candidates: list[tuple[str, Mapping[str, Any]]] = []
     for rec in run.audit:
@@ -218,6 +238,10 @@ def plot_intensity(run: RunDir) -> bytes:
         for i, w in enumerate(windows):
             ax.axvspan(w["start"], w["end"], color="#1a7f37", alpha=0.25, hatch="//",
                        label="chosen window" if i == 0 else None)
+        early = started_early(run)
+        if early:
+            ax.text(0.01, 0.02, f"{early}: the planned window was not used", transform=ax.transAxes, fontsize=7,
+                    color="#9a6700", va="bottom")
         ax.set_ylabel("gCO2eq/kWh")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7, loc="best")
@@ -245,7 +269,8 @@ def plot_emissions(run: RunDir) -> bytes:
     return _png(fig)
 
 
-def plot_accuracy_vs_emissions(run: RunDir) -> bytes:
+def accuracy_axes(run: RunDir) -> tuple[Any, Any]:
+    """The accuracy-vs-emissions figure and its axes (tests check the limits leave room for the star)."""
     fig, ax = _figure()
     points = accuracy_points(run)
     if not points:
@@ -256,14 +281,29 @@ def plot_accuracy_vs_emissions(run: RunDir) -> bytes:
         if val:
             ax.plot([p[0] for p in val], [p[1] for p in val], "o-", color="#0969da", label="val/accuracy")
         if test:
-            ax.plot([p[0] for p in test], [p[1] for p in test], "*", ms=12, color="#cf222e", label="test/accuracy")
+            ax.plot([p[0] for p in test], [p[1] for p in test], "*", ms=12, color="#cf222e", label="test/accuracy",
+                    clip_on=False, zorder=3)
         ax.set_xlabel("emissions so far (gCO2eq)")
         ax.set_ylabel("accuracy")
-        ax.set_xlim(left=0)
+        _pad_limits(ax, [p[0] for p in val + test], [p[1] for p in val + test])
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
     ax.set_title(TITLES["accuracy_vs_emissions"], fontsize=10)
-    return _png(fig)
+    return fig, ax
+
+
+def _pad_limits(ax: Any, xs: list[float], ys: list[float], pad: float = 0.08) -> None:
+    """Axis limits with room around every point, so a marker at the last (top-right) point is not cut by
+    the frame: x from 0, y around the points (accuracies near 1.0 sit at the top corner otherwise)."""
+    x_hi = max(xs) if xs else 1.0
+    ax.set_xlim(0, x_hi * (1 + pad) if x_hi > 0 else 1.0)
+    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    span = max(y_hi - y_lo, 0.05)
+    ax.set_ylim(max(0.0, y_lo - span * pad * 2) if y_lo >= 0 else y_lo - span * pad * 2, y_hi + span * pad * 1.5)
+
+
+def plot_accuracy_vs_emissions(run: RunDir) -> bytes:
+    return _png(accuracy_axes(run)[0])
 
 
 def render_plots(run: RunDir | str | Path) -> dict[str, bytes]:
@@ -279,7 +319,10 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 padding:0 1rem}h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
 #d0d7de;padding-bottom:.3rem}.meta{color:#57606a;font-size:.9rem}table{border-collapse:collapse;width:100%;
 font-size:.85rem}th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #eaeef2;vertical-align:top}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.src{color:#57606a;font-size:.78rem}
+td.num{text-align:right;font-variant-numeric:tabular-nums}th{white-space:nowrap}
+td.src,td.val,td.key{overflow-wrap:anywhere}
+table.fixed{table-layout:fixed}td.val pre{white-space:pre-wrap;overflow-wrap:anywhere;font-size:.72rem;margin:.3rem 0;
+max-height:24rem;overflow:auto}td.val summary{cursor:pointer;text-align:right}.src{color:#57606a;font-size:.78rem}
 .badge{display:inline-block;padding:0 .4rem;border-radius:.6rem;color:#fff;font-size:.75rem}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #d0d7de;border-radius:4px}
 figcaption{color:#57606a;font-size:.82rem}.ok{color:#1a7f37}.bad{color:#cf222e}
@@ -297,15 +340,35 @@ def _badge(prov: str) -> str:
     return f'<span class="badge" style="background:{colour}">{html.escape(prov)}</span>'
 
 
+def _value_cell(value: Any, unit: str) -> str:
+    """A figure's value for the table: numbers with their unit; structured values (decision logs, unit
+    `json`) as a short count that expands to the pretty-printed JSON, wrapped inside the column."""
+    parsed = value
+    if unit == "json" and isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+    if isinstance(parsed, (list, dict)):
+        n = len(parsed)
+        what = (f"{n} entr{'y' if n == 1 else 'ies'}" if isinstance(parsed, list)
+                else f"{n} key{'' if n == 1 else 's'}")
+        body = html.escape(json.dumps(parsed, indent=1, sort_keys=True, default=str))
+        return f"<td class=val><details><summary>{what}</summary><pre>{body}</pre></details></td>"
+    return f"<td class=num>{html.escape(_fmt(parsed))} {html.escape(unit if unit != 'json' else '')}</td>"
+
+
 def _figures_table(run: RunDir) -> str:
     rows = []
     for key, fig in run.summary.get("metrics", {}).items():
         if not isinstance(fig, Mapping):
             continue
-        rows.append(f"<tr><td>{html.escape(key)}</td><td class=num>{html.escape(_fmt(fig.get('value')))} "
-                    f"{html.escape(str(fig.get('unit', '')))}</td><td>{_badge(str(fig.get('provenance', '')))}</td>"
+        rows.append(f"<tr><td class=key>{html.escape(key)}</td>{_value_cell(fig.get('value'), str(fig.get('unit', '')))}"
+                    f"<td>{_badge(str(fig.get('provenance', '')))}</td>"
                     f"<td class=src>{html.escape(str(fig.get('source', '')))}</td></tr>")
-    return ("<table><tr><th>figure</th><th>value</th><th>provenance</th><th>source</th></tr>"
+    return ("<table id=figures class=fixed><colgroup><col style='width:26%'><col style='width:20%'>"
+            "<col style='width:11%'><col style='width:43%'></colgroup>"
+            "<tr><th>figure</th><th>value</th><th>provenance</th><th>source</th></tr>"
             + "".join(rows) + "</table>")
 
 

@@ -179,11 +179,19 @@ class SchedulerPolicy(Policy):
         figs: dict[str, Figure] = {}
         src = f"greenstack.policies.scheduler.{self.name}"
         savings = [d["expected_saving_pct"] for d in self.decisions if isinstance(d["expected_saving_pct"], (int, float))]
+        final = self.decisions[-1] if self.decisions else {}
+        if str((final.get("inputs") or {}).get("reason", "")).startswith("started early") \
+                and not isinstance(final.get("expected_saving_pct"), (int, float)):
+            savings = []  # the planned window was not used and the actual start has no expected saving
         if savings:
             last = next(d for d in reversed(self.decisions) if isinstance(d["expected_saving_pct"], (int, float)))
-            on = last["inputs"].get("source") if isinstance(last.get("inputs"), dict) else None
-            figs["scheduler/expected_saving_pct"] = Figure(round(savings[-1], 3), "%", "estimated",
-                                                           f"{src}: {last['action']}" + (f" on {on}" if on else ""))
+            inputs = last["inputs"] if isinstance(last.get("inputs"), dict) else {}
+            on = inputs.get("source")
+            label = f"{src}: {last['action']}" + (f" on {on}" if on else "")
+            if str(inputs.get("reason", "")).startswith("started early"):
+                label = (f"{src}: {inputs['reason']}; saving expected for the actual start, the planned window "
+                         f"({inputs.get('planned_saving_pct')} % expected) was not used")
+            figs["scheduler/expected_saving_pct"] = Figure(round(savings[-1], 3), "%", "estimated", label)
         figs["scheduler/wait_s"] = Figure(round(self.waited_s, 3), "s", "measured", f"{src} clock")
         figs["scheduler/decisions"] = Figure(json.dumps(self.decisions), "json", "estimated",
                                              f"{src}: every decision (inputs, choice, expected saving)")

@@ -264,9 +264,32 @@ class ForecastWindow(SchedulerPolicy):
                                  describe=lambda left: self.countdown_text(left, current["plan"].start,
                                                                            current["plan"].expected_saving_pct))
         final = current["plan"]
-        early = reason.startswith("started early")
-        self.record(state, "start", {"reason": reason, "planned_start": final.start},
+        if not reason.startswith("started early"):
+            self.record(state, "start", {"reason": reason, "planned_start": final.start},
+                        {"start": self.now(), "waited_s": round(self.waited_s, 3)},
+                        expected_saving_pct=final.expected_saving_pct, numbers={"wait_s": self.waited_s},
+                        notes=[f"{reason} after waiting {self.waited_s / 3600:.2f} h"])
+            return
+        # Started before the planned window: the planned saving was not realised. Report the saving
+        # expected for the start that actually happened (on the first plan's outlook, vs starting at arrival).
+        actual = self.saving_at(plan, self.now())
+        self.record(state, "start", {"reason": reason, "planned_start": final.start,
+                                     "planned_saving_pct": round(final.expected_saving_pct, 3), "window_used": False},
                     {"start": self.now(), "waited_s": round(self.waited_s, 3)},
-                    expected_saving_pct=None if early else final.expected_saving_pct,
-                    numbers={"wait_s": self.waited_s},
-                    notes=[f"{reason} after waiting {self.waited_s / 3600:.2f} h"])
+                    expected_saving_pct=actual, numbers={"wait_s": self.waited_s},
+                    notes=[f"{reason} after waiting {self.waited_s / 3600:.2f} h: the planned window "
+                           f"({final.start.strftime('%Y-%m-%dT%H:%MZ')}, {final.expected_saving_pct:.1f} % expected) "
+                           "was not used; " + ("the saving expected for the actual start is "
+                                               f"{actual:.1f} % vs starting at arrival" if actual is not None
+                                               else "no saving can be expected for the actual start")])
+
+    def saving_at(self, plan: Plan, when: datetime) -> float | None:
+        """Expected % saving of a start at `when` vs starting at the plan's arrival, on the plan's outlook."""
+        values = plan.outlook.values(self.objective)
+        if len(values) < math.ceil(self.duration_h - 1e-9) or plan.choice.cost_now <= 0:
+            return None
+        costs = window_costs(values, self.duration_h)
+        k = int((hour_floor(when) - hour_floor(plan.outlook.start)).total_seconds() // 3600)
+        if not 0 <= k < len(costs):
+            return None
+        return round(float((plan.choice.cost_now - costs[k]) / plan.choice.cost_now * 100), 3)
