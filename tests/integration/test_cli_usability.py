@@ -26,11 +26,19 @@ def test_help_of_every_command_exits_zero_and_top_level_lists_every_subcommand(c
         assert re.search(rf"\b{sub}\b", carbon_lines), sub
 
 
-def test_one_problem_is_singular(cli):
+def test_counts_are_singular_for_one(cli, tmp_path):
+    from tests.integration.test_report import RUNS
+
     result = cli("validate", "optim=adamm")
     assert result.returncode == 2
-    out = result.stdout + result.stderr
-    assert "1 problem" in out and "1 problems" not in out
+    assert "1 problems" not in result.stdout + result.stderr
+    compared = cli("report", "compare", str(RUNS / "small"), "--plot", str(tmp_path / "p.png"))
+    assert compared.returncode == 0, compared.stderr
+    assert "1 run:" in compared.stdout and "1 runs" not in compared.stdout
+    from greenstack.console import plural
+
+    assert [plural(n, "problem") for n in (0, 1, 2)] == ["0 problems", "1 problem", "2 problems"]
+    assert plural(1, "entry") == "1 entry" and plural(3, "entry") == "3 entries" and plural(2, "key") == "2 keys"
 
 
 def test_piped_tables_do_not_wrap_long_paths(cli, tmp_path):
