@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -36,5 +37,38 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+#: the key under which `dumps` lists the values it had to write as null
+NON_FINITE_KEY = "non_finite"
+
+
+def finite_json(obj: Any, path: str = "") -> tuple[Any, list[str]]:
+    """`obj` with every nan/inf float replaced by None, and where each was ("metrics.train/loss.value: nan").
+
+    Standard JSON has no NaN or Infinity: Python writes them bare by default, and strict readers
+    (browsers, jq, most languages) then reject the whole file.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [f"{path or '<root>'}: {obj}"]
+    if isinstance(obj, dict):
+        out, notes = {}, []
+        for k, v in obj.items():
+            out[k], found = finite_json(v, f"{path}.{k}" if path else str(k))
+            notes += found
+        return out, notes
+    if isinstance(obj, (list, tuple)):
+        pairs = [finite_json(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return [p[0] for p in pairs], [n for p in pairs for n in p[1]]
+    return obj, []
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` that never writes bare NaN/Infinity: such values become null, and an object at the top
+    gets a `non_finite` list saying which they were (a note instead of invalid JSON)."""
+    clean, notes = finite_json(obj)
+    if notes and isinstance(clean, dict):
+        clean[NON_FINITE_KEY] = notes
+    return json.dumps(clean, allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (dumps(obj, indent=2, sort_keys=False) + "\n").encode())

@@ -29,7 +29,9 @@ def _console() -> Any:
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    from greenstack.io import dumps
+
+    sys.stdout.write(dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 

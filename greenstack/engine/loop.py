@@ -24,9 +24,14 @@ from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
 from greenstack.engine.resize import BatchResize
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, GreenstackError, Problem
 
 log = logging.getLogger("greenstack")
+
+
+class NonFiniteLoss(GreenstackError):
+    """Training diverged: the loss became nan/inf. The run stops (no checkpoint of the diverged state is
+    written) rather than train a NaN model to the end and exit 0."""
 
 
 class MetricSink(Protocol):
@@ -135,6 +140,9 @@ class Trainer:
                            optim_factory=lambda params: optim.build(params, self.state.max_steps))
         self.state.set_batch_size = self.set_batch_size
         self.state.evaluate = self.evaluate_split
+        self.state.check_finite = self.check_finite
+        #: the first optimizer step whose loss was nan/inf (-1: none), kept on the device: no per-step sync
+        self._bad_step: torch.Tensor | None = None
         eval_every = Duration.parse(config.eval_interval)
         self.eval_steps = eval_every.to_steps(steps_per_epoch=steps_per_epoch, batch_size=batch_size)
         self.eval_at_epoch_end = eval_every.unit == "ep" and eval_every.value == 1
@@ -281,6 +289,26 @@ class Trainer:
             self._emit(dict(self.state.metrics))
             self.state.metrics.clear()
 
+    # -- divergence -------------------------------------------------------------------------------
+    def _track_finite(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is not finite, without a host sync."""
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._bad_step < 0)
+        self._bad_step = torch.where(bad, self._bad_step.new_full((), self.state.step + 1), self._bad_step)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if any loss so far was nan/inf (one host sync; called at log points, before
+        checkpoints and at the end of training)."""
+        if self._bad_step is None:
+            return
+        step = int(self._bad_step.item())
+        if step >= 0:
+            raise NonFiniteLoss(
+                f"training diverged: the loss became nan/inf at step {step}; stopped at step {self.state.step} "
+                "without saving the diverged state. Lower optim.lr or clip gradients (trainer.max_grad_norm=1.0), "
+                "then resume from the last good checkpoint or start again")
+
     # -- training ---------------------------------------------------------------------------------
     def fit(self) -> State:
         """Train until `max_duration` or a policy stops the run; evaluate on val and, at the end, test."""
@@ -294,6 +322,7 @@ class Trainer:
         try:
             with progress:
                 self._train(progress)
+            self.check_finite()
             if self.test_loader is not None:
                 state.metrics.update(self.evaluate(self.test_loader, "test"))
                 self._flush()
@@ -336,6 +365,7 @@ class Trainer:
                     loss = F.cross_entropy(logits.float(), state.batch["labels"])
                 state.outputs, state.loss = logits, loss
                 self.dispatch(Event.AFTER_FORWARD)
+                self._track_finite(state.loss)
                 scaled = state.loss / cfg.grad_accum
                 if state.grad_scaler is not None:
                     scaled = state.grad_scaler.scale(scaled)
@@ -365,6 +395,9 @@ class Trainer:
                     running_loss.zero_()
                     running_count, log_t0, log_samples = 0, time.perf_counter(), 0
                     progress.loss = state.metrics["train/loss"]
+                    if not math.isfinite(state.metrics["train/loss"]):
+                        self._flush()  # the diverged loss is on record (as null in metrics.jsonl)
+                        self.check_finite()
                 if state.metrics:
                     self._flush()
                 if not self.eval_at_epoch_end and self.eval_steps and state.step % self.eval_steps == 0:

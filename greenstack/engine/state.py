@@ -57,6 +57,9 @@ class State:
     set_batch_size: Callable[[int], None] | None = None
     #: `evaluate(model, "val" | "test") -> {"<split>/accuracy", "<split>/loss", ...}` set by the loop
     evaluate: Callable[[torch.nn.Module, str], dict[str, float]] | None = None
+    #: `check_finite()` raises NonFiniteLoss if a loss so far was nan/inf (one host sync): set by the loop,
+    #: called by checkpointing before it captures a snapshot, so a diverged state is never saved
+    check_finite: Callable[[], None] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from greenstack.errors import ConfigError, Problem
+from greenstack.io import dumps
 from greenstack.launch import jobs as jobtable
 
 log = logging.getLogger("greenstack")
@@ -212,7 +213,7 @@ def run_search(settings: SweepSettings, fixed_overrides: Sequence[str],
               "pareto_front": front, "trials": [asdict(r) for r in results]}
     if sweep_dir is not None:
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-        (Path(sweep_dir) / "carbon_sweep.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (Path(sweep_dir) / "carbon_sweep.json").write_text(dumps(report, indent=2, default=str) + "\n")
     print_report(report)
     return report
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from greenstack.io import dumps
 
 RUN_ID_FILE = ".greenstack/run_id"
 
@@ -74,7 +75,7 @@ class JsonlWriter:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": step, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
         record.update(jsonable(metrics))
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(dumps(record) + "\n")  # standard JSON: never a bare NaN
         self._file.flush()
 
     def close(self) -> None:

@@ -84,6 +84,12 @@ class _TierWriter:
     def _write(self, snapshot: Snapshot) -> None:
         t0 = time.perf_counter()
         try:
+            bad = next((k for k, t in snapshot.model.items() if t.is_floating_point() and not bool(t.isfinite().all())),
+                       None)
+            if bad is not None:  # a diverged model is never published: resume keeps the last good checkpoint
+                self.errors.append(f"{snapshot.name}: not written, {bad} holds nan/inf (training diverged)")
+                log.warning("checkpoint %s not written to %s: weight %s holds nan/inf", snapshot.name, self.name, bad)
+                return
             self.store.write(snapshot.name, encode(snapshot, self.key))
             self.written += 1
             for old in self.store.names()[self.keep:]:
@@ -262,6 +268,8 @@ class HierarchicalCheckpointing(Policy):
         if not (due_memory or due_local or due_durable):
             return
         self._settle(state)
+        if state.check_finite is not None:
+            state.check_finite()  # a diverged run stops here, before its state is captured
         t0 = time.perf_counter()
         pending = capture_async(state, meta={"run_dir": state.run_dir, **_audit_head(state)})
         tiers = [name for name, due in (("local", due_local), ("durable", due_durable)) if due]
@@ -320,6 +328,8 @@ class HierarchicalCheckpointing(Policy):
         point before they stop or wait.
         """
         self._settle(state)
+        if state.check_finite is not None:
+            state.check_finite()
         t0 = time.monotonic()
         snapshot = capture(state, meta={"run_dir": state.run_dir, "reason": reason, **_audit_head(state)})
         self.memory.append(snapshot)
