@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from greenstack.checkpoint.fingerprint import training_config
 from greenstack.engine.loop import Trainer
 from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError, RunInterrupted
@@ -133,6 +134,11 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     optim = instantiate(cfg.optim)
     trainer_cfg = instantiate(cfg.trainer)
     policies = [*schedulers, *build_policies(cfg, groups=POLICY_GROUPS[1:])]
+    flat = training_config(cfg)
+    for policy in policies:  # checkpoints record the training config they belong to; resume checks it
+        bind = getattr(policy, "bind_run_config", None)
+        if callable(bind):
+            bind(flat)
     attach_to_recorders(audit, policies)
     run_name = cfg.get("run_name") or run_dir.name
     tracker = instantiate(cfg.tracker) if rank == 0 else NullTracker()

@@ -148,7 +148,8 @@ def test_a_preempted_worker_stops_every_worker_at_one_step_and_the_run_resumes(c
     assert "Traceback" not in out
     for rank in (0, 1):  # each worker saved its own checkpoint at the agreed step
         assert [p.name for p in (run_dir / "checkpoints" / f"rank-{rank}").glob("step-*")] == ["step-000000003"]
-    again = cli(*args, "checkpointing.resume=auto", "+policies.preempt.at_step=-1", env=PYTHONPATH, timeout=300)
+    again = cli(*args, "checkpointing.resume=auto", "+policies.preempt.at_step=-1",
+                "checkpointing.resume_allow_changes=[policies.preempt.at_step]", env=PYTHONPATH, timeout=300)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
     figures = json.loads((run_dir / "sustainability.json").read_text())["metrics"]

@@ -25,6 +25,7 @@ from typing import Any
 
 from greenstack.checkpoint.codec import CheckpointError, encode
 from greenstack.checkpoint.crypto import KEY_ENV, LocalKey
+from greenstack.checkpoint.fingerprint import allowed, differences, fingerprint
 from greenstack.checkpoint.snapshot import PendingSnapshot, Snapshot, apply_snapshot, capture, capture_async
 from greenstack.checkpoint.store import Store
 from greenstack.engine.events import Event
@@ -126,7 +127,7 @@ class HierarchicalCheckpointing(Policy):
                  resume: str = "never", signals: list[str] | None = None, preempt_budget_s: float = 25.0,
                  encryption: bool = False, key_env: str = KEY_ENV, key_file: str | None = None,
                  spot_notice: bool = False, spot_endpoint: str = "http://169.254.169.254",
-                 spot_interval_s: float = 5.0) -> None:
+                 spot_interval_s: float = 5.0, resume_allow_changes: list[str] | None = None) -> None:
         super().__init__(name="checkpointing")
         problems = []
         for key, value in (("memory_every", memory_every), ("local_every", local_every),
@@ -154,6 +155,10 @@ class HierarchicalCheckpointing(Policy):
         self.local_keep, self.durable_keep = local_keep, durable_keep
         self.local_dir, self.durable_url, self.storage_options = local_dir, durable_url, storage_options
         self.resume_mode = resume
+        #: training-config keys (or group prefixes / globs) that may differ from the checkpoint's on resume
+        self.allow_changes = [str(k) for k in resume_allow_changes or []]
+        #: the run's training config (`bind_run_config`), saved in every checkpoint and checked on resume
+        self.run_config: dict[str, Any] | None = None
         self.signal_names = list(signals if signals is not None else ["SIGTERM", "SIGUSR1"])
         self.preempt_budget_s = preempt_budget_s
         self.key = LocalKey.from_config(key_env, key_file) if encryption else None
@@ -172,6 +177,52 @@ class HierarchicalCheckpointing(Policy):
         self._previous_handlers: dict[int, Any] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
+    def bind_run_config(self, flat: dict[str, Any]) -> None:
+        """The run's training config (`greenstack.checkpoint.fingerprint.training_config`); the runner
+        calls this so checkpoints record what they are a checkpoint of."""
+        self.run_config = dict(flat)
+
+    def _config_meta(self) -> dict[str, Any]:
+        if self.run_config is None:
+            return {}
+        return {"config": self.run_config, "config_sha256": fingerprint(self.run_config)}
+
+    def _check_config(self, snapshot: Snapshot, where: str) -> list[tuple[str, Any, Any]]:
+        """Refuse a checkpoint of other training (ConfigError listing every difference); returns the
+        allowed differences."""
+        saved = snapshot.meta.get("config") if isinstance(snapshot.meta, dict) else None
+        if self.run_config is None:
+            return []
+        if not isinstance(saved, dict):
+            log.warning("checkpointing: %s records no training config (older greenstack); not checked", where)
+            return []
+        diffs = differences(saved, self.run_config)
+        refused = [d for d in diffs if not allowed(d[0], self.allow_changes)]
+        if refused:
+            keys = ",".join(d[0] for d in refused)
+            raise ConfigError([Problem(key, now, f"differs from the checkpoint to resume ({where}), trained with "
+                                                 f"{old!r}",
+                                       f"resume with the checkpoint's value, use a fresh checkpoint location, or "
+                                       f"allow it: checkpointing.resume_allow_changes=[{keys}]")
+                               for key, old, now in refused])
+        for key, old, now in diffs:
+            log.warning("checkpointing: resuming with %s = %r (the checkpoint had %r; allowed by "
+                        "checkpointing.resume_allow_changes)", key, now, old)
+        return diffs
+
+    def _apply_allowed_lr(self, state: State, diffs: list[tuple[str, Any, Any]]) -> None:
+        """An allowed change of optim.lr takes effect: the restored schedule continues from the new base."""
+        new = next((now for key, _, now in diffs if key == "optim.lr"), None)
+        sched = state.lr_scheduler
+        if not isinstance(new, (int, float)) or sched is None or state.optimizer is None:
+            return
+        sched.base_lrs = [float(new) for _ in sched.base_lrs]
+        lambdas = getattr(sched, "lr_lambdas", None)
+        for i, group in enumerate(state.optimizer.param_groups):
+            group["initial_lr"] = float(new)
+            factor = lambdas[i](sched.last_epoch) if lambdas else 1.0
+            group["lr"] = float(new) * factor
+
     def _stores(self, state: State) -> dict[str, Store]:
         """The tiers' stores; in a multi-process run each rank keeps its own (`.../rank-N`): workers'
         states differ (data shard, local steps, error memory), and one shared directory would mix them."""
@@ -239,7 +290,9 @@ class HierarchicalCheckpointing(Policy):
             log.info("checkpointing: no checkpoint to resume from; starting fresh")
             return
         snapshot, where = max(candidates, key=lambda c: c[0].step)
+        allowed_diffs = self._check_config(snapshot, where)  # before anything is loaded into the model
         apply_snapshot(snapshot, state)
+        self._apply_allowed_lr(state, allowed_diffs)
         self.resumed_from = where
         self.decisions.append({"kind": "checkpoint", "action": "restore", "from": where, "step": snapshot.step,
                                "skipped": list(self.skipped_on_resume)})
@@ -271,7 +324,8 @@ class HierarchicalCheckpointing(Policy):
         if state.check_finite is not None:
             state.check_finite()  # a diverged run stops here, before its state is captured
         t0 = time.perf_counter()
-        pending = capture_async(state, meta={"run_dir": state.run_dir, **_audit_head(state)})
+        pending = capture_async(state, meta={"run_dir": state.run_dir, **_audit_head(state),
+                                                   **self._config_meta()})
         tiers = [name for name, due in (("local", due_local), ("durable", due_durable)) if due]
         self._pending = (pending, tiers, time.perf_counter() - t0)
 
@@ -331,7 +385,8 @@ class HierarchicalCheckpointing(Policy):
         if state.check_finite is not None:
             state.check_finite()
         t0 = time.monotonic()
-        snapshot = capture(state, meta={"run_dir": state.run_dir, "reason": reason, **_audit_head(state)})
+        snapshot = capture(state, meta={"run_dir": state.run_dir, "reason": reason, **_audit_head(state),
+                                          **self._config_meta()})
         self.memory.append(snapshot)
         saved = []
         for tier in self.tiers.values():
