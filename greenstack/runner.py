@@ -160,13 +160,17 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
                           policies=[*report.policies(), *policies, carried], sinks=[Fanout(jsonl, tracker)],
                           batch_size=data.batch_size, run_dir=str(run_dir))
         state = trainer.fit()
+        say = log.info if trainer_cfg.progress and rank == 0 else log.debug  # the minute after the last step
+        say("measuring the run's figures (energy, carbon, model size, FLOPs, inference latency)")
         summary = report.finish(state, trainer=trainer, data=data, policies=policies)
         if pool is not None:
             pool.settle(summary["flat"].get("carbon/total_kg_co2e"))
         if measurement.budget_decision is not None:
             audit.append("budget", measurement.budget_decision)
+        say("writing report.html and its plots")
         finish_run_report(run_dir, tracker)  # report.html + plots/ (+ W&B media); never fails the run
         tracker.summary(summary["flat"])
+        say("closing the %s tracker", getattr(tracker, "name", "") or "run's")
         exit_code = 0
         return summary
     except BaseException as e:  # the single end of every run that did not finish: its partial accounting

@@ -53,6 +53,8 @@ class TrainerConfig:
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
     progress: bool = True
+    #: when output is not a terminal (redirected, piped, a batch log): seconds between plain progress lines
+    progress_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         problems: list[Problem] = []
@@ -71,6 +73,8 @@ class TrainerConfig:
             problems.append(Problem("trainer.grad_accum", self.grad_accum, "must be >= 1"))
         if self.log_interval < 1:
             problems.append(Problem("trainer.log_interval", self.log_interval, "must be >= 1"))
+        if not self.progress_interval_s >= 0:
+            problems.append(Problem("trainer.progress_interval_s", self.progress_interval_s, "must be >= 0 seconds"))
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
             problems.append(Problem("trainer.device", self.device, "unknown device", 'use "auto", "cpu" or "cuda[:N]"'))
         for key in ("limit_train_batches", "limit_eval_batches"):
@@ -318,12 +322,15 @@ class Trainer:
             policy.resolve_window(state)
         self.dispatch(Event.INIT)
         self.dispatch(Event.FIT_START)
-        progress = self._progress = _Progress(enabled=cfg.progress, total=state.max_steps)
+        progress = self._progress = _Progress(enabled=cfg.progress, total=state.max_steps,
+                                              plain_interval_s=cfg.progress_interval_s)
         try:
             with progress:
                 self._train(progress)
             self.check_finite()
             if self.test_loader is not None:
+                if cfg.progress:
+                    log.info("training done (%d steps): evaluating on the test split", state.step)
                 state.metrics.update(self.evaluate(self.test_loader, "test"))
                 self._flush()
         except BaseException:
@@ -384,7 +391,6 @@ class Trainer:
                 state.step += 1
                 self.step_times_s.append(time.perf_counter() - t0)
                 self.dispatch(Event.STEP_END)
-                progress.advance(state)
                 if state.step % cfg.log_interval == 0 or state.step == state.max_steps:
                     elapsed = time.perf_counter() - log_t0
                     state.metrics.update({
@@ -398,6 +404,7 @@ class Trainer:
                     if not math.isfinite(state.metrics["train/loss"]):
                         self._flush()  # the diverged loss is on record (as null in metrics.jsonl)
                         self.check_finite()
+                progress.advance(state)  # after the loss of a logging step is known
                 if state.metrics:
                     self._flush()
                 if not self.eval_at_epoch_end and self.eval_steps and state.step % self.eval_steps == 0:
@@ -434,14 +441,31 @@ class Trainer:
 
 
 class _Progress:
-    """A rich progress bar over optimizer steps that disappears when output is not a terminal."""
+    """Progress over optimizer steps: a rich bar on a terminal; otherwise (output redirected to a file or
+    a pipe, where a live bar shows nothing until the end) a plain log line every `plain_interval_s`.
 
-    def __init__(self, *, enabled: bool, total: int) -> None:
+    The loss shown is the mean of the last logged interval (`log_interval` steps); before the first one
+    it is left out rather than shown as nan.
+    """
+
+    def __init__(self, *, enabled: bool, total: int, plain_interval_s: float = 30.0,
+                 terminal: bool | None = None) -> None:
         self.enabled, self.total, self.loss = enabled, total, float("nan")
+        self.plain_interval_s = plain_interval_s
+        self.terminal = terminal
         self._bar: Any = None
+        self._t0 = self._last_line = 0.0
+        self._step = self._epoch = 0
 
     def __enter__(self) -> _Progress:
-        if self.enabled:
+        if not self.enabled:
+            return self
+        if self.terminal is None:
+            from rich.console import Console
+
+            self.terminal = Console().is_terminal
+        self._t0 = self._last_line = time.monotonic()
+        if self.terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(TextColumn("[bold green]train"), BarColumn(), MofNCompleteColumn(),
@@ -450,11 +474,38 @@ class _Progress:
             self._task = self._bar.add_task("train", total=self.total, info="")
         return self
 
+    def info(self) -> str:
+        loss = f" loss {self.loss:.4f}" if math.isfinite(self.loss) else ""
+        return f"epoch {self._epoch}{loss}"
+
     def advance(self, state: State) -> None:
+        if not self.enabled:
+            return
+        self._step, self._epoch = state.step, state.epoch
         if self._bar is not None:
-            self._bar.update(self._task, completed=state.step, total=self.total,
-                             info=f"epoch {state.epoch} loss {self.loss:.4f}")
+            self._bar.update(self._task, completed=state.step, total=self.total, info=self.info())
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.plain_interval_s and state.step < self.total:
+            self._last_line = now
+            self._plain_line(now)
+
+    def _plain_line(self, now: float) -> None:
+        elapsed = now - self._t0
+        total = max(self.total, 1)
+        left = elapsed / self._step * (total - self._step) if self._step else float("nan")
+        eta = f", ~{_hms(left)} left" if math.isfinite(left) and self._step < total else ""
+        log.info("train: step %d/%d (%d %%), %s, %s elapsed%s", self._step, total, 100 * self._step // total,
+                 self.info(), _hms(elapsed), eta)
 
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
+        elif self.enabled and exc[0] is None and self._step:
+            self._plain_line(time.monotonic())  # the final state, always shown once
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -8,13 +8,18 @@ package). Hub downloads are disabled, so a missing file is a clear error, never 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from greenstack.errors import ConfigError, Problem
+
+log = logging.getLogger("greenstack")
 
 #: names accepted for `model.path` / `data.tokenizer` that resolve to the shipped MiniLM directory
 MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -108,8 +113,12 @@ def build_transformers(num_classes: int, path: str | None = None, config: dict[s
         kwargs["attn_implementation"] = attn_implementation
     if path:
         directory = resolve_local_model_dir(path)
-        return AutoModelForSequenceClassification.from_pretrained(
-            str(directory), num_labels=num_classes, local_files_only=True, ignore_mismatched_sizes=True, **kwargs)
+        with quiet_transformers_load():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(directory), num_labels=num_classes, local_files_only=True, ignore_mismatched_sizes=True,
+                output_loading_info=True, **kwargs)
+        _log_new_head(info, directory, num_classes)
+        return model
     if not config or "model_type" not in config:
         raise ConfigError("a transformers model needs either `path` (local directory) or `config` with a "
                           "`model_type`", key="model.config", value=config,
@@ -120,4 +129,41 @@ def build_transformers(num_classes: int, path: str | None = None, config: dict[s
         hf_config = AutoConfig.for_model(model_type, num_labels=num_classes, **config)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0], key="model.config.model_type", value=model_type) from e
-    return AutoModelForSequenceClassification.from_config(hf_config, **kwargs)
+    with quiet_transformers_load():
+        return AutoModelForSequenceClassification.from_config(hf_config, **kwargs)
+
+
+@contextmanager
+def quiet_transformers_load() -> Iterator[None]:
+    """Silence what a model load prints that is no news to a user: torch's `_pytree` deprecation warnings
+    (raised once when transformers pulls in torchao), the weight-loading progress bar, and transformers'
+    LOAD REPORT table (its MISSING classifier rows are expected for a new head; see `_log_new_head`).
+    Levels are restored afterwards, so the rest of the process logs as configured."""
+    from transformers.utils import logging as hf_logging
+
+    pytree = logging.getLogger("torch.utils._pytree")
+    saved = pytree.level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    pytree.setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        pytree.setLevel(saved[0])
+        hf_logging.set_verbosity(saved[1])
+        if saved[2]:
+            hf_logging.enable_progress_bar()
+
+
+def _log_new_head(info: dict[str, Any], directory: Path, num_classes: int) -> None:
+    """One calm line for the freshly initialised classification head; anything else missing is a warning."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    head = [k for k in [*missing, *mismatched] if k.startswith(("classifier.", "score.", "pre_classifier."))]
+    other = [k for k in missing if k not in head]
+    if head:
+        log.info("model: new %d-class head (%s) initialised over the pretrained weights in %s (expected when "
+                 "fine-tuning)", num_classes, ", ".join(head), directory)
+    if other:
+        log.warning("model: %d weights not in %s were initialised randomly: %s", len(other), directory,
+                    ", ".join(other[:8]) + (" ..." if len(other) > 8 else ""))

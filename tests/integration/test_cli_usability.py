@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from greenstack import cli as cli_module
 
 
@@ -96,3 +98,19 @@ def test_a_searchpath_repo_recipe_shadows_the_packaged_one_and_ls_shows_it(cli, 
     assert len(rows) == 2
     everything = cli("ls", searchpath)
     assert everything.returncode == 0 and "hydra.searchpath" in everything.stdout
+
+
+@pytest.mark.slow
+def test_redirected_training_output_shows_plain_progress_and_the_steps_after_training(cli, tmp_path):
+    from tests.conftest import FAST
+
+    fast = [o for o in FAST if not o.startswith("trainer.progress")]
+    result = cli("train", "data=synthetic_image", "model.name=resnet10t", "data.num_samples=64",
+                 "data.batch_size=16", *fast, "trainer.progress=true", "trainer.progress_interval_s=0",
+                 f"hydra.run.dir={tmp_path / 'run'}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "train: step 1/2" in out and "train: step 2/2 (100 %), epoch" in out  # not a TTY: plain lines
+    assert "nan" not in " ".join(line for line in out.splitlines() if "train: step" in line)
+    for after in ("evaluating on the test split", "measuring the run's figures", "writing report.html"):
+        assert after in out, after
