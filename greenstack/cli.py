@@ -142,6 +142,7 @@ def _task(cfg: Any) -> dict[str, Any]:
 
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
+    _scrub_secrets(hydra_cfg, run_dir)
     try:
         summary = runner.run(cfg, run_dir)
     except Exception as raised:
@@ -174,6 +175,18 @@ def _unwrap(error: Exception) -> Exception:
     while isinstance(error, InstantiationException) and isinstance(error.__cause__, Exception):
         error = error.__cause__
     return error
+
+
+def _scrub_secrets(hydra_cfg: Any, run_dir: str) -> None:
+    """Secrets written literally in a YAML config: *** in the run's .hydra files and the sweep's multirun.yaml."""
+    from hydra.types import RunMode
+
+    from greenstack.secrets import scrub_hydra_dir
+
+    if hydra_cfg.output_subdir is None:
+        return
+    extra = (Path(hydra_cfg.sweep.dir) / "multirun.yaml",) if hydra_cfg.mode == RunMode.MULTIRUN else ()
+    scrub_hydra_dir(Path(run_dir) / hydra_cfg.output_subdir, extra)
 
 
 def _log_failure(hydra_cfg: Any, run_dir: str, error: BaseException) -> Path:
@@ -289,10 +302,12 @@ def train(argv: list[str]) -> int:
     from greenstack.compose import searchpath_dirs
     from greenstack.launch import jobs as jobtable
     from greenstack.paths import searchpath_recipes
+    from greenstack.secrets import hide_override_secrets
 
     if skip_preflight:
         _check_recipe_path()
-    sys.argv = ["greenstack train", *argv]
+    # secret-looking override values move to this process's environment: Hydra saves `${oc.env:...}`
+    sys.argv = ["greenstack train", *hide_override_secrets(argv)]
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_task)
     jobtable.clear()
     code = 0

@@ -29,6 +29,7 @@ from greenstack.measure import Measurement
 from greenstack.policies.scheduler._base import start_when_scheduled
 from greenstack.report.html import finish_run_report
 from greenstack.report.summary import RunReport
+from greenstack.secrets import redact
 from greenstack.tracking.base import Fanout, JsonlWriter, NullTracker, load_or_create_run_id
 from greenstack.validate import validate_config
 
@@ -154,7 +155,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     exit_code = 1
     trainer: Trainer | None = None
     tracker.start(run_dir=run_dir, run_id=run_id, run_name=str(run_name),
-                  config=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+                  config=redact(OmegaConf.to_container(cfg, resolve=True)))  # secrets stay in memory
     try:
         trainer = Trainer(model, data.train, optim, trainer_cfg, val_loader=data.val, test_loader=data.test,
                           policies=[*report.policies(), *policies, carried], sinks=[Fanout(jsonl, tracker)],
