@@ -546,7 +546,9 @@ def check_anchors(result: VerifyResult, anchors: Sequence[tuple[str, Mapping[str
 
 
 def verify_run(path: str | Path, *, require_head: bool = True, key: bytes | None = None) -> VerifyResult:
-    """`verify` plus the anchors of the run the log belongs to (the log's folder)."""
+    """`verify` plus, for a run's own `audit.jsonl`, the anchors of that run (in the log's folder)."""
     path = Path(path)
     result = verify(path, require_head=require_head, key=key)
+    if path.name != RUN_AUDIT_FILE:  # e.g. a pool log exported next to a run: that run's anchors are not its
+        return result
     return check_anchors(result, find_anchors(path.parent), key=key)

@@ -320,3 +320,13 @@ def test_cli_audit_verify_of_a_run_dir_reports_the_cut_tail(cli, tmp_path):
     _cut_tail_and_rewrite_head(log.path, 3)
     bad = cli("audit", "verify", str(tmp_path))
     assert bad.returncode == 1 and "TAMPERED" in bad.stdout and "lines 4-6 were deleted" in bad.stdout
+
+
+def test_anchors_of_a_run_apply_only_to_its_own_audit_jsonl(tmp_path):
+    from greenstack.ledger.audit import verify_run
+
+    _finished_run(tmp_path)
+    other = AuditLog(tmp_path / "pool-export.jsonl")
+    other.append("pool", {"action": "create"})
+    result = verify_run(other.path)
+    assert result.ok and result.anchors_checked == []
