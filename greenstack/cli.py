@@ -35,6 +35,7 @@ commands:
   carbon keygen|sign|verify  sign or verify a carbon-intensity data file (Ed25519)
   carbon weather ...       weather-forecast columns (Open-Meteo, no look-ahead) for the forecaster
   model keygen|sign|verify signed model artifacts with an ownership fingerprint
+  predict RUN_DIR --text T classify texts with a text run's saved model (class names, not indices)
   report tco|compare|html  cost of a run (vs a measured baseline), multirun Pareto table/plot, report.html
   pool create|request|settle|status|budget|log   shared carbon budget pool (SQLite file or PostgreSQL URL)
   audit verify|show PATH   check a hash-chained decision log (names the first tampered line)
@@ -526,6 +527,24 @@ def model(argv: list[str]) -> int:
     return run_model(argv)
 
 
+def predict(argv: list[str]) -> int:
+    """Classify texts with a finished text run's model/ (as documented for from_pretrained)."""
+    import json
+
+    from greenstack.inference import predict_text
+
+    parser = argparse.ArgumentParser(prog="greenstack predict",
+                                     description="classify texts with a text run's saved model and class names")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished text run (holds labels.json and model/)")
+    parser.add_argument("--text", action="append", required=True, help="a text to classify (repeat for more)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per text instead of a table")
+    args = parser.parse_args(argv)
+    rows = predict_text(args.run_dir, args.text)
+    for row in rows:
+        print(json.dumps(row) if args.json else f"{row['label']}\t{row['score']:.3f}\t{row['text']}")
+    return 0
+
+
 def report(argv: list[str]) -> int:
     from greenstack.report_cli import run_report
 
@@ -544,7 +563,7 @@ def audit(argv: list[str]) -> int:
     return run_audit(argv)
 
 
-COMMANDS = {"model": model, "train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor, "plan": plan,
+COMMANDS = {"model": model, "predict": predict, "train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor, "plan": plan,
             "carbon": carbon, "report": report, "pool": pool, "audit": audit}
 
 

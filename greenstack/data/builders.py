@@ -37,6 +37,10 @@ class DataModule:
     input_size: int | None = None
     class_names: list[str] = field(default_factory=list)
     source: str = ""
+    #: what a prediction on new inputs must do to them as training did (saved in labels.json)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    #: text runs: the tokenizer used, saved with the model so the run's model can be used for prediction
+    tokenizer: Any = None
 
     def sizes(self) -> dict[str, int]:
         return {name: len(loader.dataset) for name, loader in  # type: ignore[arg-type]
@@ -95,8 +99,12 @@ def _loaders(datasets: tuple[Dataset, Dataset, Dataset], batch_size: int, seed: 
     return train, evals[0], evals[1]
 
 
-def _images_to_tensor(images: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
-    """(N, H, W) or (N, C, H, W) float images in [0, 1] -> normalised (N, channels, size, size)."""
+def _images_to_tensor(images: torch.Tensor, image_size: int, channels: int,
+                      stats: dict[str, Any] | None = None) -> torch.Tensor:
+    """(N, H, W) or (N, C, H, W) float images in [0, 1] -> normalised (N, channels, size, size).
+
+    `stats` (if given) receives the per-channel `mean`/`std` used, which prediction must reuse.
+    """
     if images.ndim == 3:
         images = images[:, None]
     if images.shape[-1] != image_size or images.shape[-2] != image_size:
@@ -107,18 +115,21 @@ def _images_to_tensor(images: torch.Tensor, image_size: int, channels: int) -> t
         raise ConfigError(f"images have {images.shape[1]} channels", key="data.channels", value=channels)
     mean = images.mean(dim=(0, 2, 3), keepdim=True)
     std = images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    if stats is not None:
+        stats.update(mean=[float(v) for v in mean.flatten()], std=[float(v) for v in std.flatten()])
     return ((images - mean) / std).contiguous()
 
 
 def _tensor_module(x: torch.Tensor, y: torch.Tensor, *, batch_size: int, val_fraction: float,
                    test_fraction: float, split_seed: int, seed: int, num_workers: int, channels: int,
-                   image_size: int, class_names: list[str], source: str) -> DataModule:
+                   image_size: int, class_names: list[str], source: str,
+                   preprocessing: dict[str, Any] | None = None) -> DataModule:
     tr, va, te = split_indices(y.numpy(), val_fraction, test_fraction, split_seed)
     sets = tuple(TensorDataset(x[i], y[i]) for i in (tr, va, te))
     train, val, test = _loaders(sets, batch_size, seed, num_workers)  # type: ignore[arg-type]
     return DataModule(train=train, val=val, test=test, num_classes=len(class_names), kind="image",
                       batch_size=batch_size, in_chans=channels, input_size=image_size,
-                      class_names=class_names, source=source)
+                      class_names=class_names, source=source, preprocessing=dict(preprocessing or {}))
 
 
 def digits(batch_size: int = 64, image_size: int = 32, channels: int = 1, val_fraction: float = 0.1,
@@ -129,12 +140,16 @@ def digits(batch_size: int = 64, image_size: int = 32, channels: int = 1, val_fr
     _check_fractions(val_fraction, test_fraction, batch_size)
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0
-    x = _images_to_tensor(images, image_size, channels)
+    stats: dict[str, Any] = {}
+    x = _images_to_tensor(images, image_size, channels, stats)
     y = torch.tensor(bunch.target, dtype=torch.long)
+    steps = (f"8x8 grey digits / 16, bilinear resize to {image_size}x{image_size} (align_corners=False), "
+             "then (x - mean) / std per channel")
     return _tensor_module(x, y, batch_size=batch_size, val_fraction=val_fraction, test_fraction=test_fraction,
                           split_seed=split_seed, seed=seed, num_workers=num_workers, channels=channels,
                           image_size=image_size, class_names=[str(i) for i in range(10)],
-                          source="sklearn.datasets.load_digits (UCI ML hand-written digits)")
+                          source="sklearn.datasets.load_digits (UCI ML hand-written digits)",
+                          preprocessing={"image_size": image_size, "channels": channels, "steps": steps, **stats})
 
 
 def synthetic_image(num_samples: int = 256, num_classes: int = 4, batch_size: int = 32, image_size: int = 32,
@@ -147,11 +162,14 @@ def synthetic_image(num_samples: int = 256, num_classes: int = 4, batch_size: in
     prototypes = torch.rand(num_classes, channels, 8, 8, generator=g)
     y = torch.arange(num_samples) % num_classes
     images = prototypes[y] + noise * torch.randn(num_samples, channels, 8, 8, generator=g)
-    x = _images_to_tensor(images, image_size, channels)
+    stats: dict[str, Any] = {}
+    x = _images_to_tensor(images, image_size, channels, stats)
+    steps = f"8x8 images, bilinear resize to {image_size}x{image_size}, then (x - mean) / std per channel"
     return _tensor_module(x, y, batch_size=batch_size, val_fraction=val_fraction, test_fraction=test_fraction,
                           split_seed=split_seed, seed=seed, num_workers=num_workers, channels=channels,
                           image_size=image_size, class_names=[f"class{i}" for i in range(num_classes)],
-                          source="synthetic prototypes + gaussian noise")
+                          source="synthetic prototypes + gaussian noise",
+                          preprocessing={"image_size": image_size, "channels": channels, "steps": steps, **stats})
 
 
 def image_folder(root: str, batch_size: int = 32, image_size: int = 64, channels: int = 3,
@@ -180,11 +198,15 @@ def image_folder(root: str, batch_size: int = 32, image_size: int = 64, channels
                 raise ConfigError(f"cannot read image: {e}", key="data.root", value=str(file)) from e
             tensors.append(torch.from_numpy(arr.reshape(image_size, image_size, -1)).permute(2, 0, 1))
             labels.append(label)
-    x = _images_to_tensor(torch.stack(tensors), image_size, channels)
+    stats: dict[str, Any] = {}
+    x = _images_to_tensor(torch.stack(tensors), image_size, channels, stats)
     y = torch.tensor(labels, dtype=torch.long)
+    steps = (f"PIL: convert('{mode}'), resize(({image_size}, {image_size})), pixels / 255, "
+             "then (x - mean) / std per channel")
     return _tensor_module(x, y, batch_size=batch_size, val_fraction=val_fraction, test_fraction=test_fraction,
                           split_seed=split_seed, seed=seed, num_workers=num_workers, channels=channels,
-                          image_size=image_size, class_names=classes, source=f"image_folder:{base}")
+                          image_size=image_size, class_names=classes, source=f"image_folder:{base}",
+                          preprocessing={"image_size": image_size, "channels": channels, "steps": steps, **stats})
 
 
 #: lower bounds of the data group's numeric options (any builder that has the key)
@@ -339,7 +361,8 @@ def _text_module(texts: list[str], raw_labels: list[str], *, tokenizer: str, max
     collate = PadCollate(tok.pad_token_id or 0, multiple_of=pad_to_multiple_of)
     train, val, test = _text_loaders(sets, batch_size, seed, num_workers, collate, group_by_length)  # type: ignore[arg-type]
     return DataModule(train=train, val=val, test=test, num_classes=len(class_names), kind="text",
-                      batch_size=batch_size, class_names=class_names, source=source)
+                      batch_size=batch_size, class_names=class_names, source=source, tokenizer=tok,
+                      preprocessing={"tokenizer": tokenizer, "max_length": max_length, "truncation": True})
 
 
 def check_text_csv(path: str, text_column: str, label_column: str, key: str = "data.path") -> list[Problem]:

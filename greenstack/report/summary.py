@@ -96,6 +96,7 @@ class RunReport:
         writer = state.rank == 0  # a multi-process run has one set of outputs, written by rank 0
         if writer:
             save_weights(state.model, weights)
+            self._save_inference_files(state.model, data)
         step_times = trainer.step_times_s
         metrics: dict[str, Figure] = {
             "time/median_step_s": Figure(statistics.median(step_times) if step_times else None, "s",
@@ -137,6 +138,15 @@ class RunReport:
         status = self.status_of(state)
         return self._write_summary(state, metrics, policies, status=status,
                                    reason=state.stop_reason if status != "completed" else None)
+
+    def _save_inference_files(self, model: torch.nn.Module, data: Any) -> None:
+        """labels.json (+ model/ for transformers): what using the trained model needs."""
+        from greenstack.inference import save_inference_files
+
+        try:
+            save_inference_files(model, data, self.run_dir)
+        except Exception as e:  # noqa: BLE001 - the weights are saved; say what is missing, keep the run
+            log.warning("could not save the files for prediction (labels.json, model/): %s: %s", type(e).__name__, e)
 
     def status_of(self, state: State) -> str:
         """How a run that left the loop normally ended: completed, or stopped by its carbon budget.
