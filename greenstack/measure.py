@@ -66,6 +66,15 @@ class CarbonConfig:
     budget_action: Literal["warn", "stop"] = "warn"
     embodied_kg_co2e: float | None = None
     embodied_lifetime_hours: float = 35040.0
+    #: prices the avoided emissions (cost/carbon_credit_value_usd); US EPA 2023 social cost of carbon
+    carbon_price_usd_per_t: float = 190.0
+    #: carbon/savings_vs_baseline compares with: the same energy started at submission time, or at the
+    #: zone's annual mean intensity; auto = submission when a scheduler made the run wait, else annual_mean
+    savings_baseline: Literal["auto", "submission", "annual_mean"] = "auto"
+    #: the cloud instance the run uses (price catalog): cost/compute_usd and cost/spot_savings_usd
+    instance_type: str | None = None
+    instance_region: str | None = None
+    price_catalog: str | None = None
     # live providers only (electricitymaps, watttime, ukgrid): cache, HTTP behaviour, labelled fallbacks
     cache_dir: str | None = None
     cache_ttl_s: float = 3600.0
@@ -89,6 +98,21 @@ class CarbonConfig:
             problems.append(Problem("carbon.embodied_kg_co2e", self.embodied_kg_co2e, "must be >= 0 or null"))
         if not self.embodied_lifetime_hours > 0:
             problems.append(Problem("carbon.embodied_lifetime_hours", self.embodied_lifetime_hours, "must be > 0"))
+        if not (isinstance(self.carbon_price_usd_per_t, (int, float)) and math.isfinite(self.carbon_price_usd_per_t)
+                and self.carbon_price_usd_per_t >= 0):
+            problems.append(Problem("carbon.carbon_price_usd_per_t", self.carbon_price_usd_per_t,
+                                    "must be a number >= 0 (USD per tonne CO2e)", "e.g. 190 (US EPA 2023)"))
+        if self.savings_baseline not in ("auto", "submission", "annual_mean"):
+            problems.append(Problem("carbon.savings_baseline", self.savings_baseline, "unknown baseline",
+                                    "auto, submission or annual_mean"))
+        if self.instance_type is not None:
+            try:
+                self.instance_price()
+            except ConfigError as e:
+                problems.extend(Problem(p.key.replace("--instance", "carbon.instance_type")
+                                        .replace("--region", "carbon.instance_region")
+                                        .replace("--catalog", "carbon.price_catalog"), p.value, p.reason, p.fix)
+                                for p in e.problems)
         try:
             from greenstack.ledger.allocation import PoolConfig
 
@@ -101,6 +125,16 @@ class CarbonConfig:
             problems.extend(e.problems)
         if problems:
             raise ConfigError(problems)
+
+    def instance_price(self) -> dict[str, Any] | None:
+        """The catalog row of `instance_type` (on-demand and spot USD/h, catalog description), or None."""
+        if self.instance_type is None:
+            return None
+        from greenstack.report.tco import load_catalog
+
+        catalog = load_catalog(self.price_catalog)
+        row = catalog.instance(self.instance_type, self.instance_region)
+        return {**row, "catalog": catalog.describe()}
 
     def source(self):  # noqa: ANN201 - IntensitySource, imported lazily
         """The intensity source this config describes."""
@@ -146,8 +180,11 @@ class Measurement(Policy):
                         Event.EPOCH_END, Event.FIT_END, Event.EXCEPTION})
 
     def __init__(self, energy: EnergyConfig, carbon: CarbonConfig, *, log_interval: int = 10,
-                 meters: list[Any] | None = None, count_flops: bool = True) -> None:
+                 meters: list[Any] | None = None, count_flops: bool = True,
+                 submitted_at: datetime | None = None) -> None:
         super().__init__(name="measurement")
+        #: when the run was submitted (before any scheduler wait): the `submission` savings baseline
+        self.submitted_at = submitted_at
         self.energy_cfg, self.carbon_cfg = energy, carbon
         self.log_interval = log_interval
         self.source = carbon.source()
@@ -358,7 +395,8 @@ class Measurement(Policy):
         figs: dict[str, Figure] = {}
         mon = self.monitor
         result = None
-        local = dict.fromkeys(("cpu", "gpu", "ram", "kg"), 0.0)
+        local = dict.fromkeys(("cpu", "gpu", "ram", "kg", "baseline_kg"), 0.0)  # same keys on every rank
+        baseline = None
         if mon is not None:
             starts, ends, kwh = mon.as_arrays("samples")
             energy_figs = mon.figures()
@@ -367,6 +405,9 @@ class Measurement(Policy):
                                        pue=self.carbon_cfg.pue, energy_provenance=e_prov)
             local.update({c: float(v.sum()) + self._carried["kwh"].get(c, 0.0) for c, v in kwh.items()})
             local["kg"] = result.total_emissions_kg + self._carried["kg"]
+            baseline = self._baseline(starts, ends, sum(kwh.values()) if kwh else np.zeros(0))
+            if baseline is not None:
+                local["baseline_kg"] = baseline[0] + self._carried["kg"]
         # every rank joins the reduction (collectives must match); only metering ranks add energy
         node = {**local, "samples": float(state.samples_seen)}
         node = reduce_across_ranks(node) if reduce else node
@@ -428,12 +469,91 @@ class Measurement(Policy):
                 embodied_emissions_kg(hours, self.carbon_cfg.embodied_kg_co2e, self.carbon_cfg.embodied_lifetime_hours),
                 "kgCO2eq", "estimated", f"configured {self.carbon_cfg.embodied_kg_co2e:g} kg over "
                                         f"{self.carbon_cfg.embodied_lifetime_hours:g} h, x {hours:.4g} h")
+        figs.update(self._saving_and_cost_figures(state, figs, node, baseline))
         if self.budget_decision is not None:
             d = self.budget_decision
             figs["carbon/projected_total_kg"] = Figure(d["projected_total_kg"], "kgCO2eq", prov,
                                                        f"{d.get('basis', 'linear projection')} after epoch {d['after_epoch']}"
                                                        f" (step {d.get('after_step')})")
         return figs, self._emissions_row(state, figs, result, mon)
+
+    # -- baselines and money ------------------------------------------------------------------------
+    def _baseline_kind(self, first_start_s: float) -> str:
+        kind = self.carbon_cfg.savings_baseline
+        if kind != "auto":
+            return kind
+        waited = self.submitted_at is not None and first_start_s - self.submitted_at.timestamp() > 60.0
+        return "submission" if waited else "annual_mean"
+
+    def _baseline(self, starts: np.ndarray, ends: np.ndarray, energy: np.ndarray) -> tuple[float, str, str] | None:
+        """(kg this segment's energy would have emitted at the baseline, provenance, description)."""
+        from greenstack.carbon.accounting import account_emissions
+
+        if len(starts) == 0:
+            return None
+        pue = self.carbon_cfg.pue
+        if self._baseline_kind(float(starts[0])) == "submission":
+            if self.submitted_at is None:
+                return None
+            shift = float(starts[0]) - self.submitted_at.timestamp()
+            res = account_emissions(starts - shift, ends - shift, energy, self.source, pue=pue)
+            return (res.total_emissions_kg, res.provenance,
+                    f"the same energy profile started at submission {self.submitted_at.isoformat(timespec='minutes')} "
+                    f"({shift / 3600:.2f} h earlier; {res.source})")
+        mean = annual_mean_intensity(self.source, float(starts[0]))
+        if mean is None:
+            return None
+        g_per_kwh, prov, what = mean
+        return float(energy.sum()) * pue * g_per_kwh / 1000.0, prov, f"the same energy at {what}"
+
+    def _saving_and_cost_figures(self, state: State, figs: dict[str, Figure], node: dict[str, float],
+                                 baseline: tuple[float, str, str] | None) -> dict[str, Figure]:
+        """carbon/savings_vs_baseline, cost/per_epoch_usd, cost/compute_usd, cost/spot_savings_usd,
+        cost/carbon_credit_value_usd: each with its inputs in `source`, labelled like every figure."""
+        out: dict[str, Figure] = {}
+        kg_fig = figs["carbon/total_kg_co2e"]
+        kg = float(kg_fig.value or 0.0)
+        price_t = self.carbon_cfg.carbon_price_usd_per_t
+        if baseline is not None:
+            base_kg, base_prov, what = node["baseline_kg"], baseline[1], baseline[2]
+            carried = " (earlier segments of a resumed run count at their own emissions)" if self.resumed else ""
+            saving = Figure(base_kg - kg, "kgCO2eq", weakest(kg_fig.provenance, base_prov),
+                            f"{base_kg:.6g} kg at the baseline - {kg:.6g} kg emitted; baseline: {what}{carried}")
+            out["carbon/savings_vs_baseline"] = saving
+            out["cost/carbon_credit_value_usd"] = Figure(
+                saving.value / 1000.0 * price_t, "USD", weakest(saving.provenance, "estimated"),
+                f"carbon/savings_vs_baseline {saving.value:.6g} kg / 1000 x {price_t:g} USD/tCO2e "
+                "(carbon.carbon_price_usd_per_t)")
+        else:
+            why = f"{self.source.name} has no annual mean" if self.carbon_cfg.savings_baseline != "submission" \
+                else "no submission time known"
+            out["carbon/savings_vs_baseline"] = Figure(None, "kgCO2eq", "fallback", f"no baseline: {why}")
+            out["cost/carbon_credit_value_usd"] = Figure(None, "USD", "fallback", "no carbon/savings_vs_baseline")
+        hours = (self.monitor.duration_s() + self._carried["duration_s"]) / 3600.0 if self.monitor else 0.0
+        row = self.carbon_cfg.instance_price()
+        run_cost = figs["cost/energy_usd"]
+        if row is not None:
+            on_demand, spot = row["on_demand_usd_per_hour"], row.get("spot_usd_per_hour")
+            what = f"{row['instance_type']} {row['region']} ({row['catalog']})"
+            run_cost = Figure(hours * on_demand, "USD", "estimated",
+                              f"{hours:.6g} h metered x on-demand {on_demand:g} USD/h, {what}")
+            out["cost/compute_usd"] = run_cost
+            out["cost/spot_savings_usd"] = (
+                Figure(hours * (on_demand - spot), "USD", "estimated",
+                       f"{hours:.6g} h x (on-demand {on_demand:g} - spot {spot:g}) USD/h, {what}")
+                if spot is not None else Figure(None, "USD", "fallback", f"no spot price in the catalog for {what}"))
+        else:
+            out["cost/spot_savings_usd"] = Figure(None, "USD", "fallback",
+                                                  "no instance configured (carbon.instance_type=TYPE from the "
+                                                  "price catalog)")
+        epochs = state.step / state.steps_per_epoch if state.steps_per_epoch else None
+        if epochs and isinstance(run_cost.value, (int, float)):
+            out["cost/per_epoch_usd"] = Figure(run_cost.value / epochs, "USD/epoch", run_cost.provenance,
+                                               f"{'cost/compute_usd' if row is not None else 'cost/energy_usd'} "
+                                               f"{run_cost.value:.6g} USD / {epochs:.4g} epochs")
+        else:
+            out["cost/per_epoch_usd"] = Figure(None, "USD/epoch", "fallback", "no epoch length known")
+        return out
 
     def _memory_figure(self, state: State) -> Figure:
         if state.device.type == "cuda":
@@ -526,3 +646,38 @@ def write_emissions_csv(path: Path, row: dict[str, Any], *, replace_run_id: str 
         writer.writeheader()
     writer.writerow({c: row.get(c, "") for c in EMISSIONS_COLUMNS})
     atomic_write_bytes(path, (existing + buf.getvalue()).encode())
+
+
+def annual_mean_intensity(source: Any, at_s: float) -> tuple[float, str, str] | None:
+    """(gCO2eq/kWh, provenance, description) of the source's zone over the calendar year of `at_s`.
+
+    A trace covering that year gives its own mean (labelled like the trace); otherwise the year the
+    source replays (labelled estimated). Constant sources are their own annual mean; live providers
+    have none (None).
+    """
+    from greenstack.carbon.sources import CountryAverageSource, SeriesSource, StaticSource
+
+    if isinstance(source, (StaticSource, CountryAverageSource)):
+        prov = getattr(source, "provenance", "estimated")
+        return source.intensity_g_per_kwh, prov, f"{source.name} (constant: its own annual mean)"
+    if not isinstance(source, SeriesSource):
+        return None
+    year = datetime.fromtimestamp(at_s, tz=timezone.utc).year
+    y0 = datetime(year, 1, 1, tzinfo=timezone.utc).timestamp()
+    y1 = datetime(year + 1, 1, 1, tzinfo=timezone.utc).timestamp()
+    inside = source.start_s <= y0 and y1 <= source.end_s
+    if not inside:
+        if source.replay_year is None:
+            return None
+        year = source.replay_year
+        y0 = datetime(year, 1, 1, tzinfo=timezone.utc).timestamp()
+        y1 = datetime(year + 1, 1, 1, tzinfo=timezone.utc).timestamp()
+    t = source._t
+    mask = (t >= y0) & (t < y1)
+    if not mask.any():
+        return None
+    mean = float(source._ci[mask].mean())
+    prov = source.covered_provenance if inside else "estimated"
+    zone = source.zone or source.name
+    return mean, prov, (f"{zone}'s {year} annual mean {mean:.4g} gCO2eq/kWh ({source.label}"
+                        + ("" if inside else ", replayed: the run is outside the trace") + ")")

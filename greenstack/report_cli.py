@@ -72,6 +72,10 @@ def run_report(argv: list[str]) -> int:
     tco.add_argument("--storage-price", type=float, help="USD per GB-month (overrides the catalog)")
     tco.add_argument("--electricity-price", type=float, help="USD per kWh for on-prem energy (default: the run's)")
     tco.add_argument("--hardware-usd-per-hour", type=float, help="on-prem hardware cost per node-hour")
+    tco.add_argument("--investment-usd", type=float, dest="investment_usd",
+                     help="a one-off cost (USD) paid back by the saving vs --baseline: break-even runs/months")
+    tco.add_argument("--runs-per-month", type=float, dest="runs_per_month",
+                     help="how often the run is repeated (for break-even months)")
     tco.add_argument("--json", action="store_true", help="print JSON instead of a table")
     cmp_ = sub.add_parser("compare", help="compare runs or a multirun: table + Pareto plot")
     cmp_.add_argument("dirs", nargs="+", help="run dirs and/or multirun dirs")
@@ -102,6 +106,7 @@ def _report_tco(args: argparse.Namespace) -> int:
         LINE_TITLES,
         TcoOptions,
         compare_tco,
+        return_on_savings,
     )
 
     opts = TcoOptions(instance=args.instance, region=args.region, pricing=args.pricing.replace("-", "_"),
@@ -112,7 +117,12 @@ def _report_tco(args: argparse.Namespace) -> int:
                       retention_months=args.retention_months, storage_class=args.storage_class,
                       storage_usd_per_gb_month=args.storage_price, electricity_usd_per_kwh=args.electricity_price,
                       hardware_usd_per_hour=args.hardware_usd_per_hour)
+    if args.runs_per_month is not None and args.investment_usd is None:
+        raise ConfigError(Problem("--runs-per-month", args.runs_per_month, "only used for a return on an investment",
+                                  "also pass --investment-usd USD (and --baseline DIR)"))
     result = compare_tco(args.run_dir, args.baseline, opts)
+    if args.investment_usd is not None:
+        result.roi = return_on_savings(result, args.investment_usd, args.runs_per_month)
     if args.json:
         _print_json(result.to_dict())
         return 0
@@ -148,6 +158,26 @@ def _report_tco(args: argparse.Namespace) -> int:
             change = f"{d['percent']:+.3g} %" if d["percent"] is not None else _fmt(d["delta"])
             deltas.add_row(key, _fmt(d["baseline"]), _fmt(d["run"]), change, _prov(d["provenance"]))
         console.print(deltas)
+    if result.roi is not None:
+        roi, given = result.roi, result.roi["inputs"]
+        table = Table(title="return on the savings (inputs, then result)", title_justify="left",
+                      caption=roi["note"], caption_justify="left")
+        for col in ("", "value", "source"):
+            table.add_column(col, overflow="fold")
+        table.add_row("one-off investment", f"{_fmt(given['investment_usd'])} USD", "--investment-usd")
+        table.add_row("saving per run", f"{_fmt(given['saving_per_run_usd'])} USD",
+                      f"{given['saving_source']} [{_prov(given['saving_provenance'])}]")
+        if given["runs_per_month"] is not None:
+            table.add_row("runs per month", _fmt(given["runs_per_month"]), "--runs-per-month")
+            table.add_row("saving per month", f"{_fmt(roi['monthly_saving_usd'])} USD", "saving per run x runs/month")
+        never = "never (no saving)"
+        table.add_row("break-even", never if roi["break_even_runs"] is None else
+                      f"{_fmt(roi['break_even_runs'])} runs ({roi['break_even_whole_runs']} whole)",
+                      "investment / saving per run", style="bold")
+        if given["runs_per_month"] is not None:
+            table.add_row("break-even", never if roi["break_even_months"] is None else
+                          f"{_fmt(roi['break_even_months'])} months", "break-even runs / runs per month", style="bold")
+        console.print(table)
     return 0
 
 

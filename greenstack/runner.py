@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     rank = worker.rank if worker is not None else int(os.environ.get("RANK", "0") or 0)
     run_id = load_or_create_run_id(run_dir) if worker is None else federated.shared_run_id(run_dir, worker)
     audit = run_audit_log(run_dir, actor=f"run {run_id}")
+    submitted_at = datetime.now(timezone.utc)  # before any scheduler wait: the `submission` savings baseline
     # when to start is decided before anything is built: a run waiting for its low-carbon window holds
     # no model, data or device memory and shows no half-started tracker run
     schedulers = build_policies(cfg, groups=("scheduler",))
@@ -144,7 +146,8 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     run_name = cfg.get("run_name") or run_dir.name
     tracker = instantiate(cfg.tracker) if rank == 0 else NullTracker()
     carbon = instantiate(cfg.carbon, **(worker.carbon_override() if worker is not None else {}))
-    measurement = Measurement(instantiate(cfg.energy), carbon, log_interval=trainer_cfg.log_interval)
+    measurement = Measurement(instantiate(cfg.energy), carbon, log_interval=trainer_cfg.log_interval,
+                              submitted_at=submitted_at)
     # None without carbon.pool; one reservation per run, so only rank 0 of a multi-process run asks
     pool = PoolAllocation.for_run(carbon, run_id=run_id, audit=audit) if rank == 0 else None
     if pool is not None:

@@ -490,11 +490,56 @@ class TcoComparison:
     baseline: Tco | None
     savings: dict[str, dict[str, Any]]
     measured: dict[str, dict[str, Any]]
+    roi: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": "greenstack.tco/1", "run": self.run.to_dict(),
-                "baseline": self.baseline.to_dict() if self.baseline else None,
-                "savings": self.savings, "measured_deltas": self.measured}
+        out = {"schema": "greenstack.tco/1", "run": self.run.to_dict(),
+               "baseline": self.baseline.to_dict() if self.baseline else None,
+               "savings": self.savings, "measured_deltas": self.measured}
+        if self.roi is not None:
+            out["return_on_savings"] = self.roi
+        return out
+
+
+def return_on_savings(comparison: TcoComparison, investment_usd: float,
+                      runs_per_month: float | None = None) -> dict[str, Any]:
+    """Break-even of a one-off cost (e.g. the engineering that made the run cheaper) paid back by the
+    measured per-run saving against the baseline: runs, and months at `runs_per_month`.
+
+    Every input is returned beside the result; a saving <= 0 never breaks even (None, with why).
+    """
+    problems = []
+    if not (math.isfinite(investment_usd) and investment_usd >= 0):
+        problems.append(Problem("--investment-usd", investment_usd, "must be a number >= 0 (USD, one-off)"))
+    if runs_per_month is not None and not (math.isfinite(runs_per_month) and runs_per_month > 0):
+        problems.append(Problem("--runs-per-month", runs_per_month, "must be a number > 0"))
+    if comparison.baseline is None:
+        problems.append(Problem("--investment-usd", investment_usd, "a return needs a measured saving per run",
+                                "also pass --baseline DIR (the run before the change)"))
+    if problems:
+        raise ConfigError(problems)
+    saving = comparison.savings["total_usd"]
+    per_run = float(saving["usd"])
+    out: dict[str, Any] = {
+        "inputs": {"investment_usd": investment_usd, "runs_per_month": runs_per_month,
+                   "saving_per_run_usd": per_run, "saving_provenance": saving["provenance"],
+                   "saving_source": f"total_usd of baseline {comparison.baseline.run} - run {comparison.run.run}"},  # type: ignore[union-attr]
+        "break_even_runs": None, "break_even_months": None, "monthly_saving_usd": None, "note": "",
+    }
+    if runs_per_month is not None:
+        out["monthly_saving_usd"] = per_run * runs_per_month
+    if per_run <= 0:
+        out["note"] = "the run costs no less than the baseline: the investment never breaks even"
+        return out
+    runs = investment_usd / per_run
+    out["break_even_runs"] = runs
+    out["break_even_whole_runs"] = math.ceil(runs - 1e-12)
+    if runs_per_month is not None:
+        out["break_even_months"] = runs / runs_per_month
+    out["note"] = (f"{investment_usd:g} USD / {per_run:.6g} USD saved per run = {runs:.4g} runs"
+                   + (f" / {runs_per_month:g} runs per month = {runs / runs_per_month:.4g} months"
+                      if runs_per_month is not None else ""))
+    return out
 
 
 def compare_tco(run: str | Path | RunDir, baseline: str | Path | RunDir | None = None,

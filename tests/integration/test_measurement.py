@@ -126,3 +126,55 @@ def test_two_process_gloo_run_counts_the_node_once(tmp_path):
     # the node total is rank 0's meter alone (not doubled by the second process on the node)
     assert r0["total_kwh"] == pytest.approx(r0["sum_of_own_kwh"], rel=1e-9)
     assert r0["total_kwh"] > 0 and r1["total_kwh"] is None
+
+
+def _trace_with_a_peak(path, peak_at, year):
+    """Hourly, from the year before `year` to the year after: 100 g/kWh, 500 in the 3 h around `peak_at`.
+    Returns the mean over `year` (the run's annual-mean baseline)."""
+    import pandas as pd
+
+    hours = pd.date_range(f"{year - 1}-01-01", f"{year + 2}-01-01", freq="h", tz="UTC", inclusive="left")
+    centre = pd.Timestamp(peak_at).floor("h")
+    peak = (hours >= centre - pd.Timedelta(hours=1)) & (hours <= centre + pd.Timedelta(hours=1))
+    intensity = pd.Series(100.0, index=hours).mask(peak, 500.0)
+    pd.DataFrame({"timestamp": hours.strftime("%Y-%m-%dT%H:%M:%SZ"), "carbon_intensity": intensity.to_numpy()}).to_csv(
+        path, index=False)
+    return float(intensity[intensity.index.year == year].mean())
+
+
+@pytest.mark.parametrize("baseline", ["submission", "annual_mean"])
+def test_savings_vs_baseline_and_costs_match_hand_computation(tmp_path, baseline):
+    from datetime import datetime, timedelta, timezone
+    from pathlib import Path
+
+    now = datetime.now(timezone.utc)
+    submitted = now - timedelta(hours=12)
+    annual = _trace_with_a_peak(tmp_path / "trace.csv", submitted, now.year)
+    catalog = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "prices_test.json"
+    carbon = CarbonConfig(kind="csv", path=str(tmp_path / "trace.csv"), zone="XX", pue=1.5,
+                          savings_baseline=baseline, carbon_price_usd_per_t=100.0, instance_type="tc.gpu1",
+                          instance_region="test-1", price_catalog=str(catalog))
+    measurement = Measurement(EnergyConfig(interval_s=0.02), carbon, log_interval=5, meters=[ConstantPowerMeter(100.0)],
+                              submitted_at=submitted)
+    trainer = Trainer(SlowLinear(4, 2), _batches(), Optim(lr=0.1), TrainerConfig(max_duration="2ep", progress=False),
+                      policies=[measurement], batch_size=8)
+    state = trainer.fit()
+    figs, _ = measurement.final(state, latency_ms=None, latency_batch=0)
+    facility_kwh = figs["energy/facility_kwh"].value
+    emitted = figs["carbon/total_kg_co2e"].value
+    assert emitted == pytest.approx(facility_kwh * 100 / 1000, rel=1e-6)  # ran at 100 g/kWh
+    # submission: the same energy 12 h earlier, in the 500 g/kWh peak; annual mean: the trace's own mean
+    at_baseline = facility_kwh * (500.0 if baseline == "submission" else annual) / 1000
+    saving = figs["carbon/savings_vs_baseline"]
+    assert saving.value == pytest.approx(at_baseline - emitted, rel=1e-6) and saving.unit == "kgCO2eq"
+    assert saving.provenance == "measured"  # measured energy on a measured trace, inside its span
+    assert ("submission" if baseline == "submission" else "annual mean") in saving.source
+    credit = figs["cost/carbon_credit_value_usd"]
+    assert credit.value == pytest.approx(saving.value / 1000 * 100.0) and "100 USD/tCO2e" in credit.source
+    hours = measurement.monitor.duration_s() / 3600
+    assert figs["cost/compute_usd"].value == pytest.approx(hours * 2.0, rel=1e-6)
+    assert figs["cost/spot_savings_usd"].value == pytest.approx(hours * (2.0 - 0.8), rel=1e-6)
+    assert figs["cost/per_epoch_usd"].value == pytest.approx(hours * 2.0 / 2, rel=1e-6)  # 2 epochs
+    for key in ("carbon/savings_vs_baseline", "cost/carbon_credit_value_usd", "cost/spot_savings_usd",
+                "cost/per_epoch_usd"):
+        assert set(figs[key].to_dict()) == {"value", "unit", "provenance", "source"}

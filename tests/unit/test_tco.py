@@ -164,3 +164,33 @@ def test_cli_tco_table_and_json(cli):
     assert body["savings"]["total_usd"]["usd"] == pytest.approx(2.15)
     bad = cli("report", "tco", str(RUNS / "small"), "--instance", "nope.large")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_return_on_the_savings_break_even_with_every_input_shown(cli):
+    from greenstack.report.tco import return_on_savings
+
+    # saving 2.15 USD per run (see the module docstring): 100 USD pays back after 46.5 runs, 4.65 months at 10/month
+    result = compare_tco(RUNS / "small", RUNS / "baseline", opts())
+    roi = return_on_savings(result, 100.0, 10.0)
+    assert roi["break_even_runs"] == pytest.approx(100 / 2.15) and roi["break_even_whole_runs"] == 47
+    assert roi["break_even_months"] == pytest.approx(100 / 2.15 / 10)
+    assert roi["monthly_saving_usd"] == pytest.approx(21.5)
+    assert roi["inputs"] == {"investment_usd": 100.0, "runs_per_month": 10.0, "saving_per_run_usd": pytest.approx(2.15),
+                             "saving_provenance": "estimated", "saving_source": "total_usd of baseline baseline - run small"}
+    # the other way round the "saving" is a loss: it never breaks even, and says so
+    worse = return_on_savings(compare_tco(RUNS / "baseline", RUNS / "small", opts()), 100.0, 10.0)
+    assert worse["break_even_runs"] is None and "never" in worse["note"]
+    with pytest.raises(ConfigError, match="--baseline"):
+        return_on_savings(compare_tco(RUNS / "small", None, opts()), 100.0)
+    args = ["report", "tco", str(RUNS / "small"), "--baseline", str(RUNS / "baseline"), "--instance", "tc.gpu1",
+            "--region", "test-1", "--catalog", CATALOG, "--carbon-price", "100", "--dataset-gb", "40",
+            "--checkpoint-gb", "10", "--retention-months", "3", "--investment-usd", "100", "--runs-per-month", "10"]
+    table = cli(*args)
+    assert table.returncode == 0, table.stderr
+    text = " ".join(table.stdout.split())
+    for shown in ("return on the savings", "--investment-usd", "--runs-per-month", "2.15", "46.51", "4.651 months"):
+        assert shown in text, shown
+    body = json.loads(cli(*args, "--json").stdout)
+    assert body["return_on_savings"]["break_even_months"] == pytest.approx(100 / 2.15 / 10)
+    alone = cli("report", "tco", str(RUNS / "small"), "--runs-per-month", "10")
+    assert alone.returncode == 2 and "--investment-usd" in alone.stderr
