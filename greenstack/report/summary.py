@@ -35,7 +35,8 @@ RUN_STATUSES = ("completed", "interrupted", "failed", "budget_stopped")
 
 def _spent(metrics: dict[str, Figure]) -> str:
     """'12 steps, 0.0031 kWh, 0.0012 kgCO2eq': what a partial run had spent, for its one terminal line."""
-    parts = [f"{metrics['train/steps'].value} steps"]
+    steps = metrics["train/steps"].value
+    parts = [f"{steps} step{'' if steps == 1 else 's'}"]
     for key, unit in (("energy/total_kwh", "kWh"), ("carbon/total_kg_co2e", "kgCO2eq")):
         value = metrics[key].value if key in metrics else None
         if isinstance(value, (int, float)):
