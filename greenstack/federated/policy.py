@@ -26,6 +26,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
+from greenstack.federated import secure
 from greenstack.federated.config import parse_regions, rank_regions
 from greenstack.federated.core import (
     INDEX_BYTES,
@@ -63,6 +64,16 @@ def _process_meter(interval_s: float = 1.0) -> Any:
 
     meters, _ = select_meters("tdp", pid=os.getpid())
     return EnergyMonitor([m for m in meters if m.name != "nvml"] or meters, interval_s=interval_s).start()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().numpy().tobytes()
+
+
+def _from_bytes(blob: bytes, dtype: torch.dtype, shape: Any, device: torch.device) -> torch.Tensor:
+    if not blob:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(bytearray(blob), dtype=dtype).reshape(shape).to(device)
 
 
 class DataParallel(Policy):
@@ -209,6 +220,10 @@ class GeoTraining(Policy):
     threshold_g_per_kwh, margin, dirty_steps_fraction}. sync: {mode: sync|async, max_staleness}.
     clock: {replay_start, round_duration_s}: price round r at replay_start + r * round_duration_s
     (replaying traces in benchmarks); unset = the real time of each round.
+    secure_aggregation: mask each worker's update so that only the work-weighted sum can be read
+    (`greenstack.federated.secure`; top-k becomes a shared random-k support). transport:
+    process_group (gloo/NCCL, in the clear) or tls (every geo message over mutual TLS 1.3 with the
+    run's certificates, `tls: {dir, host, port}`; see `greenstack.federated.transport`).
     """
 
     events = frozenset({Event.INIT, Event.FIT_START, Event.STEP_END, Event.FIT_END, Event.EXCEPTION})
@@ -218,7 +233,8 @@ class GeoTraining(Policy):
                  outer_optimizer: Mapping[str, Any] | None = None, compression: Mapping[str, Any] | None = None,
                  participation: Mapping[str, Any] | None = None, sync: Mapping[str, Any] | None = None,
                  clock: Mapping[str, Any] | None = None, backend: str = "auto", timeout_s: float = 300.0,
-                 name: str | None = None) -> None:
+                 secure_aggregation: bool = False, transport: str = "process_group",
+                 tls: Mapping[str, Any] | None = None, name: str | None = None) -> None:
         super().__init__(name=name or "geo")
         problems: list[Problem] = []
         try:
@@ -285,8 +301,29 @@ class GeoTraining(Policy):
             problems.append(Problem("federated.backend", backend, "unknown backend", "auto, gloo or nccl"))
         if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             problems.append(Problem("federated.timeout_s", timeout_s, "must be > 0 seconds"))
+        tls_cfg = dict(tls or {})
+        self._check_keys(problems, "tls", tls_cfg, {"dir", "host", "port"})
+        if not isinstance(secure_aggregation, bool):
+            problems.append(Problem("federated.secure_aggregation", secure_aggregation, "must be true or false"))
+        if transport not in ("process_group", "tls"):
+            problems.append(Problem("federated.transport", transport, "unknown transport",
+                                    "process_group (gloo/NCCL, in the clear) or tls (mutual TLS 1.3)"))
+        elif transport == "tls":
+            from greenstack.federated.transport import check_tls_dir
+
+            problems += check_tls_dir(tls_cfg.get("dir"), [r.name for r in self.regions])
+        port = tls_cfg.get("port", 0)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+            problems.append(Problem("federated.tls.port", port, "must be a TCP port (0 = any free port)"))
         if problems:
             raise ConfigError(problems)
+        self.timeout_s = float(timeout_s)
+        self.secure = bool(secure_aggregation)
+        self.transport, self.tls = str(transport), tls_cfg
+        self._channel: Any = None  # the TLS channel (transport=tls), opened at INIT
+        self._pair_keys: dict[int, bytes] = {}  # secure aggregation: ChaCha20 keys shared with each rank
+        self._support_seed = 0
+        self._clipped = 0
         self.local_steps = int(local_steps)
         self.outer = OuterOptimizer(lr=float(lr), momentum=float(momentum), nesterov=bool(outer.get("nesterov", False)))
         self.compression, self.ratio = str(kind), float(ratio)
@@ -342,6 +379,7 @@ class GeoTraining(Policy):
             preemption.gate_snapshots(None)
             if self._monitor is not None:
                 self._monitor.stop()
+            self._close_channel()
 
     def _init(self, state: State) -> None:
         _need_group("federated=geo")
@@ -354,9 +392,13 @@ class GeoTraining(Policy):
         self.device = state.device
         self._comm = _comm_device(state)
         # same starting point everywhere, whatever each process's initialisation did
+        if self.transport == "tls":
+            self._channel = self._open_tls()
         flat = flat_params(state.model)
-        dist.broadcast(flat, src=0)
+        self._broadcast(flat, src=0)
         self.bytes_sent += flat.numel() * flat.element_size() if self.rank == 0 else 0
+        if self.secure:
+            self._agree_keys()
         load_flat_params_(state.model, flat)
         self._n_params = param_count(state.model)
         self._base = flat.clone()  # what local progress is measured from (the last agreed parameters)
@@ -413,7 +455,7 @@ class GeoTraining(Policy):
                              "length": length, "intensity_g_per_kwh": intensity, "local_steps": budget,
                              "rule": self.rule.mode}
             self.bytes_sent += plan.numel() * plan.element_size()
-        dist.broadcast(plan, src=0)
+        self._broadcast(plan, src=0)
         self._budget = int(plan[self.rank].item())
         self._intensity = float(plan[world + self.rank].item())
         self._length, self._done = length, 0
@@ -428,21 +470,29 @@ class GeoTraining(Policy):
         update = self._base - flat  # pseudo-gradient: how far local steps moved from the agreed point
         steps = self._done
         energy_kwh = self._energy_delta_kwh()
-        payload = self._compress(update, steps)
+        payload = self._secure_values(update, steps) if self.secure else self._compress(update, steps)
         if self.async_mode:
             self._base = flat  # later progress is measured from what was just sent
         header_bytes = 7 * 8
-        self.bytes_sent += header_bytes + payload[0].numel() * INDEX_BYTES + payload[1].numel() * 4 * (steps > 0)
+        if self.secure:  # one int64 code per coordinate of the shared support, no indices
+            self.bytes_sent += header_bytes + payload[1].numel() * secure.CODE_BYTES * (steps > 0)
+        else:
+            self.bytes_sent += header_bytes + payload[0].numel() * INDEX_BYTES + payload[1].numel() * 4 * (steps > 0)
         header_t = torch.tensor([steps, payload[0].numel(), energy_kwh, energy_kwh * self._intensity / 1000.0,
                                  self.bytes_sent, float(state.stop), float(preemption.pending() or 0)],
                                 dtype=torch.float64, device=self._comm)
-        gathered = [torch.zeros_like(header_t) for _ in range(self.world_size)]
-        dist.all_gather(gathered, header_t)
+        gathered = self._all_gather(header_t)
         stopped = [rank for rank, h in enumerate(gathered) if h[5].item() > 0]
         preempted = [(rank, int(h[6].item())) for rank, h in enumerate(gathered) if h[6].item() > 0]
-        works, received = self._exchange(gathered, payload)
+        if self.secure:
+            works, received = self._secure_exchange(gathered, payload)
+        elif self._channel is not None:
+            works, received = [], self._tls_exchange(gathered, payload)
+        else:
+            works, received = self._exchange(gathered, payload)
         self._pending.append({"round": self._round, "headers": gathered, "received": received, "works": works,
-                              "update": update, "plan": getattr(self, "_current", None), "numel": flat.numel()})
+                              "update": update, "plan": getattr(self, "_current", None), "numel": flat.numel(),
+                              "support": payload[0] if self.secure else None})
         skipped = self._round_start + self._length - state.step
         if skipped > 0:  # sat out or did fewer steps: skip ahead so every worker meets the next exchange
             state.step += skipped
@@ -468,6 +518,124 @@ class GeoTraining(Policy):
         if self._round_start < state.max_steps:
             self._plan_round(state)
         preemption.at_boundary(state)  # due snapshots here, on every worker (also one sitting this round out)
+
+    # -- transport ---------------------------------------------------------------------------------
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `t` (same shape and dtype everywhere), over TLS or the process group."""
+        if self._channel is None:
+            out = [torch.zeros_like(t) for _ in range(self.world_size)]
+            dist.all_gather(out, t)
+            return out
+        blobs = self._channel.all_gather_bytes(_tensor_bytes(t))
+        return [_from_bytes(b, t.dtype, t.shape, t.device) for b in blobs]
+
+    def _broadcast(self, t: torch.Tensor, src: int) -> None:
+        """`t` from rank `src` into `t` on every rank."""
+        if self._channel is None:
+            dist.broadcast(t, src=src)
+            return
+        blob = self._channel.all_gather_bytes(_tensor_bytes(t) if self.rank == src else b"")[src]
+        t.copy_(_from_bytes(blob, t.dtype, t.shape, t.device))
+
+    def _open_tls(self) -> Any:
+        """The TLS channel: rank 0 listens and announces its port over the process group, the others join."""
+        from greenstack.federated.transport import TlsChannel, TlsFiles
+
+        files = TlsFiles.for_region(self.tls["dir"], self.region.name)
+        host = str(self.tls.get("host") or os.environ.get("MASTER_ADDR") or "127.0.0.1")
+        port_t = torch.zeros(1, dtype=torch.int64, device=self._comm)
+        if self.rank == 0:
+            channel = TlsChannel.serve(files, [r.name for r in self.rank_regions], host=host,
+                                       port=int(self.tls.get("port") or 0), timeout_s=self.timeout_s)
+            port_t[0] = channel.port
+        dist.broadcast(port_t, src=0)  # the only value the process group carries: a port number
+        if self.rank == 0:
+            return channel.accept()
+        return TlsChannel.connect(files, self.rank, self.world_size, self.rank_regions[0].name, host,
+                                  int(port_t.item()), timeout_s=self.timeout_s)
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def _tls_exchange(self, headers: list[torch.Tensor], payload: tuple[torch.Tensor, torch.Tensor]
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The round's (indices, values) of every worker that did work, in one TLS all-gather."""
+        idx, val = payload
+        mine = _tensor_bytes(idx) + _tensor_bytes(val) if headers[self.rank][0].item() > 0 else b""
+        blobs = self._channel.all_gather_bytes(mine)
+        numel, device = self._base.numel(), self._base.device
+        received = []
+        for header, blob in zip(headers, blobs, strict=True):
+            k = int(header[1].item()) if header[0].item() > 0 else 0
+            if header[0].item() <= 0:
+                received.append((torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, device=device)))
+                continue
+            n_val = k if self.compression == "topk" else numel
+            cut = 4 * k
+            received.append((_from_bytes(blob[:cut], torch.int32, (k,), device),
+                             _from_bytes(blob[cut:], self._base.dtype, (n_val,), device)))
+        return received
+
+    # -- secure aggregation --------------------------------------------------------------------------
+    def _agree_keys(self) -> None:
+        """Exchange X25519 public keys and derive a ChaCha20 key with every other worker."""
+        import hashlib
+
+        pair = secure.KeyPair.generate()
+        mine = pair.public_bytes()
+        if self._channel is not None:
+            publics = self._channel.all_gather_bytes(mine)
+        else:
+            t = torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(self._comm)
+            publics = [bytes(g.cpu().tolist()) for g in self._all_gather(t)]
+        self.bytes_sent += len(mine)
+        self._pair_keys = pair.pair_keys(publics, self.rank)
+        # the random-k supports: a seed every worker derives alike (kept across a resume by state_dict)
+        self._support_seed = int.from_bytes(hashlib.sha256(b"".join(publics)).digest()[:7], "little")
+
+    def _secure_values(self, update: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shared support, this worker's values on it); the values are weighted and masked after the header."""
+        numel = update.numel()
+        ratio = self.ratio if self.compression == "topk" else 1.0
+        support = secure.shared_support(numel, ratio, self._support_seed, self._round).to(update.device)
+        if steps == 0:
+            return support, torch.zeros(0, dtype=update.dtype, device=update.device)
+        if self._error is None:
+            return support, update[support].clone()
+        self._error.add_(update)  # error feedback, as for top-k: what is not sent now is owed
+        values = self._error[support].clone()
+        self._error[support] = 0.0
+        return support, values
+
+    def _secure_exchange(self, headers: list[torch.Tensor], payload: tuple[torch.Tensor, torch.Tensor]
+                         ) -> tuple[list[Any], list[torch.Tensor]]:
+        """Each participant sends its work-weighted values as masked fixed-point codes; the masks cancel."""
+        steps = [float(h[0].item()) for h in headers]
+        participants = [r for r, s in enumerate(steps) if s > 0]
+        total = sum(steps)
+        support, values = payload
+        k = support.numel()
+        codes = torch.zeros(0, dtype=torch.int64)
+        if self.rank in participants:
+            encoded, clipped = secure.encode(values * (steps[self.rank] / total))
+            self._clipped += clipped
+            codes = secure.mask(encoded, self.rank, participants, self._pair_keys, self._round)
+        if self._channel is not None:
+            blobs = self._channel.all_gather_bytes(_tensor_bytes(codes) if self.rank in participants else b"")
+            return [], [_from_bytes(b, torch.int64, (k,), torch.device("cpu")) if r in participants
+                         else torch.zeros(0, dtype=torch.int64) for r, b in enumerate(blobs)]
+        works, received = [], []
+        comm = self._comm if self._comm.type == "cuda" else torch.device("cpu")
+        for src in range(self.world_size):
+            if src not in participants:
+                received.append(torch.zeros(0, dtype=torch.int64))
+                continue
+            buf = codes.to(comm) if src == self.rank else torch.zeros(k, dtype=torch.int64, device=comm)
+            works.append(dist.broadcast(buf, src=src, async_op=True))
+            received.append(buf)
+        return works, received
 
     def _compress(self, update: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, values) this worker sends; nothing when it sat out (error memory keeps what it owes)."""
@@ -519,7 +687,12 @@ class GeoTraining(Policy):
     def _apply(self, state: State, rnd: dict[str, Any]) -> None:
         headers = rnd["headers"]
         weights = [float(h[0].item()) for h in headers]
-        if self.compression == "topk":
+        if rnd.get("support") is not None:  # secure aggregation: the masked codes sum to the weighted average
+            codes = [c for c, w in zip(rnd["received"], weights, strict=True) if w > 0]
+            avg = torch.zeros(rnd["numel"], dtype=self._base.dtype, device=self._base.device)
+            if codes:
+                avg[rnd["support"].to(avg.device)] = secure.decode(secure.add_codes(codes)).to(avg.device, avg.dtype)
+        elif self.compression == "topk":
             avg = weighted_sparse_average(rnd["numel"], [r[0] for r in rnd["received"]],
                                           [r[1] for r in rnd["received"]], weights)
         else:
@@ -587,8 +760,7 @@ class GeoTraining(Policy):
         intensity = getattr(self, "_intensity", 0.0)
         t = torch.tensor([tail, tail * intensity / 1000.0, float(self.bytes_sent)], dtype=torch.float64,
                          device=self._comm)
-        gathered = [torch.zeros_like(t) for _ in range(self.world_size)]
-        dist.all_gather(gathered, t)
+        gathered = self._all_gather(t)
         total_bytes = 0
         for r, g in zip(self.rank_regions, gathered, strict=True):
             self._per_region[r.name]["energy_kwh"] += float(g[0].item())
@@ -596,6 +768,7 @@ class GeoTraining(Policy):
             total_bytes += int(g[2].item())
         self._final = {"bytes_sent": total_bytes, "rounds": self._round, "regions": self._per_region,
                        "per_round": self._rounds}
+        self._close_channel()
 
     # -- reporting --------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -607,6 +780,14 @@ class GeoTraining(Policy):
             "federated/rounds": Figure(f["rounds"], "rounds", "measured", "outer averaging rounds"),
             "federated/workers": Figure(self.world_size, "processes", "measured", "sum of region capacities"),
         }
+        if self.secure:
+            out["federated/secure_aggregation"] = Figure(
+                1, "flag", "measured", "pairwise X25519/ChaCha20 masks in 2**48 fixed point; shared random-k support")
+            out["federated/secure_clipped_values"] = Figure(
+                self._clipped, "values", "measured", "update values beyond the fixed-point range, clipped (this worker)")
+        if self.transport == "tls":
+            out["federated/transport"] = Figure("tls1.3", "protocol", "measured",
+                                                "every geo message over mutual TLS with the run's certificates")
         meter = getattr(self, "_energy_source", "no per-worker meter")
         e_prov = self._energy_provenance
         for name, agg in f["regions"].items():
@@ -639,7 +820,8 @@ class GeoTraining(Policy):
         mode are not saved: a resumed async worker re-syncs at its next round)."""
         out: dict[str, Any] = {"round": getattr(self, "_round", 0), "round_start": getattr(self, "_round_start", 0),
                                "done": getattr(self, "_done", 0), "outer": self.outer.state_dict(),
-                               "decisions": self.decisions, "bytes_sent": self.bytes_sent}
+                               "decisions": self.decisions, "bytes_sent": self.bytes_sent,
+                               "support_seed": self._support_seed}
         if getattr(self, "_base", None) is not None:
             out["base"] = self._base.detach().cpu().clone()
         if getattr(self, "_error", None) is not None:
@@ -653,6 +835,7 @@ class GeoTraining(Policy):
         self.outer.load_state_dict(state.get("outer", {}))
         self.decisions = list(state.get("decisions", []))
         self.bytes_sent = int(state.get("bytes_sent", self.bytes_sent))
+        self._support_seed = int(state.get("support_seed", self._support_seed))  # same supports after a resume
         if "base" in state and getattr(self, "_base", None) is not None:  # INIT ran first: same shapes, device
             self._base = state["base"].to(self._base.device, self._base.dtype)
         if "error" in state and getattr(self, "_error", None) is not None:
@@ -666,8 +849,7 @@ class GeoTraining(Policy):
     def _check_resume_agrees(self, state: State, saved: dict[str, int]) -> None:
         """Every worker must resume in the same round, or their collectives would not line up."""
         mine = torch.tensor([saved["round"], saved["round_start"]], dtype=torch.float64, device=self._comm)
-        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(gathered, mine)
+        gathered = self._all_gather(mine)
         rounds = [int(g[0].item()) for g in gathered]
         if len(set(rounds)) > 1:
             raise GreenstackError(
