@@ -12,7 +12,11 @@ Bytes are counted (payload each worker passes to torch.distributed collectives, 
 Modelled emissions = Σ rounds Σ workers local steps × energy per step × its region's intensity that
 hour (the same hardware everywhere, so the ratio is the participation effect alone).
 
-    python -m benchmarks.geo [--steps 240]
+With `--secure`, the same task also runs with secure aggregation (pairwise masks, shared random-k
+0.1 support instead of top-k), in the clear over gloo and over mutual TLS. It reports loss and bytes
+against plain geo and DDP, the time per round, and the cost of encoding and masking one update.
+
+    python -m benchmarks.geo [--steps 240] [--secure]
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import argparse
 import json
 import logging
 import os
+import tempfile
+import time
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -95,8 +101,15 @@ def _contender(name: str, steps: int, margin: float, dirty_fraction: float) -> d
     train, test, dim, classes = _loaders(rank, world, batch=32)
     if name == "ddp":
         policy: Any = DataParallel(workers=world)
+    elif name.startswith("geo_secure"):
+        tls = {"transport": "tls", "tls": {"dir": os.environ["GEO_BENCH_TLS_DIR"]}} if name.endswith("tls") else {}
+        kind = "none" if name.endswith("dense") else "topk"
+        policy = GeoTraining(regions=REGIONS, local_steps=8, compression={"kind": kind, "ratio": 0.1},
+                             outer_optimizer={"lr": 0.8, "momentum": 0.5, "nesterov": True},
+                             participation={"mode": "uniform"}, clock=REPLAY, secure_aggregation=True, **tls)
     else:
-        policy = GeoTraining(regions=REGIONS, local_steps=8, compression={"kind": "topk", "ratio": 0.1},
+        kind = "none" if name.endswith("dense") else "topk"
+        policy = GeoTraining(regions=REGIONS, local_steps=8, compression={"kind": kind, "ratio": 0.1},
                              outer_optimizer={"lr": 0.8, "momentum": 0.5, "nesterov": True},
                              participation={"mode": "carbon_aware" if name == "geo_aware" else "uniform",
                                             "margin": margin, "dirty_steps_fraction": dirty_fraction},
@@ -106,10 +119,13 @@ def _contender(name: str, steps: int, margin: float, dirty_fraction: float) -> d
                       TrainerConfig(max_duration=f"{steps}ba", eval_interval=f"{10 * steps}ba", progress=False,
                                     device="cpu", log_interval=10 ** 6),
                       test_loader=test, policies=[policy], batch_size=32)
+    t0 = time.perf_counter()
     trainer.fit()
+    seconds = time.perf_counter() - t0
     summary = {k: getattr(v, "value", v) for k, v in policy.summary().items()}
     out = {"loss": trainer.last_eval["test/loss"], "accuracy": trainer.last_eval["test/accuracy"],
-           "bytes": summary.get("federated/bytes_sent")}
+           "bytes": summary.get("federated/bytes_sent"), "fit_s": seconds,
+           "rounds": summary.get("federated/rounds")}
     if isinstance(policy, GeoTraining) and rank == 0:
         out["decisions"] = policy.decisions
         out["measured_emissions_kg"] = summary.get("federated/emissions_kg")
@@ -132,6 +148,23 @@ def bench_worker(steps: int, margin: float, dirty_fraction: float) -> dict[str, 
     return results if dist.is_available() and int(os.environ["RANK"]) == 0 else None
 
 
+def masking_ms(numel: int, ratio: float = 0.1, participants: int = WORKERS, repeats: int = 20) -> float:
+    """Median ms one worker spends encoding and masking its update on the round's support."""
+    from greenstack.federated import secure
+
+    pairs = [secure.KeyPair.generate() for _ in range(participants)]
+    keys = pairs[0].pair_keys([p.public_bytes() for p in pairs], 0)
+    support = secure.shared_support(numel, ratio, 1, 0)
+    update = torch.randn(numel)
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        codes, _ = secure.encode(update[support] * 0.25)
+        secure.mask(codes, 0, list(range(participants)), keys, r)
+        times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
 def modelled_emissions_kg(decisions: list[dict[str, Any]]) -> float:
     """Σ rounds Σ regions local steps × workers × J_PER_STEP × intensity (g/kWh) -> kg."""
     capacity = {name: spec["capacity"] for name, spec in REGIONS.items()}
@@ -147,7 +180,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--margin", type=float, default=0.25, help="dirty = above the cleanest x (1 + margin)")
     parser.add_argument("--dirty-fraction", type=float, default=0.5, help="share of local steps dirty regions do")
+    parser.add_argument("--secure", action="store_true", help="also secure aggregation, over gloo and over TLS")
     args = parser.parse_args()
+    if args.secure:
+        from greenstack.federated.transport import keygen
+
+        tls_dir = tempfile.mkdtemp(prefix="geo-bench-pki-")
+        keygen(list(REGIONS), tls_dir)
+        os.environ["GEO_BENCH_TLS_DIR"] = tls_dir
+        os.environ.setdefault("GEO_BENCH_ONLY", "ddp,geo,geo_secure,geo_secure_tls,geo_dense,geo_secure_dense")
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=WORKERS, run_id="geo-bench",
@@ -158,6 +199,9 @@ def main() -> None:
     from benchmarks import geo  # the workers import this module by name (not as __main__)
 
     results = elastic_launch(config, geo.bench_worker)(args.steps, args.margin, args.dirty_fraction)[0]
+    if args.secure:
+        _report_secure(results, args.steps)
+        return
     ddp, geo, aware = results["ddp"], results["geo"], results["geo_aware"]
     loss_gap_pct = (geo["loss"] - ddp["loss"]) / ddp["loss"] * 100
     bytes_ratio = ddp["bytes"] / geo["bytes"]
@@ -178,6 +222,37 @@ def main() -> None:
           f"{reduced} of {len(aware['decisions']) * len(REGIONS)} region-rounds cut to {args.dirty_fraction:g} of their steps")
     print("BENCH " + json.dumps({"loss_gap_pct": round(loss_gap_pct, 3), "bytes_ratio": round(bytes_ratio, 2),
                                  "participation_emissions_ratio": round(emissions_ratio, 4)}))
+
+
+def _report_secure(results: dict[str, Any], steps: int) -> None:
+    ddp, geo, sec, tls = (results[k] for k in ("ddp", "geo", "geo_secure", "geo_secure_tls"))
+    dense, sec_dense = results["geo_dense"], results["geo_secure_dense"]
+    print(f"{WORKERS} gloo workers, {steps} steps each, batch 32 per worker, same data shards and seed\n")
+    print(f"{'':34s}{'test loss':>10s}{'accuracy':>10s}{'bytes sent':>14s}{'s / round':>11s}")
+    for label, r in (("ddp (allreduce)", ddp), ("geo top-k 0.1", geo), ("geo secure random-k 0.1 (gloo)", sec),
+                     ("geo secure random-k 0.1 (TLS 1.3)", tls), ("geo dense (no compression)", dense),
+                     ("geo secure dense (gloo)", sec_dense)):
+        per_round = f"{r['fit_s'] / r['rounds']:11.3f}" if r.get("rounds") else f"{'':>11s}"
+        print(f"{label:34s}{r['loss']:10.4f}{r['accuracy']:10.3f}{r['bytes']:14,d}{per_round}")
+    numel = sum(p.numel() for p in _model(32, 8).parameters())
+    mask = masking_ms(numel)
+    gap_geo = (sec["loss"] - geo["loss"]) / geo["loss"] * 100
+    gap_ddp = (sec["loss"] - ddp["loss"]) / ddp["loss"] * 100
+    gap_dense = (sec_dense["loss"] - dense["loss"]) / dense["loss"] * 100
+    round_ratio = (sec["fit_s"] / sec["rounds"]) / (geo["fit_s"] / geo["rounds"])
+    tls_ratio = (tls["fit_s"] / tls["rounds"]) / (geo["fit_s"] / geo["rounds"])
+    print(f"\nsecure vs geo: loss gap {gap_geo:+.2f} %, bytes x{sec['bytes'] / geo['bytes']:.2f}; vs ddp: loss gap "
+          f"{gap_ddp:+.2f} %, bytes ddp/secure {ddp['bytes'] / sec['bytes']:.1f}x")
+    print(f"secure dense vs geo dense: loss gap {gap_dense:+.3f} % (the masking alone), bytes "
+          f"x{sec_dense['bytes'] / dense['bytes']:.2f}; ddp/secure dense bytes {ddp['bytes'] / sec_dense['bytes']:.1f}x")
+    print(f"time per round: secure/geo x{round_ratio:.2f}, secure over TLS/geo x{tls_ratio:.2f}; encoding + masking "
+          f"one update ({numel:,} parameters, 10 % support, {WORKERS - 1} pair masks): {mask:.2f} ms")
+    print("BENCH " + json.dumps({
+        "secure_loss_gap_vs_geo_pct": round(gap_geo, 3), "secure_dense_loss_gap_vs_geo_dense_pct": round(gap_dense, 3),
+        "ddp_bytes_vs_secure_dense": round(ddp["bytes"] / sec_dense["bytes"], 2), "secure_loss_gap_vs_ddp_pct": round(gap_ddp, 3),
+        "secure_bytes_vs_geo": round(sec["bytes"] / geo["bytes"], 3), "ddp_bytes_vs_secure": round(ddp["bytes"] / sec["bytes"], 2),
+        "secure_round_time_ratio": round(round_ratio, 3), "tls_round_time_ratio": round(tls_ratio, 3),
+        "mask_ms_per_round": round(mask, 3)}))
 
 
 if __name__ == "__main__":

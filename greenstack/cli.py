@@ -36,6 +36,7 @@ commands:
   carbon weather ...       weather-forecast columns (Open-Meteo, no look-ahead) for the forecaster
   model keygen|sign|verify signed model artifacts with an ownership fingerprint
   predict RUN_DIR --text T classify texts with a text run's saved model (class names, not indices)
+  federated keygen ...     per-run TLS certificates for federated=geo federated.transport=tls
   report tco|compare|html  cost of a run (vs a measured baseline), multirun Pareto table/plot, report.html
   pool create|request|settle|status|budget|log   shared carbon budget pool (SQLite file or PostgreSQL URL)
   audit verify|show PATH   check a hash-chained decision log (names the first tampered line)
@@ -545,6 +546,12 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
+def federated(argv: list[str]) -> int:
+    from greenstack.federated.cli import run_federated
+
+    return run_federated(argv)
+
+
 def report(argv: list[str]) -> int:
     from greenstack.report_cli import run_report
 
@@ -564,7 +571,8 @@ def audit(argv: list[str]) -> int:
 
 
 COMMANDS = {"model": model, "predict": predict, "train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor, "plan": plan,
-            "carbon": carbon, "report": report, "pool": pool, "audit": audit}
+            "carbon": carbon, "report": report, "pool": pool, "audit": audit,
+            "federated": federated}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

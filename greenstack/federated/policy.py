@@ -581,8 +581,6 @@ class GeoTraining(Policy):
     # -- secure aggregation --------------------------------------------------------------------------
     def _agree_keys(self) -> None:
         """Exchange X25519 public keys and derive a ChaCha20 key with every other worker."""
-        import hashlib
-
         pair = secure.KeyPair.generate()
         mine = pair.public_bytes()
         if self._channel is not None:
@@ -592,8 +590,11 @@ class GeoTraining(Policy):
             publics = [bytes(g.cpu().tolist()) for g in self._all_gather(t)]
         self.bytes_sent += len(mine)
         self._pair_keys = pair.pair_keys(publics, self.rank)
-        # the random-k supports: a seed every worker derives alike (kept across a resume by state_dict)
-        self._support_seed = int.from_bytes(hashlib.sha256(b"".join(publics)).digest()[:7], "little")
+        # the random-k supports: rank 0's torch seed (the run's seed), so reruns draw the same supports;
+        # kept across a resume by state_dict
+        seed = torch.tensor([torch.initial_seed() % (2**62)], dtype=torch.int64, device=self._comm)
+        self._broadcast(seed, src=0)
+        self._support_seed = int(seed.item())
 
     def _secure_values(self, update: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(shared support, this worker's values on it); the values are weighted and masked after the header."""

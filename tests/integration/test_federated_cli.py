@@ -155,3 +155,19 @@ def test_a_preempted_worker_stops_every_worker_at_one_step_and_the_run_resumes(c
     figures = json.loads((run_dir / "sustainability.json").read_text())["metrics"]
     assert figures["train/steps"]["value"] == 8
     assert "rank-0/step-000000003" in figures["checkpoint/resumed_from"]["value"]
+
+
+@pytest.mark.slow
+def test_geo_with_secure_aggregation_over_tls_from_the_command_line(cli, tmp_path):
+    keys = tmp_path / "pki"
+    made = cli("federated", "keygen", "--regions", "eu-north", "--out", str(keys))
+    assert made.returncode == 0 and (keys / "eu-north.key").stat().st_mode & 0o077 == 0
+    run_dir = tmp_path / "run"
+    result = cli("train", *FAST, *TINY, "~federated.regions.us-west", "~federated.regions.eu-central",
+                 "federated.secure_aggregation=true", "federated.transport=tls", f"federated.tls.dir={keys}",
+                 f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    figures = json.loads((run_dir / "sustainability.json").read_text())["metrics"]
+    assert figures["federated/transport"]["value"] == "tls1.3"
+    assert figures["federated/secure_aggregation"]["value"] == 1
+    assert figures["federated/workers"]["value"] == 2 and figures["federated/rounds"]["value"] == 4
