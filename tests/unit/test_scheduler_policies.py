@@ -89,12 +89,34 @@ def test_forecast_window_waits_for_the_low_window_with_countdown(trace, tmp_path
     assert st.metrics["scheduler/wait_s"] == pytest.approx(15.5 * 3600)
     countdown = [r.getMessage() for r in caplog.records if "starting in" in r.getMessage()]
     assert countdown[0].startswith("forecast_window: starting in 15h30m at 2023-01-10T02:00Z, expected saving 6")
+    assert f"touch {tmp_path / 'START_NOW'}" in countdown[0]  # the real run dir, ready to copy
     assert len(countdown) >= 15  # once an hour of (fake) waiting
     json.dumps(policy.decisions)  # JSON-able, ready for the audit log
     summary = policy.summary()
     assert isinstance(summary["scheduler/expected_saving_pct"], Figure)
     assert summary["scheduler/wait_s"].value == pytest.approx(15.5 * 3600)
     assert json.loads(summary["scheduler/decisions"].value) == policy.decisions
+
+
+def test_default_does_not_wait_hours_for_a_small_saving(trace, tmp_path):
+    """The issue's case: a ~1-3 % expected saving is not worth hours of waiting with the defaults
+    (min_saving_pct, chosen with benchmarks/min_saving.py); a clear saving still waits."""
+    times = pd.date_range("2022-11-01", "2023-01-20", freq="h", tz="UTC", inclusive="left")
+    path = tmp_path / "shallow.csv"
+    pd.DataFrame({"timestamp": times.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "carbon_intensity": np.where(times.hour.isin(LOW_HOURS), 294.0, 300.0)}).to_csv(path, index=False)
+    clock = FakeClock("2023-01-09T10:30:00+00:00")
+    policy = ForecastWindow(trace=str(path), clock=clock.time, sleep=clock.sleep, duration="1h", deadline="24h",
+                            replan=False)
+    policy(Event.INIT, state(tmp_path))
+    decision = policy.decisions[0]
+    assert decision["action"] == "start_now" and clock.sleeps == []
+    assert "< min_saving_pct 5: starting now" in " ".join(decision["notes"])
+    clock = FakeClock("2023-01-09T10:30:00+00:00")
+    deep = ForecastWindow(trace=trace, clock=clock.time, sleep=clock.sleep, duration="1h",
+                          deadline="24h", replan=False)
+    deep(Event.INIT, state(tmp_path))
+    assert deep.decisions[0]["action"] == "wait"
 
 
 def test_sigusr2_starts_at_once_and_restores_the_handler(trace, tmp_path):

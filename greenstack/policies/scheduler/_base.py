@@ -169,10 +169,15 @@ class SchedulerPolicy(Policy):
         return reason
 
     @staticmethod
-    def countdown_text(left_s: float, start: datetime, saving_pct: float | None) -> str:
+    def countdown_text(left_s: float, start: datetime, saving_pct: float | None,
+                       run_dir: str | Path | None = None) -> str:
+        """The countdown line; its start-now hint names the run's real directory (copy-pasteable)."""
+        import shlex
+
         saving = f", expected saving {saving_pct:.1f} % vs now" if saving_pct is not None else ""
+        touch = shlex.quote(str(Path(run_dir) / START_NOW_FILE)) if run_dir else f"RUN_DIR/{START_NOW_FILE}"
         return (f"starting in {format_hours(left_s / 3600)} at {start.strftime('%Y-%m-%dT%H:%MZ')}{saving} "
-                f"(start at once: kill -USR2 {os.getpid()}, {START_NOW_ENV}=1 or touch RUN_DIR/{START_NOW_FILE})")
+                f"(start at once: touch {touch}, kill -USR2 {os.getpid()} or {START_NOW_ENV}=1)")
 
     # -- reporting ----------------------------------------------------------------------------------
     def summary(self) -> dict[str, Figure]:

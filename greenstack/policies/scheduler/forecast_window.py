@@ -93,7 +93,7 @@ class ForecastWindow(SchedulerPolicy):
     events = frozenset({Event.INIT})
 
     def __init__(self, duration: str | float = "1h", deadline: str | float = "24h", objective: str | float = "mean",
-                 min_saving_pct: float = 0.0, replan: bool = True, start_now: bool = False,
+                 min_saving_pct: float = 5.0, replan: bool = True, start_now: bool = False,
                  horizon_h: int = HORIZON_H, tick_s: float = 1.0, countdown_every_s: float = 60.0,
                  slurm: str = "begin", zone: str | None = None, trace: str | None = None, carbon: Any = None,
                  weather: str | None = None, clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> None:
@@ -262,7 +262,8 @@ class ForecastWindow(SchedulerPolicy):
         reason = self.wait_until(plan.start.timestamp(), state, tick_s=self.tick_s,
                                  countdown_every_s=self.countdown_every_s, on_tick=replan,
                                  describe=lambda left: self.countdown_text(left, current["plan"].start,
-                                                                           current["plan"].expected_saving_pct))
+                                                                           current["plan"].expected_saving_pct,
+                                                                           getattr(state, "run_dir", None)))
         final = current["plan"]
         if not reason.startswith("started early"):
             self.record(state, "start", {"reason": reason, "planned_start": final.start},
