@@ -35,7 +35,9 @@ def configure_backtest(p: argparse.ArgumentParser) -> None:
                    help="what greenstack's policy plans on (default greenstack)")
     p.add_argument("--objective", default="mean",
                    help="mean (default) | point | median | an upper quantile level such as 0.9 (risk-aware)")
-    p.add_argument("--replan", action="store_true", help="re-plan every hour while waiting (contiguous jobs)")
+    p.add_argument("--replan", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-plan every hour while waiting, as scheduler=forecast_window does (default for "
+                        "contiguous jobs); --no-replan plans once at arrival")
     p.add_argument("--min-chunk", default="1h", help="interruptible: shortest run between pauses (default 1h)")
     p.add_argument("--resume-overhead", default="0h",
                    help="interruptible: extra run time per resume, e.g. 6m (default 0h)")
@@ -78,7 +80,8 @@ def backtest_config(args: argparse.Namespace) -> Any:
         raise ConfigError(problems)
     return BacktestConfig(duration_h=values["duration"], slack_h=int(values["slack"]),
                           interruptible=args.interruptible, forecaster=args.forecaster, objective=objective,
-                          replan=args.replan, min_chunk_h=int(values["min_chunk"]),
+                          replan=(not args.interruptible) if args.replan is None else args.replan,
+                          min_chunk_h=int(values["min_chunk"]),
                           resume_overhead_h=values["resume_overhead"], threshold_pct=args.threshold_pct)
 
 

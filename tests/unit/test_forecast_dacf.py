@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from greenstack.carbon import forecast as fc
 from greenstack.plan import run_plan, trace_zone, zone_from_filename
@@ -50,6 +51,7 @@ def test_region_codes_resolve_to_zone_context():
     assert trace_zone(pd.DataFrame({"a": [1]}), [hist]) == "ERCO"
 
 
+@pytest.mark.slow
 def test_forecast_eval_and_backtest_accept_dacf_files_and_name_the_weather(tmp_path, capsys):
     # history named as the archive names it; the evaluated file under any other name takes its zone
     hist, trace = _split(tmp_path, "ERCO", ("2020-09-01", "2021-01-01"), ("2021-01-01", "2021-01-15"),
@@ -61,8 +63,16 @@ def test_forecast_eval_and_backtest_accept_dacf_files_and_name_the_weather(tmp_p
     assert doc["mape"]["model"]["day1"] < doc["mape"]["naive"]["day1"]
     assert run_plan(["backtest", "--trace", str(trace), "--history", str(hist), "--duration", "4h",
                      "--slack", "24h"]) == 0
-    out = capsys.readouterr().out
-    assert "weather: " + ", ".join(WEATHER) in " ".join(out.split())
+    out = " ".join(capsys.readouterr().out.split())
+    assert "weather: " + ", ".join(WEATHER) in out
+    assert "re-planned hourly" in out  # the default, as scheduler=forecast_window plans
+    assert run_plan(["backtest", "--trace", str(trace), "--history", str(hist), "--duration", "4h",
+                     "--slack", "24h", "--no-replan", "--json"]) == 0
+    once = json.loads(capsys.readouterr().out)
+    assert set(once) == {"traces", "aggregate"} and set(once["traces"][0]) == {"trace", "jobs", "saving_pct", "capture"}
+    assert run_plan(["backtest", "--trace", str(trace), "--history", str(hist), "--duration", "4h",
+                     "--slack", "24h", "--interruptible", "--forecaster", "seasonal-naive"]) == 0  # no re-plan there
+    assert "re-planned" not in capsys.readouterr().out
 
 
 def test_calibrated_quantiles_are_numpy_quantiles_at_the_nominal_level():
