@@ -192,6 +192,7 @@ class TrackedRun:
         self.tokens_seen = 0
         #: the figures of the latest log step (what the callbacks hand to the trainer's loggers)
         self.last_figures: dict[str, float] = {}
+        self.last_figures_step = -1
         self.timer = _Timer()
         self.run_id = ""
         self.audit: Any = None
@@ -247,7 +248,7 @@ class TrackedRun:
         if mon is not None:
             mon.sample()
         if st.step % self.log_every == 0:
-            self.last_figures = self.log_row()
+            self.last_figures, self.last_figures_step = self.log_row(), st.step
             return self.check_budget()
         if self.carbon.budget_kg is not None and time.monotonic() - self._last_check >= self.energy.interval_s:
             return self.check_budget()
@@ -363,12 +364,14 @@ class track:  # noqa: N801 - used like a function: `with greenstack.track(...)`
     `carbon.budget_action=stop` an exceeded budget raises `CarbonBudgetExceeded` in the tracked thread
     (at the next `step()`, or from the watchdog that checks once per meter interval), after which the
     files are written with the reason in `stopped_early`. Also a decorator: `@greenstack.track("runs/x")`.
+    `log_every`: a metrics.jsonl row (and a budget check) every N steps; the budget is also checked at
+    most once per meter interval in between.
     """
 
     def __init__(self, run_dir: str | Path = "greenstack-run", *, config: str | Path | None = None,
                  carbon: str | Mapping[str, Any] | None = None, energy: str | Mapping[str, Any] | None = None,
                  scheduler: str | Mapping[str, Any] | None = None, overrides: Sequence[str] = (),
-                 run_name: str | None = None, log_every: int = 1, meters: list[Any] | None = None,
+                 run_name: str | None = None, log_every: int = 10, meters: list[Any] | None = None,
                  clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> None:
         self.cfg = compose_groups(config, carbon=carbon, energy=energy, scheduler=scheduler, overrides=overrides)
         self.run_dir = Path(run_dir)

@@ -94,7 +94,9 @@ class GreenstackCallback(TrainerCallback):
                **kwargs: Any) -> None:
         if self.run is None or logs is None or self._in_summary_log:
             return
-        figures = self.run.figures()
+        run = self.run
+        # a log at a logging step reuses what that step's log_row just accounted (accounting costs ms)
+        figures = run.last_figures if run.last_figures_step == run.state.step else run.figures()
         logs.update(figures)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(figures)

@@ -5,8 +5,8 @@ Through Lightning's own mechanisms:
 * the scheduler's start decision in `on_fit_start` (waits for the window before the first batch, with
   the runner's start-now routes: SIGUSR2, GREENSTACK_START_NOW=1, `touch RUN_DIR/START_NOW`);
 * step-aligned figures (`energy/total_kwh`, `carbon/total_kg_co2e`, `energy/j_per_sample`, and
-  `energy/j_per_token` for batches with `input_ids`) via `pl_module.log` on the trainer's logging
-  steps (`log_every_n_steps`), so every logger the user configured receives them;
+  `energy/j_per_token` for batches with `input_ids`) sent to every logger in `trainer.loggers` on the
+  trainer's logging steps (`log_every_n_steps`), at `trainer.global_step`;
 * the carbon budget stops training with `trainer.should_stop` (reason in the summary);
 * at the end (also after an exception), the run dir (`sustainability.json`, `emissions.csv`,
   `audit.jsonl`, `report.html`) and the summary's figures (`greenstack/...`) sent to `trainer.loggers`.
@@ -95,9 +95,11 @@ class GreenstackCallback(Callback):
         if delta > 0:
             run.timer.end()
         stop = run.step(samples=samples, tokens=tokens, steps=delta)
-        if delta > 0 and run.state.step % run.log_every == 0:
-            for key, value in run.last_figures.items():
-                pl_module.log(key, float(value), on_step=True, on_epoch=False, batch_size=max(samples, 1))
+        if delta > 0 and run.last_figures_step == run.state.step and trainer.is_global_zero:
+            # straight to the loggers: pl_module.log would make Lightning re-reduce these keys every step
+            values = {key: float(value) for key, value in run.last_figures.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=int(trainer.global_step))
         if stop or run.state.stop:
             trainer.should_stop = True
 

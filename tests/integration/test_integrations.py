@@ -179,3 +179,37 @@ def test_callbacks_reject_a_bad_config_before_training(tmp_path):
         with pytest.raises(ConfigError) as err:
             cls(tmp_path / "x", carbon={"pue": 0.1}, energy={"meter": "geiger"})
         assert {"carbon.pue", "energy.meter"} <= {p.key for p in err.value.problems}
+
+
+def test_lightning_callback_waits_for_the_window_unless_started_now(tmp_path, monkeypatch):
+    """The scheduler's start decision before the first batch (fake clock), and the START_NOW file route."""
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from greenstack.integrations.lightning import GreenstackCallback
+
+    monkeypatch.delenv("GREENSTACK_START_NOW", raising=False)
+    times = pd.date_range("2022-11-01", "2023-01-20", freq="h", tz="UTC", inclusive="left")
+    trace = tmp_path / "trace.csv"
+    pd.DataFrame({"timestamp": times.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "carbon_intensity": np.where(times.hour.isin((2, 3, 4, 5)), 100.0, 300.0)}).to_csv(trace, index=False)
+    clock = {"t": datetime(2023, 1, 9, 10, 30, tzinfo=timezone.utc).timestamp()}
+    sched = [f"scheduler.trace={trace}", "scheduler.duration=3h", "scheduler.replan=false", "scheduler.tick_s=600"]
+
+    def make(run_dir):
+        return GreenstackCallback(run_dir, carbon=STATIC, energy=TDP, scheduler="forecast_window", overrides=sched,
+                                  clock=lambda: clock["t"], sleep=lambda s: clock.__setitem__("t", clock["t"] + s))
+
+    _lightning_fit(tmp_path / "wait", make(tmp_path / "wait" / "gs"), max_epochs=1)
+    assert datetime.fromtimestamp(clock["t"], tz=timezone.utc) == datetime(2023, 1, 10, 2, tzinfo=timezone.utc)
+    summary = json.loads((tmp_path / "wait" / "gs" / "sustainability.json").read_text())
+    assert summary["metrics"]["scheduler/wait_s"]["value"] == pytest.approx(15.5 * 3600)
+    assert [r["data"]["action"] for r in read_jsonl(tmp_path / "wait" / "gs" / "audit.jsonl")][:2] == ["wait", "start"]
+
+    (tmp_path / "now" / "gs").mkdir(parents=True)
+    (tmp_path / "now" / "gs" / "START_NOW").touch()
+    before = clock["t"] = datetime(2023, 1, 9, 10, 30, tzinfo=timezone.utc).timestamp()
+    _lightning_fit(tmp_path / "now", make(tmp_path / "now" / "gs"), max_epochs=1)
+    assert clock["t"] == before
+    assert read_jsonl(tmp_path / "now" / "gs" / "audit.jsonl")[0]["data"]["action"] == "start_now"

@@ -55,7 +55,7 @@ class FakeClock:
 
 def test_track_writes_a_run_dir_like_a_greenstack_run(tmp_path):
     out = tmp_path / "run"
-    with greenstack.track(out, carbon=STATIC, energy=FAST_TDP, run_name="plain") as run:
+    with greenstack.track(out, carbon=STATIC, energy=FAST_TDP, run_name="plain", log_every=2) as run:
         for _ in range(6):
             time.sleep(0.02)
             run.step(samples=4)
@@ -74,7 +74,8 @@ def test_track_writes_a_run_dir_like_a_greenstack_run(tmp_path):
     assert row["emissions"] == pytest.approx(kg) and row["experiment_id"] == "plain"
     assert verify(out / "audit.jsonl").ok
     assert [r["kind"] for r in read_jsonl(out / "audit.jsonl")] == ["schedule"]  # scheduler=immediate
-    assert len(read_jsonl(out / "metrics.jsonl")) >= 6
+    rows = read_jsonl(out / "metrics.jsonl")  # every log_every=2 steps, and the end
+    assert [r["step"] for r in rows] == [2, 4, 6, 6] and rows[-1]["carbon/total_kg_co2e"] > 0
     assert "Cumulative emissions" in (out / "report.html").read_text()
 
 
