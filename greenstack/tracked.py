@@ -245,9 +245,10 @@ class TrackedRun:
         if steps <= 0:
             return False
         mon = self.measurement.monitor
-        if mon is not None:
-            mon.sample()
-        if st.step % self.log_every == 0:
+        logging_step = st.step % self.log_every == 0
+        if mon is not None:  # a real reading at log steps: the logged figures include energy up to now
+            mon.sample(read=logging_step)
+        if logging_step:
             self.last_figures, self.last_figures_step = self.log_row(), st.step
             return self.check_budget()
         if self.carbon.budget_kg is not None and time.monotonic() - self._last_check >= self.energy.interval_s:
