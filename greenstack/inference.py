@@ -35,6 +35,9 @@ def save_inference_files(model: torch.nn.Module, data: Any, run_dir: Path) -> li
     if not names:
         return []
     kind = getattr(data, "kind", "")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     written = []
     model_dir = None
     if kind == "text" and _is_transformers(model):
