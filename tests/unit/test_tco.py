@@ -166,7 +166,8 @@ def test_cli_tco_table_and_json(cli):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
-def test_return_on_the_savings_break_even_with_every_input_shown(cli):
+def test_return_on_the_savings_break_even_with_every_input_shown(capsys, monkeypatch):
+    from greenstack.cli import main
     from greenstack.report.tco import return_on_savings
 
     # saving 2.15 USD per run (see the module docstring): 100 USD pays back after 46.5 runs, 4.65 months at 10/month
@@ -185,12 +186,14 @@ def test_return_on_the_savings_break_even_with_every_input_shown(cli):
     args = ["report", "tco", str(RUNS / "small"), "--baseline", str(RUNS / "baseline"), "--instance", "tc.gpu1",
             "--region", "test-1", "--catalog", CATALOG, "--carbon-price", "100", "--dataset-gb", "40",
             "--checkpoint-gb", "10", "--retention-months", "3", "--investment-usd", "100", "--runs-per-month", "10"]
-    table = cli(*args)
-    assert table.returncode == 0, table.stderr
-    text = " ".join(table.stdout.split())
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().out.split())
     for shown in ("return on the savings", "--investment-usd", "--runs-per-month", "2.15", "46.51", "4.651 months"):
         assert shown in text, shown
-    body = json.loads(cli(*args, "--json").stdout)
+    assert main([*args, "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
     assert body["return_on_savings"]["break_even_months"] == pytest.approx(100 / 2.15 / 10)
-    alone = cli("report", "tco", str(RUNS / "small"), "--runs-per-month", "10")
-    assert alone.returncode == 2 and "--investment-usd" in alone.stderr
+    assert main(["report", "tco", str(RUNS / "small"), "--runs-per-month", "10"]) == 2
+    assert "--investment-usd" in capsys.readouterr().err
