@@ -245,10 +245,9 @@ class TrackedRun:
         if steps <= 0:
             return False
         mon = self.measurement.monitor
-        logging_step = st.step % self.log_every == 0
-        if mon is not None:  # a real reading at log steps: the logged figures include energy up to now
-            mon.sample(read=logging_step)
-        if logging_step:
+        if mon is not None:  # a timestamp only: the meters are read by the monitor's thread (a read walks
+            mon.sample()     # the process tree: milliseconds), so logged figures lag by < energy.interval_s
+        if st.step % self.log_every == 0:
             self.last_figures, self.last_figures_step = self.log_row(), st.step
             return self.check_budget()
         if self.carbon.budget_kg is not None and time.monotonic() - self._last_check >= self.energy.interval_s:
