@@ -7,7 +7,7 @@ the same sequential `CarbonPool.request` loop is timed on it and on an empty poo
 (best round of each); the ratio is the claim (target >= 0.8). PostgreSQL runs when GREENSTACK_TEST_PG_URL is set (a scratch database is created
 and dropped). The filled pool must still pass `verify_audit` (chain + ledger), which is timed too.
 
-    python -m benchmarks.pool [--records 100000] [--requests 100] [--rounds 3]
+    python -m benchmarks.pool [--records 100000] [--requests 60] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ BUDGET_KG = 1e6  # large enough that every timed request is approved at face val
 
 
 def fill(pool: CarbonPool, records: int) -> float:
-    """Append `records` allocations (every other one settled) with their audit lines; returns seconds."""
+    """Append `records` allocations (every tenth settled) with their audit lines; returns seconds."""
     t0 = time.perf_counter()
     now = datetime.now(timezone.utc).isoformat()
     with pool._conn() as conn, pool._backend.write(conn):  # reads inside: one transaction
@@ -46,7 +46,7 @@ def fill(pool: CarbonPool, records: int) -> float:
         key = _key()  # under GREENSTACK_AUDIT_KEY the history is keyed like the pool's own records
         for n in range(records):
             alloc_id, team, want = first_id + n, TEAMS[n % len(TEAMS)], 1000 + n % 997
-            settle = n % 2 == 1
+            settle = n % 10 == 9  # a tenth settled: settlements are history records too
             measured = want // 2
             allocs.append((alloc_id, team, None, "settled" if settle else "reserved", want,
                            measured if settle else want, 1.0, measured if settle else None, now,
@@ -130,8 +130,8 @@ def scratch_pg(url: str) -> Iterator[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000, help="history size for the second measurement")
-    parser.add_argument("--requests", type=int, default=100, help="sequential requests per timing round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per pool")
+    parser.add_argument("--requests", type=int, default=60, help="sequential requests per timing round")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating timing rounds per pool")
     parser.add_argument("--sqlite-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                         help="where the SQLite file lives (default: tmpfs, so that a disk's fsync latency does not "
                              "hide the per-request work this measures)")
