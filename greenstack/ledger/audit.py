@@ -25,6 +25,7 @@ import hmac
 import json
 import math
 import os
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -500,9 +501,19 @@ def find_anchors(run_dir: str | Path) -> list[tuple[str, dict[str, Any], bool]]:
     summary = load(run_dir / "sustainability.json")
     if isinstance(summary, dict) and isinstance(summary.get(ANCHOR_KEY), dict):
         found.append(("sustainability.json", summary[ANCHOR_KEY], True))
-    wandb = sorted(run_dir.glob("wandb/*run-*/files/wandb-summary.json"), key=lambda p: p.parent.parent.name)
-    for i, path in enumerate(wandb):
-        data = load(path)
+    wandb = sorted((p for p in run_dir.glob("wandb/*run-*") if p.is_dir() and not p.is_symlink()), key=lambda p: p.name)
+    for i, folder in enumerate(wandb):  # online runs keep files/wandb-summary.json, offline ones only the .wandb
+        path, data = folder / "files" / "wandb-summary.json", None
+        if path.is_file():
+            data = load(path)
+        else:
+            for path in sorted(folder.glob("run-*.wandb")):
+                try:
+                    from greenstack.tracking.wandb_file import read_summary
+
+                    data = read_summary(path)
+                except (ImportError, OSError, ValueError, struct.error):
+                    data = None  # no wandb, or a file being written: nothing to check there
         if isinstance(data, dict) and f"{WANDB_PREFIX}seq" in data:
             anchor = {k[len(WANDB_PREFIX):]: v for k, v in data.items() if k.startswith(WANDB_PREFIX)}
             found.append((str(path.relative_to(run_dir)), anchor, i == len(wandb) - 1))

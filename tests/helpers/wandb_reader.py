@@ -7,54 +7,12 @@ wandb >= 0.31 ships no reader for its offline files. They are a 7-byte header (b
 
 from __future__ import annotations
 
-import json
-import struct
 import time
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-BLOCK_BYTES, HEADER_BYTES = 32768, 7
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def iter_records(path: str | Path) -> Iterator[Any]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(path).read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:HEADER_BYTES])
-    if (ident, magic, version) != (b":W&B", 0xBEE1, 0):
-        raise ValueError(f"{path}: not a W&B run file")
-    pos, pending = HEADER_BYTES, b""
-    while pos + HEADER_BYTES <= len(data):
-        room = BLOCK_BYTES - pos % BLOCK_BYTES
-        if room < HEADER_BYTES:
-            pos += room
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER_BYTES])
-        if length == 0 and kind == 0:
-            break
-        chunk = data[pos + HEADER_BYTES:pos + HEADER_BYTES + length]
-        if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-            raise ValueError(f"{path}: bad checksum at byte {pos}")
-        pos += HEADER_BYTES + length
-        if kind == FULL:
-            payload = chunk
-        elif kind in (FIRST, MIDDLE):
-            pending = chunk if kind == FIRST else pending + chunk
-            continue
-        elif kind == LAST:
-            payload, pending = pending + chunk, b""
-        else:
-            raise ValueError(f"{path}: bad chunk type {kind}")
-        record = pb.Record()
-        record.ParseFromString(payload)
-        yield record
-
-
-def _items(items: Any) -> dict[str, Any]:
-    return {(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in items}
+from greenstack.tracking.wandb_file import items as _items
+from greenstack.tracking.wandb_file import iter_records
 
 
 def wait_complete(path: str | Path, timeout_s: float = 60.0) -> list[Any]:
