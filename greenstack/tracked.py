@@ -229,7 +229,7 @@ class TrackedRun:
         from greenstack.report.summary import RunReport
         from greenstack.tracking.base import JsonlWriter
 
-        self._jsonl = JsonlWriter(self.run_dir)
+        self._jsonl = JsonlWriter(self.run_dir) if self.state.rank == 0 else None  # one writer per run
         self.report = RunReport(self.cfg, run_dir=self.run_dir, run_id=self.run_id, measurement=self.measurement)
         for policy in self.report.policies():  # the clock, then the meters
             policy(_event("FIT_START"), self.state)
