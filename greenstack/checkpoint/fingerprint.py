@@ -21,9 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 #: the policies that change the maths) and top-level keys (the seed)
 TRAINING_GROUPS = ("model", "data", "optim", "trainer", "efficiency", "compression", "federated", "policies")
 TRAINING_KEYS = ("seed",)
-#: keys in those groups that change how a run is shown or where it runs, not what it computes
-NOT_TRAINING = ("trainer.progress", "trainer.log_interval", "trainer.device", "trainer.eval_interval",
-                "trainer.limit_eval_batches", "data.num_workers", "federated.timeout_s", "federated.backend")
+#: of the trainer group only these change what is computed (the rest: progress, logging, evaluation, device)
+TRAINER_KEYS = ("trainer._target_", "trainer.max_duration", "trainer.grad_accum", "trainer.max_grad_norm",
+                "trainer.limit_train_batches")
+#: keys in the other groups that change where a run runs, not what it computes
+NOT_TRAINING = ("data.num_workers", "federated.timeout_s", "federated.backend")
 _MISSING = "<absent>"
 
 
@@ -45,7 +47,9 @@ def training_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     for key in TRAINING_KEYS:
         if key in body:  # type: ignore[operator]
             flat[key] = body[key]  # type: ignore[index]
-    return {k: v for k, v in sorted(flat.items()) if not any(k == n or k.startswith(n + ".") for n in NOT_TRAINING)}
+    return {k: v for k, v in sorted(flat.items())
+            if not any(k == n or k.startswith(n + ".") for n in NOT_TRAINING)
+            and (not k.startswith("trainer.") or k in TRAINER_KEYS)}
 
 
 def fingerprint(flat: Mapping[str, Any]) -> str:
