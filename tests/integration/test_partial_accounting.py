@@ -86,3 +86,14 @@ def test_failing_run_writes_partial_accounting(tmp_path):
         runner.run(cfg, tmp_path)
     summary = _assert_partial(tmp_path, "failed")
     assert summary["end_reason"] == "boom at step 3"
+
+
+def test_resumed_run_row_replaces_its_interrupted_rows(tmp_path):
+    from greenstack.measure import write_emissions_csv
+
+    path = tmp_path / "emissions.csv"
+    write_emissions_csv(path, {"run_id": "other", "emissions": 1.0})
+    write_emissions_csv(path, {"run_id": "r1", "emissions": 0.2})  # the interrupted segment (partial)
+    write_emissions_csv(path, {"run_id": "r1", "emissions": 0.5}, replace_run_id="r1")  # the whole resumed run
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["run_id"], float(r["emissions"])) for r in rows] == [("other", 1.0), ("r1", 0.5)]
