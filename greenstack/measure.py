@@ -277,6 +277,8 @@ class Measurement(Policy):
                "cost/energy_usd": energy_kwh * self.carbon_cfg.pue * self.carbon_cfg.electricity_usd_per_kwh}
         if state.samples_seen:
             out["energy/j_per_sample"] = energy_kwh * J_PER_KWH / state.samples_seen
+        if state.tokens_seen:
+            out["energy/j_per_token"] = energy_kwh * J_PER_KWH / state.tokens_seen
         if not math.isnan(intensity):
             out["carbon/intensity_g_per_kwh"] = intensity
         if not math.isnan(renewable):
@@ -409,7 +411,7 @@ class Measurement(Policy):
             if baseline is not None:
                 local["baseline_kg"] = baseline[0] + self._carried["kg"]
         # every rank joins the reduction (collectives must match); only metering ranks add energy
-        node = {**local, "samples": float(state.samples_seen)}
+        node = {**local, "samples": float(state.samples_seen), "tokens": float(state.tokens_seen)}
         node = reduce_across_ranks(node) if reduce else node
         if mon is None or result is None:
             return figs, {}
@@ -445,6 +447,10 @@ class Measurement(Policy):
         samples = node.get("samples", state.samples_seen)
         figs["energy/j_per_sample"] = Figure(total_kwh * J_PER_KWH / samples if samples else None, "J/sample",
                                              e_prov, f"energy/total_kwh / {int(samples)} training samples")
+        tokens = node.get("tokens", state.tokens_seen)
+        if tokens:
+            figs["energy/j_per_token"] = Figure(total_kwh * J_PER_KWH / tokens, "J/token", e_prov,
+                                                f"energy/total_kwh / {int(tokens)} training target tokens")
         price = self.carbon_cfg.electricity_usd_per_kwh
         figs["cost/energy_usd"] = Figure(total_kwh * self.carbon_cfg.pue * price, "USD", weakest(e_prov, "estimated"),
                                          f"facility kWh x configured price {price:g} USD/kWh")

@@ -134,6 +134,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     model = instantiate(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans)
     if worker is not None:  # every worker trains on its own disjoint shard
         data.train = federated.shard_loader(data.train, worker.rank, worker.world_size)
+    task = instantiate(cfg.task) if cfg.get("task") is not None else None  # None: classification
     optim = instantiate(cfg.optim)
     trainer_cfg = instantiate(cfg.trainer)
     policies = [*schedulers, *build_policies(cfg, groups=POLICY_GROUPS[1:])]
@@ -162,7 +163,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     try:
         trainer = Trainer(model, data.train, optim, trainer_cfg, val_loader=data.val, test_loader=data.test,
                           policies=[*report.policies(), *policies, carried], sinks=[Fanout(jsonl, tracker)],
-                          batch_size=data.batch_size, run_dir=str(run_dir))
+                          batch_size=data.batch_size, run_dir=str(run_dir), task=task)
         state = trainer.fit()
         say = log.info if trainer_cfg.progress and rank == 0 else log.debug  # the minute after the last step
         say("measuring the run's figures (energy, carbon, model size, FLOPs, inference latency)")

@@ -26,7 +26,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 #: arguments the runner passes itself, per top-level group
 RUNNER_SUPPLIED: dict[str, set[str]] = {"model": {"num_classes", "in_chans"}, "data": {"seed"}}
 #: groups whose `_target_` objects are cheap to construct, so construction-time checks run in validate
-CONSTRUCT_GROUPS = {"carbon", "energy", "optim", "trainer", "tracker", "scheduler", "efficiency", "compression", "checkpointing",
+CONSTRUCT_GROUPS = {"task", "carbon", "energy", "optim", "trainer", "tracker", "scheduler", "efficiency", "compression", "checkpointing",
                     "federated", "policies"}
 
 
@@ -42,6 +42,8 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
 
     data: Any = _Lazy("greenstack.data.builders")
     models: Any = _Lazy("greenstack.models.builders")
+    hf: Any = _Lazy("greenstack.data.hf")
+    lm: Any = _Lazy("greenstack.data.lm")
 
     def timm(node: dict[str, Any], path: str) -> list[Problem]:
         return models.check_timm_name(node.get("name"), key=f"{path}.name")
@@ -61,6 +63,7 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
         "greenstack.models.build_timm": timm,
         "greenstack.models.builders.build_timm": timm,
         "greenstack.models.build_transformers": transformers,
+        "greenstack.models.build_causal_lm": transformers,
         "greenstack.models.builders.build_transformers": transformers,
         "greenstack.data.image_folder": folder,
         "greenstack.data.text_csv": text,
@@ -68,7 +71,69 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
                                                         + _local_dir(n.get("tokenizer", "minilm"), f"{p}.tokenizer")),
         "greenstack.data.synthetic_image": lambda n, p: data.check_data_options(n, p),
         "greenstack.data.digits": lambda n, p: data.check_data_options(n, p),
+        "greenstack.data.hf_local": lambda n, p: hf.check_hf_local(n, p),
+        "greenstack.data.python_stdlib": lambda n, p: lm.check_tokenizer_spec(n.get("tokenizer", "byte"), f"{p}.tokenizer"),
     }
+
+
+#: (modality, label kind) each data builder yields; hf_local/stream depend on their label column
+DATA_KINDS: dict[str, tuple[str, str]] = {
+    "greenstack.data.digits": ("image", "class"), "greenstack.data.synthetic_image": ("image", "class"),
+    "greenstack.data.image_folder": ("image", "class"), "greenstack.data.text_csv": ("text", "class"),
+    "greenstack.data.synthetic_text": ("text", "class"), "greenstack.data.python_stdlib": ("text", "next_token"),
+}
+LABELLED_TEXT = ("greenstack.data.hf_local", "greenstack.data.stream")
+#: (modality, label kinds) each model builder can learn
+MODEL_KINDS: dict[str, tuple[str, frozenset[str]]] = {
+    "greenstack.models.build_timm": ("image", frozenset({"class", "value"})),
+    "greenstack.models.build_transformers": ("text", frozenset({"class", "value"})),
+    "greenstack.models.build_causal_lm": ("text", frozenset({"next_token"})),
+}
+_LABELS = {"class": "class labels", "value": "real-valued labels", "next_token": "next-token (language-model) text"}
+
+
+def _data_kind(node: dict[str, Any]) -> tuple[str, str] | None:
+    target = str(node.get("_target_", "")).replace(".builders.", ".").replace(".lm.", ".").replace(".hf.", ".")
+    if target in LABELLED_TEXT:
+        if node.get("label_column") is None:
+            return "text", "next_token"
+        return "text", "value" if node.get("label_kind") == "value" else "class"
+    return DATA_KINDS.get(target)
+
+
+def check_task_fit(body: dict[str, Any]) -> list[Problem]:
+    """Task, model and data that cannot train together (e.g. task=causal_lm on images), all reported."""
+    task_node, data_node, model_node = (body.get(k) if isinstance(body.get(k), dict) else {}
+                                        for k in ("task", "data", "model"))
+    try:
+        task_cls = import_target(str(task_node["_target_"])) if task_node.get("_target_") else None
+    except ConfigError:
+        return []  # reported by the signature checks
+    wanted = getattr(task_cls, "target", "class") if task_cls is not None else "class"
+    task_name = getattr(task_cls, "name", "classification")
+    data = _data_kind(data_node)
+    model_target = str(model_node.get("_target_", "")).replace(".builders.", ".")
+    model = MODEL_KINDS.get(model_target)
+    problems = []
+    if data is not None and data[1] != wanted:
+        problems.append(Problem("data._target_", data_node.get("_target_"),
+                                f"task={task_name} learns from {_LABELS[wanted]}, but this data gives {_LABELS[data[1]]}",
+                                {"next_token": "use data=python_stdlib, data=hf_local or data=stream without a "
+                                               "label_column", "class": "use a labelled data set (e.g. data=digits, "
+                                                                        "text_csv, or hf_local with data.label_column)",
+                                 "value": "use data=hf_local with data.label_column and data.label_kind=value"}[wanted]))
+    if model is not None and wanted not in model[1]:
+        problems.append(Problem("model._target_", model_node.get("_target_"),
+                                f"task={task_name} needs a model for {_LABELS[wanted]}; this builder makes one for "
+                                f"{' or '.join(_LABELS[k] for k in sorted(model[1]))}",
+                                "use model=gpt2_tiny (or build_causal_lm) for causal_lm; model=timm, bert_tiny or "
+                                "minilm otherwise"))
+    if model is not None and data is not None and model[0] != data[0]:
+        problems.append(Problem("model._target_", model_node.get("_target_"),
+                                f"a {model[0]} model cannot read {data[0]} data ({data_node.get('_target_')})",
+                                f"pick a {data[0]} model" + (" (model=timm)" if data[0] == "image" else
+                                                             " (model=bert_tiny, minilm or gpt2_tiny)")))
+    return problems
 
 
 def _local_dir(name: Any, key: str) -> list[Problem]:
@@ -243,6 +308,7 @@ def validate_config(cfg: DictConfig) -> list[Problem]:
     said = {p.key for p in non_finite}  # "must be finite" says it all; no second row for the same key
     problems += non_finite + [p for p in walked if p.key not in said]
     problems += _device_available(cfg)
+    problems += check_task_fit(container)  # type: ignore[arg-type]
     problems += importlib.import_module("greenstack.federated.config").check_federated(body)
     if not isinstance(cfg.get("seed", 0), int):
         problems.append(Problem("seed", cfg.get("seed"), "expected int"))

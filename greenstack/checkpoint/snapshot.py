@@ -108,6 +108,7 @@ def capture(state: State, meta: dict[str, Any] | None = None, *, model: dict[str
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": [t.clone() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
         "loader_rng": state.loader_rng.clone() if state.loader_rng is not None else None,
+        "tokens_seen": state.tokens_seen,
     }
     rng = {"python": _jsonable(random.getstate()),
            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
@@ -163,4 +164,5 @@ def apply_snapshot(snapshot: Snapshot, state: State) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     state.step, state.epoch = snapshot.step, snapshot.epoch
     state.batch_in_epoch, state.samples_seen = snapshot.batch_in_epoch, snapshot.samples_seen
+    state.tokens_seen = int(t.get("tokens_seen", 0))
     state.resume = {"loader_rng": t.get("loader_rng"), "batch_in_epoch": snapshot.batch_in_epoch}

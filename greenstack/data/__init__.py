@@ -8,5 +8,7 @@ from greenstack.data.builders import (
     synthetic_text,
     text_csv,
 )
+from greenstack.data.hf import hf_local
+from greenstack.data.lm import python_stdlib
 
-__all__ = ["DataModule", "digits", "image_folder", "synthetic_image", "synthetic_text", "text_csv"]
+__all__ = ["DataModule", "digits", "hf_local", "image_folder", "synthetic_image", "python_stdlib", "synthetic_text", "text_csv"]

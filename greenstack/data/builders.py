@@ -41,6 +41,10 @@ class DataModule:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     #: text runs: the tokenizer used, saved with the model so the run's model can be used for prediction
     tokenizer: Any = None
+    #: what the labels are ("class", "value" or "next_token"), matched against the task
+    target: Literal["class", "value", "next_token"] = "class"
+    #: figures about the data for sustainability.json (e.g. a corpus's unigram perplexity baseline)
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         return {name: len(loader.dataset) for name, loader in  # type: ignore[arg-type]
@@ -292,8 +296,8 @@ class _TextDataset(Dataset):
 class PadCollate:
     """Pads each batch to its own longest sequence (not a global max length)."""
 
-    def __init__(self, pad_id: int, multiple_of: int = 1) -> None:
-        self.pad_id, self.multiple_of = pad_id, multiple_of
+    def __init__(self, pad_id: int, multiple_of: int = 1, label_dtype: torch.dtype = torch.long) -> None:
+        self.pad_id, self.multiple_of, self.label_dtype = pad_id, multiple_of, label_dtype
 
     def __call__(self, batch: list[tuple[list[int], int]]) -> dict[str, Any]:
         length = max(len(ids) for ids, _ in batch)
@@ -303,7 +307,7 @@ class PadCollate:
         for i, (ids, _) in enumerate(batch):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
-        labels = torch.tensor([label for _, label in batch], dtype=torch.long)
+        labels = torch.tensor([label for _, label in batch], dtype=self.label_dtype)
         return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "labels": labels}
 
 

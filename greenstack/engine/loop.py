@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
@@ -25,6 +24,8 @@ from greenstack.engine.policy import Policy
 from greenstack.engine.resize import BatchResize
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
+from greenstack.tasks.base import Task, model_outputs
+from greenstack.tasks.classification import Classification
 
 log = logging.getLogger("greenstack")
 
@@ -105,11 +106,8 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Logits for a batch `{"inputs": tensor | dict, "labels": tensor}` from timm or transformers models."""
-    inputs = batch["inputs"]
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return out.logits if hasattr(out, "logits") else out
+#: logits for a batch `{"inputs": tensor | dict, "labels": tensor}` from timm or transformers models
+forward = model_outputs
 
 
 def _limited(loader: Iterable, limit: int | None) -> Iterable:
@@ -120,13 +118,18 @@ def _limited(loader: Iterable, limit: int | None) -> Iterable:
 
 
 class Trainer:
-    """Runs one fit: dispatches events to policies (in order) and writes metrics to sinks."""
+    """Runs one fit: dispatches events to policies (in order) and writes metrics to sinks.
+
+    The `task` (default: classification) supplies the loss, the evaluation metrics and the counts.
+    """
 
     def __init__(self, model: torch.nn.Module, train_loader: Sequence | Iterable, optim: Optim,
                  config: TrainerConfig, *, val_loader: Iterable | None = None,
                  test_loader: Iterable | None = None, policies: Sequence[Policy] = (),
-                 sinks: Sequence[MetricSink] = (), batch_size: int = 0, run_dir: str | None = None) -> None:
+                 sinks: Sequence[MetricSink] = (), batch_size: int = 0, run_dir: str | None = None,
+                 task: Task | None = None) -> None:
         self.config = config
+        self.task = task if task is not None else Classification()
         self.device = resolve_device(config.device)
         self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
         self.policies = list(policies)
@@ -140,7 +143,7 @@ class Trainer:
         optimizer, lr_scheduler = optim.build(model.parameters(), max_steps)
         self.state = State(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, device=self.device,
                            max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                           run_dir=run_dir, train_loader=train_loader,
+                           run_dir=run_dir, train_loader=train_loader, task=self.task,
                            optim_factory=lambda params: optim.build(params, self.state.max_steps))
         self.state.set_batch_size = self.set_batch_size
         self.state.evaluate = self.evaluate_split
@@ -249,27 +252,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: Iterable, prefix: str, *, model: torch.nn.Module | None = None,
                  record: bool = True) -> dict[str, float]:
-        """Loss and accuracy over `loader` (at most `limit_eval_batches` batches)."""
+        """The task's evaluation figures over `loader` (at most `limit_eval_batches` batches)."""
         state = self.state
         model = state.model if model is None else model
         was_training = model.training
         model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        count = 0
+        evaluator = self.task.evaluator(self.device)
         for batch in _limited(loader, self.config.limit_eval_batches):
             batch = move_to(batch, self.device)
             with self._autocast():
-                logits = forward(model, batch)
-            labels = batch["labels"]
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-            correct += (logits.argmax(-1) == labels).sum()
-            count += labels.numel()
+                outputs = self.task.outputs(model, batch)
+            evaluator.update(outputs, batch)
         model.train(was_training)
-        if count == 0:
+        result = evaluator.compute(prefix)
+        if not result:
             return {}
-        result = {f"{prefix}/loss": loss_sum.item() / count, f"{prefix}/accuracy": correct.item() / count,
-                  f"{prefix}/samples": count}
         if record:
             self.last_eval.update(result)
         return {**result, "epoch": state.epoch}
@@ -346,7 +343,8 @@ class Trainer:
         running_loss = torch.zeros((), device=self.device)
         running_count = 0
         last_eval_step = -1
-        log_t0, log_samples = time.perf_counter(), 0
+        log_t0, log_samples, log_tokens = time.perf_counter(), 0, 0
+        task = self.task
         generator = getattr(self.train_loader, "generator", None)
         while state.step < state.max_steps and not state.stop:
             skip = 0
@@ -365,12 +363,13 @@ class Trainer:
                 if i < skip:
                     continue
                 t0 = time.perf_counter()
+                tokens = task.tokens(batch)  # on the host batch: no device sync
                 state.batch = move_to(batch, self.device)
                 self.dispatch(Event.BATCH_START)
                 with self._autocast():
-                    logits = forward(state.model, state.batch)
-                    loss = F.cross_entropy(logits.float(), state.batch["labels"])
-                state.outputs, state.loss = logits, loss
+                    outputs = task.outputs(state.model, state.batch)
+                    loss = task.loss(outputs, state.batch)
+                state.outputs, state.loss = outputs, loss
                 self.dispatch(Event.AFTER_FORWARD)
                 self._track_finite(state.loss)
                 scaled = state.loss / cfg.grad_accum
@@ -378,9 +377,11 @@ class Trainer:
                     scaled = state.grad_scaler.scale(scaled)
                 scaled.backward()
                 self.dispatch(Event.AFTER_BACKWARD)
-                n = state.batch["labels"].shape[0]
+                n = task.samples(state.batch)
                 state.samples_seen += n
+                state.tokens_seen += tokens
                 log_samples += n
+                log_tokens += tokens
                 running_loss += state.loss.detach()
                 running_count += 1
                 micro += 1
@@ -398,8 +399,10 @@ class Trainer:
                         "lr": state.optimizer.param_groups[0]["lr"], "epoch": state.epoch,
                         "train/samples_per_s": log_samples / elapsed if elapsed > 0 else math.nan,
                     })
+                    if log_tokens:
+                        state.metrics["train/tokens_per_s"] = log_tokens / elapsed if elapsed > 0 else math.nan
                     running_loss.zero_()
-                    running_count, log_t0, log_samples = 0, time.perf_counter(), 0
+                    running_count, log_t0, log_samples, log_tokens = 0, time.perf_counter(), 0, 0
                     progress.loss = state.metrics["train/loss"]
                     if not math.isfinite(state.metrics["train/loss"]):
                         self._flush()  # the diverged loss is on record (as null in metrics.jsonl)

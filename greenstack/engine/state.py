@@ -29,6 +29,8 @@ class State:
     epoch: int = 0
     batch_in_epoch: int = 0
     samples_seen: int = 0
+    #: target tokens trained on (tasks that count tokens, e.g. causal_lm; 0 otherwise)
+    tokens_seen: int = 0
     batch: Any = None
     outputs: Any = None
     loss: torch.Tensor | None = None
@@ -60,6 +62,8 @@ class State:
     #: `check_finite()` raises NonFiniteLoss if a loss so far was nan/inf (one host sync): set by the loop,
     #: called by checkpointing before it captures a snapshot, so a diverged state is never saved
     check_finite: Callable[[], None] | None = None
+    #: the run's task (loss, evaluation, counts): policies that compute a loss themselves use it
+    task: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

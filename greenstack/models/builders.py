@@ -167,3 +167,46 @@ def _log_new_head(info: dict[str, Any], directory: Path, num_classes: int) -> No
     if other:
         log.warning("model: %d weights not in %s were initialised randomly: %s", len(other), directory,
                     ", ".join(other[:8]) + (" ..." if len(other) > 8 else ""))
+
+
+def build_causal_lm(num_classes: int, path: str | None = None, config: dict[str, Any] | None = None,
+                    attn_implementation: str | None = None, **_: Any) -> torch.nn.Module:
+    """`AutoModelForCausalLM` from a local directory (`path`) or from a config dict (random init).
+
+    A config dict needs `model_type` (e.g. "gpt2", "llama") plus any sizes. The vocabulary is the
+    data's (the runner passes the tokenizer's size as `num_classes`) unless the config sets a larger
+    `vocab_size`.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if path:
+        directory = resolve_local_model_dir(path)
+        with quiet_transformers_load():
+            model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, **kwargs)
+        if model.get_input_embeddings().num_embeddings < num_classes:
+            raise ConfigError(f"the model's vocabulary ({model.get_input_embeddings().num_embeddings}) is smaller "
+                              f"than the tokenizer's ({num_classes})", key="model.path", value=path,
+                              fix="use the model's own tokenizer as data.tokenizer")
+        return model
+    if not config or "model_type" not in config:
+        raise ConfigError("a causal LM needs either `path` (local directory) or `config` with a `model_type`",
+                          key="model.config", value=config, fix="e.g. model=gpt2_tiny")
+    config = dict(config)
+    model_type = config.pop("model_type")
+    vocab = config.pop("vocab_size", None) or num_classes
+    for special in ("bos_token_id", "eos_token_id"):  # architecture defaults (e.g. GPT-2's 50256) may not fit
+        config.setdefault(special, None)
+    if vocab < num_classes:
+        raise ConfigError(f"vocab_size {vocab} is smaller than the tokenizer's vocabulary ({num_classes})",
+                          key="model.config.vocab_size", value=vocab, fix="remove it: the data's vocabulary is used")
+    try:
+        hf_config = AutoConfig.for_model(model_type, vocab_size=vocab, **config)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0], key="model.config.model_type", value=model_type) from e
+    with quiet_transformers_load():
+        return AutoModelForCausalLM.from_config(hf_config, **kwargs)

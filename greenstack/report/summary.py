@@ -26,6 +26,7 @@ from greenstack.engine.state import State
 from greenstack.io import atomic_write_json, publish
 from greenstack.measure import Measurement, measure_latency_ms, write_emissions_csv
 from greenstack.provenance import Figure
+from greenstack.tasks import Classification
 
 log = logging.getLogger("greenstack")
 
@@ -108,15 +109,17 @@ class RunReport:
                                        "sum of parameter numel"),
         }
         final = trainer.last_eval
-        for key in ("val/accuracy", "test/accuracy", "test/loss"):
+        task = getattr(trainer, "task", None) or Classification()
+        for key, unit in task.report.items():  # the task's evaluation figures
             if key in final:
-                metrics[key] = Figure(final[key], "fraction" if "accuracy" in key else "nats", "measured",
-                                      f"evaluation on the {key.split('/')[0]} split")
+                metrics[key] = Figure(final[key], unit, "measured", f"evaluation on the {key.split('/')[0]} split")
+        for key, fig in getattr(data, "figures", {}).items():  # e.g. a corpus's unigram baseline
+            metrics[key] = fig
         latency, size = None, 0
         if self.measurement is not None:
             batch = state.batch
             latency = measure_latency_ms(state.model, batch)
-            size = int(batch["labels"].shape[0]) if isinstance(batch, dict) else 0
+            size = task.samples(batch) if isinstance(batch, dict) else 0
         return self.complete(state, metrics, policies, latency_ms=latency, latency_batch=size)
 
     def complete(self, state: State, figures: dict[str, Figure], policies: list[Policy], *,
@@ -193,11 +196,17 @@ class RunReport:
     def _progress_figures(self, state: State) -> dict[str, Figure]:
         duration = self.clock.duration_s if self.clock.ended_at is not None or not self.clock._t0 \
             else time.perf_counter() - self.clock._t0
-        return {
+        figures = {
             "time/duration_s": Figure(round(duration, 3), "s", "measured", "time.perf_counter"),
             "train/steps": Figure(state.step, "steps", "measured", "loop"),
             "train/samples": Figure(state.samples_seen, "samples", "measured", "loop"),
         }
+        if state.tokens_seen:  # tasks that count tokens (causal_lm)
+            figures["train/tokens"] = Figure(state.tokens_seen, "tokens", "measured", "loop: target tokens trained on")
+            figures["efficiency/tokens_per_s"] = Figure(
+                state.tokens_seen / duration if duration > 0 else None, "tokens/s", "measured",
+                "training target tokens / time/duration_s (time.perf_counter)")
+        return figures
 
     def _write_emissions(self, state: State, row: dict[str, Any]) -> None:
         if row and state.rank == 0:
