@@ -44,6 +44,7 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
     models: Any = _Lazy("greenstack.models.builders")
     hf: Any = _Lazy("greenstack.data.hf")
     lm: Any = _Lazy("greenstack.data.lm")
+    streaming: Any = _Lazy("greenstack.data.streaming")
 
     def timm(node: dict[str, Any], path: str) -> list[Problem]:
         return models.check_timm_name(node.get("name"), key=f"{path}.name")
@@ -73,6 +74,7 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
         "greenstack.data.digits": lambda n, p: data.check_data_options(n, p),
         "greenstack.data.hf_local": lambda n, p: hf.check_hf_local(n, p),
         "greenstack.data.python_stdlib": lambda n, p: lm.check_tokenizer_spec(n.get("tokenizer", "byte"), f"{p}.tokenizer"),
+        "greenstack.data.stream": lambda n, p: streaming.check_stream(n, p),
     }
 
 
@@ -93,7 +95,7 @@ _LABELS = {"class": "class labels", "value": "real-valued labels", "next_token":
 
 
 def _data_kind(node: dict[str, Any]) -> tuple[str, str] | None:
-    target = str(node.get("_target_", "")).replace(".builders.", ".").replace(".lm.", ".").replace(".hf.", ".")
+    target = str(node.get("_target_", "")).replace(".builders.", ".").replace(".lm.", ".").replace(".hf.", ".").replace(".streaming.", ".")
     if target in LABELLED_TEXT:
         if node.get("label_column") is None:
             return "text", "next_token"

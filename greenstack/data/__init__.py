@@ -10,5 +10,6 @@ from greenstack.data.builders import (
 )
 from greenstack.data.hf import hf_local
 from greenstack.data.lm import python_stdlib
+from greenstack.data.streaming import stream
 
-__all__ = ["DataModule", "digits", "hf_local", "image_folder", "synthetic_image", "python_stdlib", "synthetic_text", "text_csv"]
+__all__ = ["DataModule", "digits", "hf_local", "image_folder", "synthetic_image", "python_stdlib", "stream", "synthetic_text", "text_csv"]
