@@ -130,6 +130,13 @@ def check_task_fit(body: dict[str, Any]) -> list[Problem]:
                                 f"{' or '.join(_LABELS[k] for k in sorted(model[1]))}",
                                 "use model=gpt2_tiny (or build_causal_lm) for causal_lm; model=timm, bert_tiny or "
                                 "minilm otherwise"))
+    compression = body.get("compression") if isinstance(body.get("compression"), dict) else {}
+    for name, spec in compression.items():
+        if wanted != "class" and isinstance(spec, dict) and str(spec.get("_target_", "")).endswith(".Distillation"):
+            problems.append(Problem(f"compression.{name}", spec.get("_target_"),
+                                    f"distillation works on classification logits only (per-sample soft labels over "
+                                    f"classes, a student rebuilt from a classifier spec); task={task_name} is not supported",
+                                    "use compression=none, prune or qat with this task"))
     if model is not None and data is not None and model[0] != data[0]:
         problems.append(Problem("model._target_", model_node.get("_target_"),
                                 f"a {model[0]} model cannot read {data[0]} data ({data_node.get('_target_')})",

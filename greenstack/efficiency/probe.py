@@ -212,12 +212,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def probe_loss(outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The loss a probe step uses, chosen by the batch's label shape as the built-in tasks make them:
+    class labels (cross-entropy, as the loop), next-token labels (per-token cross-entropy), real values (MSE)."""
+    labels = batch["labels"]
+    if labels.is_floating_point():
+        from greenstack.tasks.regression import Regression
+
+        return Regression().loss(outputs, batch)
+    if labels.ndim >= 2 and outputs.ndim == labels.ndim + 1:
+        from greenstack.tasks.causal_lm import CausalLM
+
+        return CausalLM().loss(outputs, batch)
+    return F.cross_entropy(outputs.float(), labels)
+
+
 def train_step(model: torch.nn.Module, batch: Batch, *, device: torch.device, autocast_dtype: torch.dtype | None,
                optimizer: torch.optim.Optimizer | None = None) -> None:
     """One forward + loss + backward (+ optimizer step) exactly as the loop does it; gradients cleared."""
     with autocast(device, autocast_dtype):
         logits = forward(model, batch)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        loss = probe_loss(logits, batch)
     loss.backward()
     if optimizer is not None:
         optimizer.step()
@@ -243,7 +258,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: Batch, *, device: torc
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, autocast_dtype):
         logits = forward(model, batch)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        loss = probe_loss(logits, batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return int(sum(storages.values()))

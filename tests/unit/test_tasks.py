@@ -155,8 +155,23 @@ def test_validate_reports_task_model_and_data_mismatches_at_once():
     assert any("text model cannot read image data" in p.reason for p in problems)
     assert any("class labels" in p.reason for p in problems)
     assert [p.key for p in validate_config(_compose("task=regression", "data=digits"))] == ["data._target_"]
+    problems = validate_config(_compose("recipe=lm_tiny", "compression=distill"))
+    assert [p.key for p in problems] == ["compression.distill"] and "classification logits only" in problems[0].reason
 
 
 def test_lm_tiny_recipe_validates_clean():
     assert validate_config(_compose("recipe=lm_tiny")) == []
     assert validate_config(_compose("recipe=lm_tiny", "data.tokenizer=bpe:12")) != []
+
+
+def test_efficiency_probes_use_the_loss_of_the_batch_shape():
+    from greenstack.efficiency.probe import probe_loss
+
+    torch.manual_seed(0)
+    lm = {"labels": torch.tensor([[1, 2, -100]])}
+    logits = torch.randn(1, 3, 5)
+    assert torch.equal(probe_loss(logits, lm), CausalLM().loss(logits, lm))
+    cls = {"labels": torch.tensor([1, 0])}
+    assert torch.equal(probe_loss(logits[0, :2], cls), F.cross_entropy(logits[0, :2], cls["labels"]))
+    reg = {"labels": torch.tensor([0.5, 1.0])}
+    assert torch.equal(probe_loss(torch.ones(2, 1), reg), Regression().loss(torch.ones(2, 1), reg))
