@@ -19,8 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from greenstack.checkpoint.fingerprint import training_config
+from greenstack.engine.determinism import Determinism, seed_loaders
 from greenstack.engine.loop import Trainer
 from greenstack.engine.policy import Policy
+from greenstack.engine.replay import apply_replay, load_decisions
 from greenstack.errors import ConfigError, RunInterrupted
 from greenstack.federated import launch as federated
 from greenstack.launch import preemption
@@ -73,9 +75,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return federated.spawn(cfg, run_dir)
     worker = federated.join(cfg)  # None unless federated=ddp/geo
     finished = False
+    determinism = Determinism(cfg.trainer.get("deterministic", False))
     try:
-        with _sigterm_raises():
-            summary = _run(cfg, run_dir, worker)
+        # determinism before anything touches the device (CUBLAS_WORKSPACE_CONFIG)
+        with _sigterm_raises(), determinism.applied():
+            summary = _run(cfg, run_dir, worker, determinism)
         finished = True
         return summary
     except BaseException as e:
@@ -119,7 +123,8 @@ def end_status(error: BaseException) -> str:
     return "interrupted" if isinstance(error, (KeyboardInterrupt, Preempted)) else "failed"
 
 
-def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None) -> dict[str, Any]:
+def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None,
+         determinism: Determinism) -> dict[str, Any]:
     rank = worker.rank if worker is not None else int(os.environ.get("RANK", "0") or 0)
     run_id = load_or_create_run_id(run_dir) if worker is None else federated.shared_run_id(run_dir, worker)
     audit = run_audit_log(run_dir, actor=f"run {run_id}")
@@ -127,17 +132,23 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None)
     # when to start is decided before anything is built: a run waiting for its low-carbon window holds
     # no model, data or device memory and shows no half-started tracker run
     schedulers = build_policies(cfg, groups=("scheduler",))
+    source = (cfg.get("efficiency") or {}).get("decisions_from")
+    recorded = load_decisions(source) if source else None  # efficiency.decisions_from: replay that run's choices
+    apply_replay(recorded, schedulers)
     attach_to_recorders(audit, schedulers)  # scheduler decisions go to audit.jsonl as they are taken
     carried = start_when_scheduled(schedulers, run_dir)
     seed_everything(int(cfg.seed))
     data = instantiate(cfg.data, seed=int(cfg.seed))
+    if determinism.enabled:
+        seed_loaders([data.train, data.val, data.test], int(cfg.seed))
     model = instantiate(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans)
     if worker is not None:  # every worker trains on its own disjoint shard
         data.train = federated.shard_loader(data.train, worker.rank, worker.world_size)
     task = instantiate(cfg.task) if cfg.get("task") is not None else None  # None: classification
     optim = instantiate(cfg.optim)
     trainer_cfg = instantiate(cfg.trainer)
-    policies = [*schedulers, *build_policies(cfg, groups=POLICY_GROUPS[1:])]
+    policies = [determinism, *schedulers, *build_policies(cfg, groups=POLICY_GROUPS[1:])]
+    apply_replay(recorded, policies[1 + len(schedulers):])
     flat = training_config(cfg)
     for policy in policies:  # checkpoints record the training config they belong to; resume checks it
         bind = getattr(policy, "bind_run_config", None)

@@ -172,6 +172,11 @@ def import_target(path: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -319,6 +324,7 @@ def validate_config(cfg: DictConfig) -> list[Problem]:
     problems += _device_available(cfg)
     problems += check_task_fit(container)  # type: ignore[arg-type]
     problems += importlib.import_module("greenstack.federated.config").check_federated(body)
+    problems += importlib.import_module("greenstack.engine.replay").check_decisions_from(body)
     if not isinstance(cfg.get("seed", 0), int):
         problems.append(Problem("seed", cfg.get("seed"), "expected int"))
     return problems

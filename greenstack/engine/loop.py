@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -56,9 +56,17 @@ class TrainerConfig:
     progress: bool = True
     #: when output is not a terminal (redirected, piped, a batch log): seconds between plain progress lines
     progress_interval_s: float = 30.0
+    #: false | true | warn: reproducible kernels, seeded loaders, frozen timing-based decisions
+    #: (greenstack/engine/determinism.py)
+    deterministic: bool | Literal["warn"] = False
 
     def __post_init__(self) -> None:
+        from greenstack.engine.determinism import check_mode
+
         problems: list[Problem] = []
+        bad_mode = check_mode(self.deterministic)
+        if bad_mode is not None:
+            problems.append(bad_mode)
         for key in ("max_duration", "eval_interval"):
             try:
                 d = Duration.parse(getattr(self, key), key=f"trainer.{key}")
@@ -144,7 +152,8 @@ class Trainer:
         self.state = State(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, device=self.device,
                            max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
                            run_dir=run_dir, train_loader=train_loader, task=self.task,
-                           optim_factory=lambda params: optim.build(params, self.state.max_steps))
+                           optim_factory=lambda params: optim.build(params, self.state.max_steps),
+                           deterministic=config.deterministic is True or config.deterministic == "warn")
         self.state.set_batch_size = self.set_batch_size
         self.state.evaluate = self.evaluate_split
         self.state.check_finite = self.check_finite

@@ -65,6 +65,9 @@ class State:
     #: the run's task (loss, evaluation, counts): policies that compute a loss themselves use it
     task: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: trainer.deterministic is true or warn: timing-based decisions keep the current configuration
+    #: unless they are replayed from a recorded run (greenstack/engine/replay.py)
+    deterministic: bool = False
 
     @property
     def progress(self) -> float:

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM at a random step, resume, and end bit-identical to an uninterrupted run."""
+"""Preemption: SIGTERM at a random step, resume, and end bit-identical to an uninterrupted run
+(with trainer.deterministic=true, which also makes it hold on CUDA; benchmarks/gpu_check.sh runs it there)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.conftest import _env
 RUN = ["data=synthetic_image", "data.num_samples=160", "data.batch_size=16", "data.image_size=32",
        "model.name=resnet18", "trainer.max_duration=3ep", "trainer.log_interval=1", "trainer.progress=false",
        "tracker=wandb", "checkpointing=hierarchical", "checkpointing.memory_every=1",
-       "checkpointing.local_every=2", "energy.interval_s=0.2"]
+       "checkpointing.local_every=2", "energy.interval_s=0.2", "trainer.deterministic=true"]
 
 
 def _cmd(run_dir, *extra):
@@ -61,6 +62,7 @@ def test_sigterm_at_random_steps_then_resume_is_bit_identical(tmp_path):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         summary = json.loads((run_dir / "sustainability.json").read_text())
         assert "checkpoint/resumed_from" in summary["metrics"]
+        assert summary["metrics"]["trainer/deterministic"]["value"] == 1  # the run records how it ran
         got = _weights(run_dir)
         assert got.keys() == expected.keys()
         assert all((got[k] == expected[k]).all() for k in expected), f"weights differ after resume at {stop_at}"

@@ -24,6 +24,10 @@ from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
 MODES = ("auto", "on", "off")
+#: why an `auto` policy of a deterministic run did not measure (timings differ from run to run)
+FROZEN_WHY = ("trainer.deterministic: timing-based choice frozen, kept the current configuration "
+              "(replay a measured run's choices with efficiency.decisions_from=RUN_DIR)")
+RESTORED_WHY = "decision restored from the checkpoint"
 #: each variant of a probe runs at least this long (more rounds, up to 4x `probe_rounds`, for fast steps)
 MIN_PROBE_S = 0.5
 
@@ -94,6 +98,8 @@ class EfficiencyPolicy(Policy):
         self.reason = ""
         self.figures: dict[str, Figure] = {}
         self.restored: dict[str, Any] | None = None
+        #: how `restored` came about, for decision lines (a checkpoint, or a replayed run's record)
+        self.restored_why = RESTORED_WHY
         self.decided = False
 
     def param(self, name: str) -> str:
@@ -124,6 +130,18 @@ class EfficiencyPolicy(Policy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.restored = dict(state)
         self.decisions = list(state.get("decisions", []))
+
+    def replay(self, entries: list[dict[str, Any]], source: str) -> bool:
+        """Take the recorded run's first decision instead of measuring (`efficiency.decisions_from`).
+
+        `entries` are this policy's decision records from that run's audit log, in order; the first one
+        with an on/off choice is the measured one (a resumed run later repeats it as "restored").
+        """
+        first = next((e for e in entries if isinstance(e.get("on"), bool)), None)
+        if first is None:
+            return False
+        self.restored, self.restored_why = dict(first), f"decision replayed from {source}"
+        return True
 
     def summary(self) -> dict[str, Any]:
         figures = dict(self.figures)
@@ -222,14 +240,21 @@ class ProbingPolicy(EfficiencyPolicy):
             return None
         return bool(self.restored["on"])
 
+    def frozen(self, state: State) -> bool:
+        """A deterministic run's `auto` choice with no recorded decision: keep the current configuration."""
+        return state.deterministic and self.mode == "auto" and self.restored_choice() is None
+
     def settled_without_probe(self, state: State, apply: Callable[[State, bool, str], None]) -> bool:
-        """mode=off, or a decision restored from a checkpoint: nothing to measure. True when settled
-        (`apply(state, on, reason)` has been called for a restored decision)."""
+        """mode=off, a decision restored from a checkpoint or replayed from a recorded run, or a frozen
+        deterministic choice: nothing to measure. True when settled (`apply(state, on, reason)` called)."""
         if self.mode == "off":
             self.decide(state, False, "mode=off")
             return True
         restored = self.restored_choice()
         if restored is not None:
-            apply(state, restored, "decision restored from the checkpoint")
+            apply(state, restored, self.restored_why)
+            return True
+        if self.frozen(state):
+            apply(state, False, FROZEN_WHY)
             return True
         return False

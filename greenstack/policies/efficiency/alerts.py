@@ -40,13 +40,21 @@ from greenstack.efficiency.probe import device_memory_bytes, isolated, synchroni
 from greenstack.engine.events import Event
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import EfficiencyPolicy, is_number, sample_batch, train_loader_of
+from greenstack.policies.efficiency._common import (
+    FROZEN_WHY,
+    EfficiencyPolicy,
+    is_number,
+    sample_batch,
+    train_loader_of,
+)
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
 PAUSE_KEY = "pause_requested"
 BATCH_REQUEST_KEY = "batch_size_request"  # = greenstack.engine.resize.REQUEST_KEY
 CHANGES_KEY = "batch_size_changes"  # = greenstack.engine.resize.CHANGES_KEY
+#: alerts whose readings (GPU utilisation, memory in use) differ from run to run: frozen when deterministic
+TIMING_ALERTS = ("low_gpu_utilization", "memory_pressure")
 UTIL_METRIC, CARBON_METRIC, MEMORY_METRIC = ("efficiency/gpu_utilization", "carbon/intensity_g_per_kwh",
                                              "efficiency/memory_pressure")
 
@@ -164,9 +172,21 @@ class Alerts(EfficiencyPolicy):
         self.fired: dict[str, int] = dict.fromkeys(self.rules, 0)
         self._applied_seen = 0  # batch-size changes (state.extras) already logged as decisions
         self.acted: dict[str, int] = dict.fromkeys(self.rules, 0)
+        #: acting firings of the timing/utilisation-based alerts of a recorded run (efficiency.decisions_from)
+        self.replayed: list[dict[str, Any]] | None = None
+        self.replay_source = ""
+        #: deterministic run or replay: measured utilisation and memory no longer change the run
+        self.frozen = False
 
     def action(self, name: str) -> str:
-        return self.settings[name]["action"]
+        action = self.settings[name]["action"]
+        return "warn" if action == "act" and self.frozen and name in TIMING_ALERTS else action
+
+    def replay(self, entries: list[dict[str, Any]], source: str) -> bool:
+        """Act where the recorded run acted (same step, same batch size), instead of on live readings."""
+        self.replayed = [e for e in entries if e.get("acted") is True and e.get("alert") in TIMING_ALERTS]
+        self.replay_source = source
+        return True
 
     # -- events -----------------------------------------------------------------------------------
     def __call__(self, event: Event, state: State) -> None:
@@ -175,6 +195,8 @@ class Alerts(EfficiencyPolicy):
         elif event is Event.STEP_END:
             if len(state.extras.get(CHANGES_KEY, ())) > self._applied_seen:
                 self._record_applied(state)
+            if self.replayed:
+                self._replay_at(state, before_training=False)
             if self.action("low_gpu_utilization") != "off" and UTIL_METRIC in state.metrics:
                 self._utilization(state, float(state.metrics[UTIL_METRIC]))
             if self.action("carbon_intensity") != "off" and CARBON_METRIC in state.metrics:
@@ -189,7 +211,16 @@ class Alerts(EfficiencyPolicy):
     def _fit_start(self, state: State) -> None:
         if self.memory_reader is None:
             self.memory_reader = default_memory_reader(state.device)
-        if self.action("low_gpu_utilization") == "off":
+        self.frozen = state.deterministic or self.replayed is not None
+        if self.settings["low_gpu_utilization"]["action"] == "off":
+            return
+        if self.replayed is not None:
+            if state.step == 0:
+                self._replay_at(state, before_training=True)
+            return
+        if self.frozen:
+            log.info("alerts: low_gpu_utilization warns only — %s", FROZEN_WHY)
+            self.decisions.append(self._entry(state, alert="low_gpu_utilization", skipped=FROZEN_WHY))
             return
         if self.utilization_reader is None:
             self.utilization_reader = nvml_utilization_reader(state.device)
@@ -294,6 +325,41 @@ class Alerts(EfficiencyPolicy):
             state.request_stop(f"alerts.plateau: {did}")
         self._fire(state, "plateau", value, did, acted=act)
 
+    def _replay_at(self, state: State, *, before_training: bool) -> None:
+        """Repeat the recorded run's actions taken at this step (batch raised before training at FIT_START)."""
+        assert self.replayed is not None
+        for entry in self.replayed:
+            if entry.get("step") != state.step:
+                continue
+            name, target = str(entry["alert"]), entry.get("batch_size")
+            did = f"{entry.get('did', '')} ({'decision replayed from ' + self.replay_source})"
+            if name == "memory_pressure":
+                try:
+                    apply_activation_checkpointing(state.model)
+                except Unsupported as e:
+                    did = f"cannot turn on activation checkpointing: {e}"
+            elif not isinstance(target, int):
+                continue
+            elif "readings" in entry:  # raised before training
+                if not before_training or state.set_batch_size is None or target == state.batch_size:
+                    continue
+                start = int(state.batch_size)
+                state.set_batch_size(target)
+                factor = lr_scale_factor(start, target, self.settings["low_gpu_utilization"]["lr_scaling"])
+                scale_learning_rate_(state.optimizer, state.lr_scheduler, factor)
+            elif state.step > 0 and not before_training:
+                state.extras[BATCH_REQUEST_KEY] = {
+                    "batch_size": target, "reason": f"replayed from {self.replay_source}", "by": self.name,
+                    "step": state.step, "lr_scaling": self.settings["low_gpu_utilization"]["lr_scaling"]}
+            else:
+                continue
+            self.fired[name] += 1
+            self.acted[name] += 1
+            log.info("alerts: %s — %s", name, did)
+            kept = {k: entry[k] for k in ("readings",) if k in entry}  # a replay of this run replays the same
+            self.decisions.append(self._entry(state, alert=name, acted=True, replayed=True, did=did,
+                                              batch_size=target, **kept))
+
     # -- low utilisation before training ----------------------------------------------------------
     def _doubled(self, state: State, batch_size: int) -> int | None:
         loader = train_loader_of(state)
@@ -334,6 +400,10 @@ class Alerts(EfficiencyPolicy):
             batch = larger
         del model
         if not readings or not rule.beyond(readings[0]["utilization"]):
+            if readings:  # the check is on record too (a replay of this run then knows nothing acted)
+                self.decisions.append(self._entry(state, alert="low_gpu_utilization", acted=False, readings=readings,
+                                                  did=f"kept batch size {start}: utilisation "
+                                                      f"{readings[0]['utilization']:.3g} % ≥ {rule.threshold:g} %"))
             return
         first = readings[0]["utilization"]
         if batch == start or self.action("low_gpu_utilization") != "act":

@@ -16,7 +16,7 @@ from greenstack.efficiency.probe import Variant
 from greenstack.engine.events import Event
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import ProbeOutOfMemory, ProbingPolicy, device_words
+from greenstack.policies.efficiency._common import FROZEN_WHY, ProbeOutOfMemory, ProbingPolicy, device_words
 from greenstack.provenance import Figure
 
 
@@ -52,6 +52,9 @@ class MixedPrecision(ProbingPolicy):
         restored = self.restored_choice()
         if restored is not None:
             self._apply_restored(state, restored)
+            return
+        if self.frozen(state):
+            self.decide(state, False, FROZEN_WHY, dtype="fp32")
             return
         dtype, why = candidate_dtype(self.mode, state.device)  # type: ignore[arg-type]
         if dtype is None:
@@ -101,7 +104,7 @@ class MixedPrecision(ProbingPolicy):
             if settings.grad_scaler is not None and self._scaler_state:
                 settings.grad_scaler.load_state_dict(self._scaler_state)
             self._scaler, self.dtype_name = settings.grad_scaler, name
-        self.decide(state, on, f"{name if on else 'fp32'} (decision restored from the checkpoint)",
+        self.decide(state, on, f"{name if on else 'fp32'} ({self.restored_why})",
                     dtype=name if on else "fp32")
 
     def state_dict(self) -> dict[str, Any]:

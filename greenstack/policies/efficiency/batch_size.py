@@ -18,7 +18,13 @@ from greenstack.efficiency.probe import energy_reader_from, isolated, synchroniz
 from greenstack.engine.events import Event
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import EfficiencyPolicy, is_number, sample_batch, train_loader_of
+from greenstack.policies.efficiency._common import (
+    FROZEN_WHY,
+    EfficiencyPolicy,
+    is_number,
+    sample_batch,
+    train_loader_of,
+)
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
@@ -116,6 +122,12 @@ class BatchSizeSearch(EfficiencyPolicy):
             self.decide(state, False, "no train DataLoader")
             return
         start = int(state.batch_size or loader.batch_size or 1)
+        if self.restored is not None and isinstance(self.restored.get("on"), bool):  # replayed before step 1
+            self._apply_recorded(state, start)
+            return
+        if state.deterministic:
+            self.decide(state, False, f"kept batch size {start} ({FROZEN_WHY})")
+            return
         limit_n = min(self.max_batch_size, len(loader.dataset))
         memory = self.memory_probe or DeviceMemory(state.device)
         energy = energy_reader_from(state)
@@ -154,6 +166,22 @@ class BatchSizeSearch(EfficiencyPolicy):
         self.decide(state, True, f"batch size {start} → {result.chosen} ({gain}largest fit {result.max_fit}); "
                                  f"LR ×{self.lr_factor:.3g} ({self.lr_scaling} rule)", trials=trials, basis=basis,
                     lr_factor=self.lr_factor, batch_size=result.chosen)
+
+    def _apply_recorded(self, state: State, start: int) -> None:
+        """The recorded run's choice, with its LR factor: no trial runs."""
+        assert self.restored is not None and state.set_batch_size is not None
+        chosen = self.restored.get("batch_size")
+        if not self.restored["on"] or not isinstance(chosen, int) or chosen == start:
+            self.decide(state, False, f"kept batch size {start} ({self.restored_why})")
+            return
+        state.set_batch_size(chosen)
+        factor = self.restored.get("lr_factor")
+        self.lr_factor = float(factor) if is_number(factor) else lr_scale_factor(start, chosen, self.lr_scaling)  # type: ignore[arg-type]
+        scale_learning_rate_(state.optimizer, state.lr_scheduler, self.lr_factor)
+        self.chosen = chosen
+        state.metrics["efficiency/batch_size"] = chosen
+        self.decide(state, True, f"batch size {start} → {chosen}; LR ×{self.lr_factor:.3g} ({self.restored_why})",
+                    lr_factor=self.lr_factor, batch_size=chosen)
 
     def _trial_fns(self, state: State, loader: Any, memory: Any, energy: Any):  # noqa: ANN202 - closures
         """(peak_bytes(n), measure(sizes)) on a copy of the model and optimizer."""

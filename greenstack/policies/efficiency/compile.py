@@ -9,7 +9,7 @@ from greenstack.efficiency.probe import Comparison, energy_reader_from
 from greenstack.engine.events import Event
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import ProbingPolicy, device_words
+from greenstack.policies.efficiency._common import FROZEN_WHY, ProbingPolicy, device_words
 from greenstack.provenance import Figure
 
 
@@ -51,6 +51,9 @@ class Compile(ProbingPolicy):
             self.warn(state, "no effect — the model is already compiled")
             self.decide(state, True, "compiled before this policy")
             return
+        if self.frozen(state):
+            self.decide(state, False, FROZEN_WHY)
+            return
         if isinstance(state.batch.get("inputs"), dict) and self.dynamic is None:
             self.warn(state, "text batches change length from batch to batch: expect recompilations "
                              "(set efficiency.compile.dynamic=true, or pad to fixed multiples)")
@@ -67,7 +70,7 @@ class Compile(ProbingPolicy):
         if restored is not None:
             if not restored:
                 uncompile(state.model)
-            self.decide(state, restored, "decision restored from the checkpoint")
+            self.decide(state, restored, self.restored_why)
             return
         energy = energy_reader_from(state)
         eager, compiled = time_compiled_vs_eager(state.model, state.batch, device=state.device,

@@ -63,7 +63,7 @@ class DynamicPadding(EfficiencyPolicy):
                 f"({plan.grouped_tokens:,} vs {plan.random_tokens:,}; {plan.real_tokens:,} real)")
         restored = None if self.restored is None else self.restored.get("on")
         if restored is not None:
-            group, what = bool(restored), "decision restored from the checkpoint"
+            group, what = bool(restored), self.restored_why
         elif self.mode == "off":
             group, what = sampler.group_by_length, f"mode=off: left data.group_by_length={sampler.group_by_length}"
         elif self.mode == "on" or sampler.group_by_length:

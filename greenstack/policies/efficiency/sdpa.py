@@ -10,7 +10,7 @@ from greenstack.efficiency.probe import Variant, module_of
 from greenstack.engine.events import Event
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import ProbeOutOfMemory, ProbingPolicy, device_words
+from greenstack.policies.efficiency._common import FROZEN_WHY, ProbeOutOfMemory, ProbingPolicy, device_words
 
 
 class SdpaAttention(ProbingPolicy):
@@ -48,7 +48,11 @@ class SdpaAttention(ProbingPolicy):
             return
         restored = self.restored_choice()
         if restored is not None:
-            self._set(state, "sdpa" if restored else "eager", "decision restored from the checkpoint")
+            self._set(state, str((self.restored or {}).get("implementation") or ("sdpa" if restored else "eager")),
+                      self.restored_why)
+            return
+        if self.frozen(state):
+            self._set(state, current, f"{FROZEN_WHY}: the model's {current} attention")
             return
         try:
             cmp = self.probe(state,

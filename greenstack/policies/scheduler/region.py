@@ -111,6 +111,16 @@ class RegionChoice(SchedulerPolicy):
         self.kind, self.w_carbon, self.w_price, self.objective = kind, float(w_carbon), float(w_price), objective
         self.current = current
         self.ranking: list[RegionScore] = []
+        #: (zone, source) chosen by a recorded run (efficiency.decisions_from): no re-ranking
+        self.replayed: tuple[str, str] | None = None
+
+    def replay(self, entries: list[dict[str, Any]], source: str) -> bool:
+        """Place the run where the recorded run was placed (its prices and intensities were of then)."""
+        chosen = next((e.get("choice", {}).get("zone") for e in entries if e.get("action") == "choose_region"), None)
+        if not isinstance(chosen, str):
+            return False
+        self.replayed = (chosen, source)
+        return True
 
     def __call__(self, event: Event, state: State) -> None:
         if event is not Event.INIT or self.decisions:
@@ -118,6 +128,12 @@ class RegionChoice(SchedulerPolicy):
         if not self.zones:
             raise ConfigError(Problem("scheduler.candidates", [], "empty candidate list: nothing to choose from",
                                       "give at least one zone, e.g. scheduler.candidates=[GB,DE-LU]"))
+        if self.replayed is not None:
+            zone, source = self.replayed
+            state.region = zone
+            self.record(state, "choose_region", {"replayed_from": source}, {"zone": zone},
+                        notes=[f"decision replayed from {source}"])
+            return
         assert self.catalog is not None
         start = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
         self.ranking, notes = choose_region(self.zones, self.catalog, kind=self.kind, start=start,
