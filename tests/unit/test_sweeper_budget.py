@@ -18,6 +18,7 @@ from greenstack.launch.carbon_sweep import (
     penalised,
     run_search,
 )
+from tests.helpers.optional import need
 
 
 def test_ledger_stops_at_the_fraction_and_flags_trials_over_budget():
@@ -42,6 +43,7 @@ def test_penalty_and_pareto_front():
 
 
 def test_search_space_from_hydra_sweep_syntax():
+    need("optuna")
     space = parse_search_space({"a": "choice(1, 2, 4)", "b": "range(1, 4)", "c": "tag(log, interval(1e-4, 1e-2))",
                                 "d": [16, 32]})
     assert space["a"].choices == (1, 2, 4) and space["d"].choices == (16, 32)
@@ -75,6 +77,7 @@ def _fake_launch(emissions, calls):
 
 
 def test_search_stops_when_90_percent_of_the_budget_is_spent(tmp_path):
+    need("optuna")
     emissions = {1: 0.1, 2: 0.2, 4: 0.4, 3: 0.0}
     calls: list = []
     settings = SweepSettings(n_trials=50, batch_size=2, total_budget_kg=1.0, params={"depth": "choice(1, 2, 4)"})
@@ -89,6 +92,7 @@ def test_search_stops_when_90_percent_of_the_budget_is_spent(tmp_path):
 
 
 def test_over_budget_trials_are_rejected_or_penalised_and_failures_recorded():
+    need("optuna")
     emissions = {1: 0.1, 2: 0.2, 4: 0.5, 3: 0.0}
     base = {"n_trials": 12, "total_budget_kg": 100.0, "trial_budget_kg": 0.25, "sampler": "random",
             "params": {"depth": "choice(1, 2, 3, 4)"}}

@@ -7,6 +7,7 @@ import pytest
 from greenstack.tracking.base import JsonlWriter, load_or_create_run_id
 from greenstack.tracking.mlflow_tracker import MlflowTracker
 from greenstack.tracking.wandb_tracker import resolve_mode
+from tests.helpers.optional import need
 
 
 def test_run_id_is_stable_in_a_run_dir(tmp_path):
@@ -37,6 +38,7 @@ def test_wandb_mode_is_offline_without_credentials(monkeypatch, tmp_path):
 
 
 def test_mlflow_tracker_logs_to_a_local_store(tmp_path):
+    need("mlflow")
     from mlflow.tracking import MlflowClient
 
     tracker = MlflowTracker(experiment="t")
