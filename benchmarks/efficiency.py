@@ -87,7 +87,7 @@ def default_stack() -> list[Policy]:
     """The policies of conf/efficiency/default.yaml, exactly as `efficiency=default` builds them."""
     cfg, problems = compose_with_problems(["efficiency=default"])
     assert cfg is not None and not problems, problems
-    return [instantiate(spec) for spec in cfg.efficiency.values()]
+    return [instantiate(spec) for spec in cfg.efficiency.values() if hasattr(spec, "get") and spec.get("_target_")]
 
 
 class Baton:
@@ -228,7 +228,8 @@ class EnergyWindow(Policy):
 
     def __call__(self, event: Event, state: Any) -> None:
         if state.step == self.first or state.step == state.max_steps:
-            torch.cuda.synchronize()
+            if state.device.type == "cuda":
+                torch.cuda.synchronize()
             energy = MonitorEnergy(self.measurement.monitor)
             joules = energy()
             self.provenance, self.source = energy.provenance, energy.source
