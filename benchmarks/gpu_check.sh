@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU check of greenstack (issue 17), written for the project's H200 machine; fits in 8 minutes.
-# Build the wheels here first (the machine has no network):
+# Build the wheels here first (the machine has no network; torchao is a greenstack dependency its image
+# lacks; optuna, mlflow and the MiniLM package stay absent there, so their tests skip with the reason):
 #   bash ../shared/gpu/make-wheels.sh torchao==0.18.0
-# then on the GPU machine, from the project root:   bash benchmarks/gpu_check.sh
+#   (in a git worktree, where .git is a file, the script cannot append to .git/info/exclude; .whl/ is in
+#   .gitignore anyway:  bash <(sed 's#\.git/info/exclude#/dev/null#' ../shared/gpu/make-wheels.sh) torchao==0.18.0)
+# then on the GPU machine, from the project root, with .whl/ sent along (the device tool: carry [".whl"]):
+#   OUT=$OUT bash benchmarks/gpu_check.sh
 #
 # Steps, each with its own timeout, logs under $OUT (or ./gpu_check_logs) as they go:
 #   1. unit suite (tests/unit) in the background while 2-4 run (they check results, not speed)
