@@ -50,7 +50,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 
 # 1. unit suite, in the background (CPU-bound mostly; the correctness steps below do not time anything)
 say "unit suite started"
-( timeout 330 $PY -m pytest $UNIT_TESTS -q -p no:cacheprovider -o addopts="" --junitxml="$LOGS/unit.xml" \
+( timeout 330 $PY -m pytest $UNIT_TESTS -q -p no:cacheprovider --junitxml="$LOGS/unit.xml" \
     > "$LOGS/unit.log" 2>&1; echo $? > "$LOGS/unit.rc" ) &
 UNIT_PID=$!
 

@@ -64,6 +64,7 @@ def test_warn_lists_each_non_deterministic_op_once_with_its_count_and_passes_oth
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: every CPU kernel torch has is deterministic")
 def test_warn_names_a_real_cuda_op_and_true_refuses_it(clean_switches):
     d = Determinism("warn")
