@@ -98,3 +98,17 @@ def test_interval_widens_after_outcomes_fall_outside_it():
     assert np.all(bank.band_miss < start_miss)
     after = bank.quantile_offsets((0.1, 0.9))
     assert np.all(after[0] < before[0]) and np.all(after[1] > before[1])
+
+
+def test_weather_day_means_are_trailing_and_keep_the_lead_day():
+    ex = np.arange(60.0).reshape(30, 2)
+    out, names = fc.with_weather_means(ex, ["weather_wind_d1", "weather_temp"])
+    assert names == ["weather_wind_d1", "weather_temp", f"weather_wind_mean{fc.WEATHER_MEAN_H}h_d1",
+                     f"weather_temp_mean{fc.WEATHER_MEAN_H}h"]
+    later = ex.copy()
+    later[20:] += 1000.0  # a change after row 19 must not reach the means up to row 19
+    out_later, _ = fc.with_weather_means(later, ["weather_wind_d1", "weather_temp"])
+    assert np.array_equal(out[:20], out_later[:20])
+    assert out[29, 2] == pytest.approx(ex[max(0, 30 - fc.WEATHER_MEAN_H):, 0].mean())
+    picks = fc.exog_lead_columns(names, 24)
+    assert picks.shape == (24, 4)  # the mean columns are variables of their own, lead days honoured
