@@ -121,9 +121,10 @@ def resume_check(device: str, kills: int, quick: bool, out: Path, seed: int = 0)
                            "max_abs_diff": diff, "bit_identical": preempted and resumed and diff == 0.0})
             print(f"{label:16s} preempted at step {step:3d}/{total} (exit {code}), resumed: {resumed}, "
                   f"max |Δw| = {diff:.3g}{'  bit-identical' if trials[-1]['bit_identical'] else ''}", flush=True)
-        result[label] = {"trials": trials, "bit_identical": sum(t["bit_identical"] for t in trials), "of": len(trials),
-                         "max_abs_diff": max(t["max_abs_diff"] for t in trials), "total_steps": total}
-    (out / "resume.json").write_text(json.dumps(result, indent=2))
+            result[label] = {"trials": trials, "bit_identical": sum(t["bit_identical"] for t in trials),
+                             "of": len(trials), "max_abs_diff": max(t["max_abs_diff"] for t in trials),
+                             "total_steps": total}
+            (out / "resume.json").write_text(json.dumps(result, indent=2))  # as it goes: a timeout keeps the rest
     print("BENCH " + json.dumps({"resume_bit_identical": result["deterministic"]["bit_identical"],
                                  "of": result["deterministic"]["of"],
                                  "nondeterministic_max_abs_diff": result["nondeterministic"]["max_abs_diff"]}))

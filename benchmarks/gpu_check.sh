@@ -28,6 +28,9 @@ QUICK="${QUICK:-}"
 UNIT_TESTS="${UNIT_TESTS:-tests/unit}"
 mkdir -p "$LOGS"
 T0=$(date +%s)
+BUDGET="${BUDGET:-470}"  # seconds for the whole check: later steps get what is left (the device tool stops at 600)
+# tmo WANT: WANT seconds, or what is left of the budget (keeping 15 s for the BENCH line), at least 10
+tmo() { local left=$(( BUDGET - ($(date +%s) - T0) - 15 )); [ "$left" -lt "$1" ] && echo $(( left > 10 ? left : 10 )) || echo "$1"; }
 say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOGS/gpu_check.log"; }
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # the install line of ../shared/gpu/make-wheels.sh
@@ -50,28 +53,29 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 
 # 1. unit suite, in the background (CPU-bound mostly; the correctness steps below do not time anything)
 say "unit suite started"
-( timeout 330 $PY -m pytest $UNIT_TESTS -q -p no:cacheprovider --junitxml="$LOGS/unit.xml" \
+# SIGINT at the timeout: pytest stops like Ctrl-C and still writes its summary and the JUnit XML
+( timeout -s INT -k 20 "$(tmo 300)" $PY -m pytest $UNIT_TESTS -q -p no:cacheprovider --junitxml="$LOGS/unit.xml" \
     > "$LOGS/unit.log" 2>&1; echo $? > "$LOGS/unit.rc" ) &
 UNIT_PID=$!
 
 # 2. quickstart on cuda
 say "quickstart"
 QS=(); [ -n "$QUICK" ] && QS=(trainer.max_duration=1ep)
-timeout 120 $PY -m greenstack train recipe=quickstart tracker=none trainer.progress=false "trainer.device=$DEVICE" \
+timeout "$(tmo 90)" $PY -m greenstack train recipe=quickstart tracker=none trainer.progress=false "trainer.device=$DEVICE" \
   "${QS[@]}" "hydra.run.dir=$LOGS/quickstart" > "$LOGS/quickstart.log" 2>&1 || say "quickstart failed (rc $?)"
 timeout 60 $PY -m benchmarks.gpu_check summary "$LOGS/quickstart" test/accuracy energy/gpu_kwh energy/total_kwh \
   trainer/deterministic --out "$LOGS/quickstart.json" >> "$LOGS/quickstart.log" 2>&1 || say "no quickstart summary"
 
 # 3. preempt + resume: deterministic (3 kill points, bit-identical?) and not (max difference)
 say "preempt + resume"
-timeout 240 $PY -m benchmarks.gpu_check resume --device "$DEVICE" --kills 3 "${Q[@]}" --out "$LOGS/resume" \
+timeout "$(tmo 200)" $PY -m benchmarks.gpu_check resume --device "$DEVICE" --kills 3 "${Q[@]}" --out "$LOGS/resume" \
   > "$LOGS/resume.log" 2>&1 || say "resume check failed (rc $?)"
 cp "$LOGS/resume/resume.json" "$LOGS/resume.json" 2>/dev/null
 
 # 4. QAT export from a model trained on cuda
 say "QAT export"
 QQ=(); [ -n "$QUICK" ] && QQ=(trainer.max_duration=2ep)
-timeout 120 $PY -m greenstack train recipe=compress_cnn_digits tracker=none trainer.progress=false \
+timeout "$(tmo 90)" $PY -m greenstack train recipe=compress_cnn_digits tracker=none trainer.progress=false \
   "trainer.device=$DEVICE" "${QQ[@]}" "hydra.run.dir=$LOGS/qat" > "$LOGS/qat.log" 2>&1 || say "QAT run failed (rc $?)"
 timeout 60 $PY -m benchmarks.gpu_check summary "$LOGS/qat" compression/size_ratio compression/accuracy_before \
   compression/accuracy_after compression/backend --out "$LOGS/qat.json" >> "$LOGS/qat.log" 2>&1 || say "no QAT summary"
@@ -84,16 +88,18 @@ timeout 30 $PY -m benchmarks.gpu_check unit "$LOGS/unit.xml" --out "$LOGS/unit.j
 tail -n 30 "$LOGS/unit.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -n 40
 
 # 5. efficiency (alone on the machine: timings and joules)
+ESTEPS=40; EWARM=10; [ -n "$QUICK" ] && ESTEPS=8 && EWARM=3
 for W in vit text; do
   say "efficiency $W"
-  timeout 120 $PY -m benchmarks.gpu_check efficiency --workload "$W" --device "$DEVICE" "${Q[@]}" --out "$LOGS" \
+  timeout "$(tmo 110)" $PY -m benchmarks.gpu_check efficiency --workload "$W" --device "$DEVICE" "${Q[@]}" \
+    --steps "$ESTEPS" --warmup "$EWARM" --out "$LOGS" \
     > "$LOGS/efficiency_$W.log" 2>&1 || say "efficiency $W failed (rc $?)"
   grep -E "samples/s|auto vs fp32" "$LOGS/efficiency_$W.log"
 done
 
 say "determinism cost"
 DSTEPS=40; [ -n "$QUICK" ] && DSTEPS=10
-timeout 90 $PY -m benchmarks.determinism --device "$DEVICE" --threads 4 --steps "$DSTEPS" \
+timeout "$(tmo 60)" $PY -m benchmarks.determinism --device "$DEVICE" --threads 4 --steps "$DSTEPS" \
   --rounds 2 > "$LOGS/determinism.log" 2>&1 || say "determinism benchmark failed (rc $?)"
 grep '^BENCH ' "$LOGS/determinism.log" | tail -1 | cut -c7- > "$LOGS/determinism.json"
 
