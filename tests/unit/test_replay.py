@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import greenstack.runner as runner
@@ -98,3 +99,46 @@ def test_trainer_deterministic_accepts_only_false_true_or_warn(value):
     _, problems = _problems(f"trainer.deterministic={value}")
     assert [p.key for p in problems] == ["trainer.deterministic"], problems
     assert "bool or 'warn'" in problems[0].reason or "false, true or warn" in problems[0].reason
+
+
+# -- single policies: a recorded decision is taken without measuring; a deterministic run keeps its config --
+def _loop(policy, *, deterministic: bool = False):
+    from greenstack.data import synthetic_image
+    from greenstack.engine.loop import Trainer, TrainerConfig
+    from greenstack.engine.optim import Optim
+
+    data = synthetic_image(num_samples=64, num_classes=2, batch_size=8, image_size=8)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    return Trainer(model, data.train, Optim(lr=1e-3), TrainerConfig(max_duration="1ba", progress=False, device="cpu",
+                                                                     deterministic=deterministic),
+                   policies=[policy], batch_size=8)
+
+
+def test_batch_size_search_replays_the_recorded_batch_and_lr_factor_without_trials(monkeypatch):
+    import greenstack.policies.efficiency.batch_size as bs
+
+    monkeypatch.setattr(bs, "search_batch_size", lambda *a, **k: pytest.fail("a replayed search must not measure"))
+    policy = bs.BatchSizeSearch()
+    assert policy.replay([{"policy": "efficiency.batch_size", "on": True, "batch_size": 32, "lr_factor": 2.0}], "RUN")
+    trainer = _loop(policy)
+    state = trainer.fit()
+    assert state.batch_size == 32 and trainer.train_loader.batch_size == 32
+    assert state.optimizer.param_groups[0]["initial_lr"] == pytest.approx(2e-3)
+    assert "replayed from RUN" in policy.reason
+
+    frozen = bs.BatchSizeSearch()
+    state = _loop(frozen, deterministic=True).fit()
+    assert state.batch_size == 8 and "frozen" in frozen.reason and frozen.on is False
+
+
+def test_region_choice_replays_the_recorded_zone_without_ranking(tmp_path):
+    from greenstack.engine.events import Event
+    from greenstack.engine.state import State
+    from greenstack.policies.scheduler.region import RegionChoice
+
+    policy = RegionChoice(candidates=["IN-WE", "CA-ON"], w_carbon=1.0, w_price=0.0, duration="2h")
+    assert policy.replay([{"policy": "region", "action": "choose_region", "choice": {"zone": "IN-WE"}}], "RUN")
+    st = State(model=torch.nn.Linear(1, 1), run_dir=str(tmp_path))
+    policy(Event.INIT, st)
+    assert st.region == "IN-WE" and policy.ranking == []  # the recorded zone, not today's cleaner CA-ON
+    assert policy.decisions[0]["notes"] == ["decision replayed from RUN"]
