@@ -84,3 +84,33 @@ def test_validate_checks_hf_local_and_its_task(files):
     assert [p.key for p in validate_config(cfg)] == ["data._target_"]
     cfg, _ = compose_with_problems(["tracker=none", "data=hf_local", "data.path=/nonexistent/*.parquet"])
     assert "data.path" in {p.key for p in validate_config(cfg)}
+
+
+@pytest.mark.slow
+def test_train_causal_lm_on_hf_local_and_on_a_stream_end_to_end(files, tmp_path, monkeypatch):
+    """`greenstack train task=causal_lm data=hf_local|stream ...` as the runner runs it: perplexity and
+    energy per token land in metrics.jsonl and sustainability.json."""
+    import json
+
+    from greenstack import runner
+    from greenstack.compose import compose_with_problems
+    from tests.conftest import FAST, read_jsonl
+
+    monkeypatch.setenv("GREENSTACK_CACHE_DIR", str(tmp_path / "cache"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    datasets.Dataset.from_dict(_rows()).to_json(str(shards / "part-0.jsonl"))
+    model = ["task=causal_lm", "model=gpt2_tiny", "model.config.n_layer=1", "model.config.n_embd=32",
+             "model.config.n_head=2", "model.config.n_positions=32"]
+    for name, data in (("hf", ["data=hf_local", f"data.path={files['parquet']}", "data.text_column=body",
+                               "data.tokenizer=byte", "data.block_size=16", "data.batch_size=4"]),
+                       ("stream", ["data=stream", f"data.url={shards}", f"data.val_url={shards}",
+                                   "data.text_column=body", "data.max_length=16", "data.batch_size=4"])):
+        cfg, problems = compose_with_problems([*FAST, *model, *data])
+        assert cfg is not None and not problems and validate_config(cfg) == []
+        runner.run(cfg, tmp_path / name)
+        rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+        assert any("val/perplexity" in r for r in rows) and any("energy/j_per_token" in r for r in rows)
+        metrics = json.loads((tmp_path / name / "sustainability.json").read_text())["metrics"]
+        assert metrics["energy/j_per_token"]["unit"] == "J/token" and metrics["energy/j_per_token"]["provenance"]
+        assert metrics["val/perplexity"]["value"] > 1 and metrics["train/tokens"]["value"] > 0
