@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -220,12 +220,15 @@ def split_documents(n: int, val_fraction: float, test_fraction: float, split_see
 
 def pack_corpus(docs: Sequence[str] | Callable[[], Sequence[str]], *, tokenizer: str, block_size: int,
                 val_fraction: float, test_fraction: float, split_seed: int, corpus_id: Any,
-                cache_dir: str | None = None, hash_docs: bool = True) -> PackedCorpus:
+                cache_dir: str | None = None, hash_docs: bool = True,
+                split_by: Literal["document", "tail"] = "document") -> PackedCorpus:
     """Split documents, tokenise (a BPE is trained on the train split only) and pack, cached on disk.
 
     `docs` may be a function returning them: on a full cache hit it is never called, so a rerun reads
     no text at all (pass `hash_docs=False` and a `corpus_id` that identifies the files, e.g. their
-    paths, sizes and modification times).
+    paths, sizes and modification times). `split_by="document"` holds out whole documents;
+    `"tail"` holds out the last `val_fraction + test_fraction` of every document (unseen text of the
+    same sources, for corpora of few, very different documents).
     """
     cache = Path(cache_dir).expanduser() if cache_dir else data_cache_dir()
     loaded: list[Sequence[str]] = []
@@ -236,19 +239,33 @@ def pack_corpus(docs: Sequence[str] | Callable[[], Sequence[str]], *, tokenizer:
         return loaded[0]
 
     corpus_digest = _digest(corpus_id, [hashlib.sha256(d.encode()).hexdigest() for d in texts()] if hash_docs else [])
-    split_digest = _digest(corpus_digest, split_seed, val_fraction, test_fraction)
+    split_digest = _digest(corpus_digest, split_seed, val_fraction, test_fraction,
+                           *([] if split_by == "document" else [split_by]))
+
+    def split() -> tuple[list[str], list[str], list[str]]:
+        docs_ = texts()
+        if split_by == "tail":
+            parts: tuple[list[str], list[str], list[str]] = ([], [], [])
+            for d in docs_:
+                a = int(len(d) * (1 - val_fraction - test_fraction))
+                b = int(len(d) * (1 - test_fraction))
+                for part, text in zip(parts, (d[:a], d[a:b], d[b:]), strict=True):
+                    if text:
+                        part.append(text)
+            return parts
+        tr_, va_, te_ = split_documents(len(docs_), val_fraction, test_fraction, split_seed)
+        return [docs_[i] for i in tr_], [docs_[i] for i in va_], [docs_[i] for i in te_]
+
     if str(tokenizer).startswith("bpe:") and not (cache / "tokenizers" / f"bpe{str(tokenizer)[4:]}-{split_digest}.json").is_file():
-        tr, _, _ = split_documents(len(texts()), val_fraction, test_fraction, split_seed)
-        tok = build_tokenizer(tokenizer, [texts()[i] for i in tr], split_digest, cache)
+        tok = build_tokenizer(tokenizer, split()[0], split_digest, cache)
     else:  # a byte or local tokenizer, or a BPE already trained for this corpus and split
         tok = build_tokenizer(tokenizer, (), split_digest, cache)
     key = _digest(split_digest, tok.fingerprint, block_size)
     path = cache / "tokenized" / f"{key}.pt"
     if path.is_file():
         return PackedCorpus(tok, torch.load(path, weights_only=True), cached=True)
-    tr, va, te = split_documents(len(texts()), val_fraction, test_fraction, split_seed)
-    splits = {name: pack_blocks(tok.encode([texts()[i] for i in ix]), block_size, tok.eos_id)
-              for name, ix in (("train", tr), ("val", va), ("test", te))}
+    splits = {name: pack_blocks(tok.encode(part), block_size, tok.eos_id)
+              for name, part in zip(("train", "val", "test"), split(), strict=True)}
     _atomic_save(splits, path)
     return PackedCorpus(tok, splits, cached=False)
 
@@ -303,14 +320,17 @@ def stdlib_sources(max_files: int, max_bytes: int) -> tuple[list[str], list[str]
 def python_stdlib(tokenizer: str = "bpe:2048", block_size: int = 128, batch_size: int = 32,
                   max_files: int = 400, max_bytes: int = 2_000_000, val_fraction: float = 0.05,
                   test_fraction: float = 0.05, split_seed: int = 0, seed: int = 0, num_workers: int = 0,
-                  cache_dir: str | None = None) -> Any:
+                  cache_dir: str | None = None, split_by: Literal["document", "tail"] = "tail") -> Any:
     """The Python standard library's own source (top-level modules by name, up to `max_bytes`): a real
-    corpus available offline everywhere, split by file, tokenised and packed for causal LM."""
+    corpus available offline everywhere, tokenised and packed for causal LM. By default val/test are the
+    last 5 % + 5 % of every file (`split_by=tail`); `split_by=document` holds out whole files."""
     problems = []
     if block_size < 2:
         problems.append(Problem("data.block_size", block_size, "must be >= 2"))
     if batch_size < 1:
         problems.append(Problem("data.batch_size", batch_size, "must be >= 1"))
+    if split_by not in ("document", "tail"):
+        problems.append(Problem("data.split_by", split_by, "must be document or tail"))
     if max_files < 3:
         problems.append(Problem("data.max_files", max_files, "must be >= 3 (train, val and test files)"))
     problems += check_tokenizer_spec(tokenizer, "data.tokenizer")
@@ -322,7 +342,7 @@ def python_stdlib(tokenizer: str = "bpe:2048", block_size: int = 128, batch_size
                           fix="this Python installation ships no .py sources; use data=hf_local")
     corpus = pack_corpus(texts, tokenizer=tokenizer, block_size=block_size, val_fraction=val_fraction,
                          test_fraction=test_fraction, split_seed=split_seed,
-                         corpus_id=["python_stdlib", sys.version, names], cache_dir=cache_dir)
+                         corpus_id=["python_stdlib", sys.version, names], cache_dir=cache_dir, split_by=split_by)
     return lm_module(corpus, batch_size=batch_size, seed=seed, num_workers=num_workers,
                      source=f"Python {sys.version.split()[0]} standard library: {len(names)} files "
-                            f"({names[0]} .. {names[-1]})")
+                            f"({names[0]} .. {names[-1]}), held out by {split_by}")

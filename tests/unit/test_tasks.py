@@ -175,3 +175,12 @@ def test_efficiency_probes_use_the_loss_of_the_batch_shape():
     assert torch.equal(probe_loss(logits[0, :2], cls), F.cross_entropy(logits[0, :2], cls["labels"]))
     reg = {"labels": torch.tensor([0.5, 1.0])}
     assert torch.equal(probe_loss(torch.ones(2, 1), reg), Regression().loss(torch.ones(2, 1), reg))
+
+
+def test_tail_split_holds_out_the_end_of_every_document(tmp_path):
+    docs = ["a" * 80 + "b" * 10 + "c" * 10, "d" * 80 + "e" * 10 + "f" * 10]
+    corpus = pack_corpus(docs, tokenizer="byte", block_size=4, val_fraction=0.1, test_fraction=0.1, split_seed=0,
+                         corpus_id="tail", cache_dir=str(tmp_path), split_by="tail")
+    as_text = {k: {chr(i) for i in v.flatten().tolist() if i < 256} for k, v in corpus.splits.items()}
+    assert as_text["train"] >= {"a", "d"} and not as_text["train"] & {"b", "c", "e", "f"}
+    assert {"b", "e"} <= as_text["val"] and {"c", "f"} <= as_text["test"]
