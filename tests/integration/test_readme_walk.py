@@ -4,7 +4,7 @@ Each line is checked the cheapest way that still fails when the line stops worki
 * `greenstack train ...`: `greenstack validate` with the same overrides (and env prefix, and -m);
 * `greenstack plan forecast-eval|backtest ...`: the real argument parser, then every --trace/--history/
   --weather file loaded as the command would (the full evaluation takes minutes);
-* `greenstack carbon weather ...` (network): the real argument parser;
+* `greenstack carbon weather ...` (network) and `plan start ... --exec` (waits hours): the real parser;
 * `greenstack cp|ls|doctor|report|pool|audit|plan region ...`: run for real;
 * `tox -e NAME`: NAME is an environment of tox.ini; `python -m benchmarks.X`: the module exists;
 * `srun ... torchrun ... -m greenstack train ...`: the greenstack part, validated.
@@ -141,6 +141,12 @@ def check_line(line: str, cwd: Path, capsys, monkeypatch) -> str:
     if command == "plan" and rest[0] in ("forecast-eval", "backtest"):
         _check_plan_files(rest)
         return "parse+load"
+    if command == "plan" and rest[0] == "start":  # waits for a low-carbon window, then execs the user's script
+        from greenstack import plan
+
+        args = plan.build_parser().parse_args(rest)
+        assert args.duration and args.deadline, line
+        return "parse"
     if command == "carbon" and rest[0] == "weather":
         from greenstack.carbon.cli import build_parser
 
@@ -160,6 +166,7 @@ def test_every_readme_command_works_as_written(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     for var in ("GREENSTACK_RECIPE_PATH", "GREENSTACK_POOL_DB"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GREENSTACK_START_NOW", "1")  # a line that would wait for a carbon window must not
     user_files(cwd, home)
     commands = readme_commands()
     assert len(commands) >= 25 and any(c.startswith("greenstack cp") for c in commands)
