@@ -64,6 +64,9 @@ def user_files(cwd: Path, home: Path) -> None:
 
     texts, labels = synthetic_text_rows(32, 2, seed=0)
     pd.DataFrame({"body": texts, "label": labels}).to_csv(cwd / "reviews.csv", index=False)
+    (cwd / "corpus").mkdir()  # a language-model corpus (data=hf_local, jsonl with a `text` column)
+    pd.DataFrame({"text": texts}).to_json(cwd / "corpus" / "part-0.jsonl", orient="records", lines=True)
+    pd.DataFrame({"body": texts, "stars": [1 + i % 5 for i in range(len(texts))]}).to_parquet(cwd / "reviews.parquet")
     from PIL import Image
 
     for cls in ("cats", "dogs"):
