@@ -245,9 +245,10 @@ class TrackedRun:
         if steps <= 0:
             return False
         mon = self.measurement.monitor
-        if mon is not None:  # a timestamp only: the meters are read by the monitor's thread (a read walks
-            mon.sample()     # the process tree: milliseconds), so logged figures lag by < energy.interval_s
-        if st.step % self.log_every == 0:
+        logging_step = st.step % self.log_every == 0
+        if mon is not None:  # a real reading at logging steps only (it walks the process tree: a few ms),
+            mon.sample(read=logging_step)  # so every logged figure includes the energy up to its step
+        if logging_step:
             self.last_figures, self.last_figures_step = self.log_row(), st.step
             return self.check_budget()
         if self.carbon.budget_kg is not None and time.monotonic() - self._last_check >= self.energy.interval_s:
