@@ -153,7 +153,7 @@ def test_forecast_window_plans_begin_at_submit_time(tmp_path):
     begin_s = int(text.split("--begin=now+")[1].split()[0])
     assert 3 * 3600 <= begin_s <= 4 * 3600 + 60
     assert proc.returncode != 0
-    assert "1 jobs, 1 failed" in text and "CANCELLED" in text
+    assert "1 job, 1 failed" in text and "CANCELLED" in text
 
 
 def _start(tmp_path: Path, args: list[str]) -> subprocess.Popen:
