@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,33 @@ REPO = Path(__file__).resolve().parents[1]
 # tests that compare runs bit for bit on CUDA (trainer.deterministic) need cuBLAS's deterministic workspace
 # configured before the process's first cuBLAS handle; a run sets it itself, a test process does it here
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo what a test's in-process CLI run did to logging.
+
+    Hydra's job logging (and libraries that call basicConfig) add handlers bound to the stderr of
+    that moment, which is pytest's capture stream and is closed after the test, and raise levels to
+    INFO. Left in place, a later test's library INFO record (httpx logs every request) goes to a
+    closed stream and prints '--- Logging error ---' into that test's stderr.
+    """
+    manager = logging.Logger.manager
+
+    def loggers() -> dict[str, logging.Logger]:
+        found = {name: lg for name, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+        found[""] = logging.getLogger()
+        return found
+
+    before = {name: (list(lg.handlers), lg.level) for name, lg in loggers().items()}
+    yield
+    for name, lg in loggers().items():
+        handlers, level = before.get(name, ([], None))
+        for handler in list(lg.handlers):
+            if handler not in handlers:
+                lg.removeHandler(handler)
+        if level is not None:  # a logger created during the test keeps the level its library gave it
+            lg.setLevel(level)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -53,7 +53,9 @@ def test_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_c
         trainer.fit()
     assert trainer.state.step <= 5  # stopped at once, not trained to the end
     snapshot, name, _ = Store(str(tmp_path)).load_latest()
-    assert snapshot is not None and snapshot.step == 4  # the last step before the loss went bad
+    # the newest snapshot predates the bad step (4 at best: the local tier skips a save while it is
+    # still writing the previous one, so on a slow disk or a busy machine it can be older)
+    assert snapshot is not None and 1 <= snapshot.step <= 4
     assert all(bool(t.isfinite().all()) for t in snapshot.model.values())
 
 
