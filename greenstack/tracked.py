@@ -203,6 +203,7 @@ class TrackedRun:
         self._decided = False
         self._started = False
         self._last_check = 0.0
+        self._last_read = -float("inf")  # the first logging step always reads the meters
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def decide_start(self) -> None:
@@ -246,8 +247,15 @@ class TrackedRun:
             return False
         mon = self.measurement.monitor
         logging_step = st.step % self.log_every == 0
-        if mon is not None:  # a real reading at logging steps only (it walks the process tree: a few ms),
-            mon.sample(read=logging_step)  # so every logged figure includes the energy up to its step
+        if mon is not None:
+            # a reading walks the process tree (milliseconds): at logging steps only, at most once per
+            # energy.interval_s (the meters' thread reads in between), and always at the first one, so
+            # no logged figure misses the energy of a short run's first steps
+            now = time.monotonic()
+            read = logging_step and now - self._last_read >= self.energy.interval_s
+            mon.sample(read=read)
+            if read:
+                self._last_read = now
         if logging_step:
             self.last_figures, self.last_figures_step = self.log_row(), st.step
             return self.check_budget()
