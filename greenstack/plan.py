@@ -80,12 +80,7 @@ def parse_hours(text: str, key: str = "--horizon") -> int:
 
 
 def _configure_forecast_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", action="append", required=True, metavar="FILE|ZONE:YEAR",
-                   help="CSV to evaluate on (Electricity Maps export or timestamp,carbon_intensity), or a "
-                        "shipped zone-year such as GB:2023; repeatable")
-    p.add_argument("--history", action="append", default=[], metavar="FILE|ZONE:YEARS",
-                   help="earlier data of the same zone, used for training only (a CSV or e.g. GB:2021-2022); "
-                        "repeatable")
+    add_trace_arguments(p, "evaluate on")
     p.add_argument("--horizon", default="72h", help="forecast horizon (default 72h)")
     p.add_argument("--zone", default=None, help="zone id for solar/calendar features if the CSV has none")
     p.add_argument("--origin-hour", type=int, default=0, help="UTC hour of the daily forecast origin (default 0)")
@@ -205,6 +200,17 @@ def _read_exog(path: str) -> pd.DataFrame | None:
 
 WEATHER_HELP = ("CSV of weather-forecast columns (timestamp + weather_*; e.g. from `greenstack carbon weather`) "
                 "for the forecaster; applies to every --trace; repeatable")
+
+
+def add_trace_arguments(p: argparse.ArgumentParser, purpose: str) -> None:
+    """`--trace` (what the command `purpose`s) and `--history` (seen by the forecaster only), as files
+    or shipped zone-years; shared by forecast-eval and backtest."""
+    p.add_argument("--trace", action="append", required=True, metavar="FILE|ZONE:YEAR",
+                   help=f"CSV to {purpose} (Electricity Maps export or timestamp,carbon_intensity), or a "
+                        "shipped zone-year such as GB:2023; repeatable")
+    p.add_argument("--history", action="append", default=[], metavar="FILE|ZONE:YEARS",
+                   help="earlier data of the same zone, seen by the forecaster only (a CSV or e.g. "
+                        "GB:2021-2022); repeatable")
 
 
 def add_weather_argument(p: argparse.ArgumentParser) -> None:

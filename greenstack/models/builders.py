@@ -97,6 +97,14 @@ def build_timm(name: str, num_classes: int, in_chans: int = 3, pretrained: bool 
                                "kwargs": dict(kwargs or {})})
 
 
+def _offline_load_kwargs(attn_implementation: str | None) -> dict[str, Any]:
+    """Keep transformers off the network (weights come from local dirs or configs) and pass the chosen
+    attention implementation on; shared by the classification and causal-LM builders."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
 def build_transformers(num_classes: int, path: str | None = None, config: dict[str, Any] | None = None,
                        attn_implementation: str | None = None, **_: Any) -> torch.nn.Module:
     """`AutoModelForSequenceClassification` from a local directory (`path`) or from a config dict.
@@ -104,13 +112,9 @@ def build_transformers(num_classes: int, path: str | None = None, config: dict[s
     A config dict needs `model_type` (e.g. "bert") plus any sizes; the classification head is sized
     to the dataset's classes either way.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    kwargs = _offline_load_kwargs(attn_implementation)  # before the import: it reads the env
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     if path:
         directory = resolve_local_model_dir(path)
         with quiet_transformers_load():
@@ -177,13 +181,9 @@ def build_causal_lm(num_classes: int, path: str | None = None, config: dict[str,
     data's (the runner passes the tokenizer's size as `num_classes`) unless the config sets a larger
     `vocab_size`.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    kwargs = _offline_load_kwargs(attn_implementation)  # before the import: it reads the env
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     if path:
         directory = resolve_local_model_dir(path)
         with quiet_transformers_load():

@@ -21,12 +21,9 @@ REGION_HELP = "where and when should a job run: candidate zones scored by carbon
 # --- backtest ----------------------------------------------------------------------------------------
 
 def configure_backtest(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", action="append", required=True, metavar="FILE|ZONE:YEAR",
-                   help="CSV to backtest on (Electricity Maps export or timestamp,carbon_intensity), or a "
-                        "shipped zone-year such as GB:2023; repeatable")
-    p.add_argument("--history", action="append", default=[], metavar="FILE|ZONE:YEARS",
-                   help="earlier data of the same zone, seen by the forecaster only (a CSV or e.g. "
-                        "GB:2021-2022); repeatable")
+    from greenstack.plan import add_trace_arguments
+
+    add_trace_arguments(p, "backtest on")
     p.add_argument("--duration", required=True, help="job length, e.g. 4h or 90m")
     p.add_argument("--slack", required=True, help="how long a job may wait to start, whole hours, e.g. 24h")
     p.add_argument("--interruptible", action="store_true",
