@@ -3,6 +3,9 @@
 Both publish a checkpoint only when it is complete: locally the files are written into a temporary
 directory that is renamed into place; on object stores, where rename is not atomic, the manifest is
 uploaded last and a checkpoint without a manifest does not exist as far as `load_latest` is concerned.
+Removal is the mirror image: a local checkpoint is renamed out of the published names before its files
+are deleted, and on object stores the manifest goes first, so a kill at any instant never leaves a
+published checkpoint with missing files.
 """
 
 from __future__ import annotations
@@ -57,12 +60,14 @@ class Store:
                         f.flush()
                         os.fsync(f.fileno())
                 final = self.root / name
-                if final.exists():
-                    shutil.rmtree(final)
+                old = self._unpublish(name)
                 os.replace(tmp, final)
+                _fsync_dir(self.root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             return
         base = f"{self.root_path.rstrip('/')}/{name}"
         if not self._made:
@@ -96,11 +101,30 @@ class Store:
         base = f"{self.root_path.rstrip('/')}/{name}"
         return {p.rsplit("/", 1)[-1]: self.fs.cat_file(p) for p in self.fs.ls(base, detail=False)}
 
+    def _unpublish(self, name: str) -> Path | None:
+        """Atomically move a local checkpoint out of the published names (into a `.tmp-` dir that
+        `clean_partial` removes if we are killed before deleting it); None when there was none."""
+        final = self.root / name
+        if not final.exists():
+            return None
+        gone = self.root / f".tmp-del-{name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, gone)
+        _fsync_dir(self.root)
+        return gone
+
     def delete(self, name: str) -> None:
+        """Remove a checkpoint so that no instant of the removal looks like a published, broken one."""
         if self.local:
-            shutil.rmtree(self.root / name, ignore_errors=True)
-        else:
-            self.fs.rm(f"{self.root_path.rstrip('/')}/{name}", recursive=True)
+            gone = self._unpublish(name)
+            if gone is not None:
+                shutil.rmtree(gone, ignore_errors=True)
+            return
+        base = f"{self.root_path.rstrip('/')}/{name}"
+        try:
+            self.fs.rm_file(f"{base}/{MANIFEST}")
+        except FileNotFoundError:
+            pass
+        self.fs.rm(base, recursive=True)
 
     def clean_partial(self) -> list[str]:
         """Remove temp dirs left by a write that was killed (local only); returns what was removed."""
@@ -122,6 +146,20 @@ class Store:
                 skipped.append(f"{self}/{name}: {reason}")
                 log.warning("checkpoint %s/%s skipped: %s", self, name, reason)
         return None, None, skipped
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
