@@ -150,7 +150,39 @@ def _process(pid: int | None) -> Any:
     return psutil.Process(os.getpid() if pid is None else pid)
 
 
-def process_tree_cpu_seconds(pid: int | None = None) -> float:
+class ProcessTree:
+    """A process and its descendants, the descendant list re-enumerated at most every `refresh_s`.
+
+    Why: psutil finds children by reading /proc/<pid>/stat of *every* process on the machine (a few ms
+    with ~100 processes), and the meters are read at logging steps inside the training loop. A cached
+    child that has exited is skipped; once reaped its time is in the parent's children_user/system, so
+    the CPU total stays continuous. A new child (e.g. a DataLoader worker) is seen at the next refresh,
+    with all its CPU time so far: energy is never lost, only attributed up to `refresh_s` later.
+    """
+
+    def __init__(self, pid: int | None = None, *, refresh_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = _process(pid)
+        self.refresh_s = float(refresh_s)
+        self._clock = clock
+        self._children: list[Any] = []
+        self._listed_at: float | None = None
+
+    def processes(self) -> list[Any]:
+        """[root, *descendants] (descendants as of the last refresh)."""
+        import psutil
+
+        now = self._clock()
+        if self._listed_at is None or now - self._listed_at >= self.refresh_s:
+            try:
+                self._children = self.root.children(recursive=True)
+            except psutil.Error:
+                self._children = []
+            self._listed_at = now
+        return [self.root, *self._children]
+
+
+def process_tree_cpu_seconds(pid: int | None = None, *, tree: ProcessTree | None = None) -> float:
     """User+system CPU seconds of a process and all its descendants, including reaped children.
 
     Reaped children's time moves into their parent's children_user/system, so the sum stays continuous
@@ -158,14 +190,8 @@ def process_tree_cpu_seconds(pid: int | None = None) -> float:
     """
     import psutil
 
-    root = _process(pid)
-    procs = [root]
-    try:
-        procs += root.children(recursive=True)
-    except psutil.Error:
-        pass
     total = 0.0
-    for proc in procs:
+    for proc in (tree or ProcessTree(pid, refresh_s=0.0)).processes():
         try:
             t = proc.cpu_times()
         except psutil.Error:
@@ -174,18 +200,12 @@ def process_tree_cpu_seconds(pid: int | None = None) -> float:
     return total
 
 
-def process_tree_rss_bytes(pid: int | None = None) -> int:
+def process_tree_rss_bytes(pid: int | None = None, *, tree: ProcessTree | None = None) -> int:
     """Resident memory of a process and all its descendants (shared pages counted per process)."""
     import psutil
 
-    root = _process(pid)
-    procs = [root]
-    try:
-        procs += root.children(recursive=True)
-    except psutil.Error:
-        pass
     total = 0
-    for proc in procs:
+    for proc in (tree or ProcessTree(pid, refresh_s=0.0)).processes():
         try:
             total += proc.memory_info().rss
         except psutil.Error:
@@ -230,7 +250,7 @@ class TdpMeter(Meter):
             self.source = f"tdp:unknown CPU '{self.cpu_model}': default {mult}{self.tdp_w:g} W×cpu_util"
         self.power_cap_w = self.tdp_w * self.sockets
         self._clock = clock
-        self._cpu_seconds = cpu_seconds_fn or functools.partial(process_tree_cpu_seconds, self.pid)
+        self._cpu_seconds = cpu_seconds_fn or functools.partial(process_tree_cpu_seconds, tree=ProcessTree(self.pid))
         self._last_t: float | None = None
         self._last_cpu_s = 0.0
         self.energy_j = 0.0
@@ -288,7 +308,7 @@ class RamRssMeter(Meter):
         self.pid = os.getpid() if pid is None else pid
         self.source = f"ram:{self.w_per_gb:g} W/GB×RSS"
         self._clock = clock
-        self._rss = rss_bytes_fn or functools.partial(process_tree_rss_bytes, self.pid)
+        self._rss = rss_bytes_fn or functools.partial(process_tree_rss_bytes, tree=ProcessTree(self.pid))
         self._last_t: float | None = None
         self._last_power_w = 0.0
         self.energy_j = 0.0

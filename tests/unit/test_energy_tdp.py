@@ -12,6 +12,7 @@ import pytest
 
 from greenstack.energy import tdp as tdp_mod
 from greenstack.energy.tdp import (
+    ProcessTree,
     RamRssMeter,
     TdpMeter,
     load_cpu_power_table,
@@ -134,6 +135,49 @@ def test_process_tree_cpu_includes_children() -> None:
     assert during - before > 0.05
     assert after - before >= 0.3
     assert after >= during
+
+
+def test_process_tree_lists_descendants_at_most_every_refresh_and_loses_no_cpu_time() -> None:
+    """The meters read at logging steps: listing children scans every /proc entry, so it is cached for
+    `refresh_s`; a child started in between is counted at the next refresh with all its CPU time."""
+    clock = FakeClock(0.0)
+    tree = ProcessTree(os.getpid(), refresh_s=2.0, clock=clock)
+    calls = {"n": 0}
+    real = tree.root.children
+
+    def counting(**kw):
+        calls["n"] += 1
+        return real(**kw)
+
+    tree.root.children = counting
+    before = process_tree_cpu_seconds(tree=tree)
+    busy = "import sys,time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass\nsys.stdin.read()\n"
+    child = subprocess.Popen([sys.executable, "-c", busy], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and psutil_cpu(child.pid) < 0.3:
+            time.sleep(0.05)
+        cached = process_tree_cpu_seconds(tree=tree)  # child alive, list not refreshed yet
+        assert calls["n"] == 1 and child.pid not in [p.pid for p in tree.processes()]
+        assert cached - before < 0.3
+        clock.t = 2.0
+        refreshed = process_tree_cpu_seconds(tree=tree)
+        assert calls["n"] == 2 and child.pid in [p.pid for p in tree.processes()]
+        assert refreshed - before >= 0.3  # the child's whole CPU time so far, none lost
+    finally:
+        child.communicate(b"")
+    after = process_tree_cpu_seconds(tree=tree)  # reaped, still cached: skipped, time in children_*
+    assert after >= refreshed and calls["n"] == 2
+
+
+def psutil_cpu(pid: int) -> float:
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
 
 
 def test_ram_rss_trapezoid() -> None:
