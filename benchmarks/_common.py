@@ -32,7 +32,7 @@ class IterationTimer(Policy):
         super().__init__(name="timer")
         self.stamps: list[float] = []
 
-    def __call__(self, event, state) -> None:
+    def __call__(self, event, state, reporter) -> None:
         self.stamps.append(time.perf_counter())
 
     def deltas(self) -> list[float]:

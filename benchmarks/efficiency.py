@@ -43,6 +43,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.measure import CarbonConfig, EnergyConfig, Measurement
 from greenstack.models import build_timm, build_transformers
 
@@ -117,7 +118,7 @@ class TakeTurn(Policy):
         super().__init__(name="take_turn")
         self.baton, self.me, self.monitor, self.clock = baton, me, monitor, clock
 
-    def __call__(self, event: Event, state: Any) -> None:
+    def __call__(self, event: Event, state: Any, reporter: Reporter) -> None:
         self.baton.wait(self.me)
         self.clock.resume()
 
@@ -141,7 +142,7 @@ class GiveTurn(Policy):
         self._e0 = self.energy()
         self._t0 = time.perf_counter()
 
-    def __call__(self, event: Event, state: Any) -> None:
+    def __call__(self, event: Event, state: Any, reporter: Reporter) -> None:
         if event is not Event.STEP_END:
             self.baton.give(self.me, finished=True)
             return
@@ -226,7 +227,7 @@ class EnergyWindow(Policy):
         self.start_samples = self.end_samples = 0
         self.provenance = self.source = ""
 
-    def __call__(self, event: Event, state: Any) -> None:
+    def __call__(self, event: Event, state: Any, reporter: Reporter) -> None:
         if state.step == self.first or state.step == state.max_steps:
             if state.device.type == "cuda":
                 torch.cuda.synchronize()

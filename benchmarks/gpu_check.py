@@ -37,6 +37,7 @@ import torch
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 
 #: dense bf16 matmul peak, TFLOP/s (H200: measured ~790 for bf16 matmul, see the issue)
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0}
@@ -53,7 +54,7 @@ class PreemptAt(Policy):
         super().__init__(name="preempt_at")
         self.step, self.fired = int(step), False
 
-    def __call__(self, event: Event, state: Any) -> None:
+    def __call__(self, event: Event, state: Any, reporter: Reporter) -> None:
         if not self.fired and state.step >= self.step:
             self.fired = True
             os.kill(os.getpid(), signal.SIGTERM)

@@ -17,6 +17,7 @@ import torch
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.provenance import Figure, weakest
@@ -204,7 +205,7 @@ class Measurement(Policy):
         self._carried: dict[str, Any] = {"kwh": {}, "kg": 0.0, "duration_s": 0.0}
 
     # -- events -----------------------------------------------------------------------------------
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
             self._start()
         elif event is Event.BATCH_START and self.count_flops and self.flops_per_sample is None \
@@ -222,9 +223,9 @@ class Measurement(Policy):
             if self.monitor is not None:
                 self.monitor.sample()
             if state.step % self.log_interval == 0:
-                state.metrics.update(self._running(state))
+                reporter.metrics(self._running(state))
         elif event is Event.EPOCH_END:
-            self._epoch_end(state)
+            self._epoch_end(state, reporter)
         elif event in (Event.FIT_END, Event.EXCEPTION):
             if self._flop_counter is not None:
                 self._flop_counter.__exit__(None, None, None)
@@ -288,7 +289,7 @@ class Measurement(Policy):
             out["efficiency/gpu_utilization"] = util
         return out
 
-    def _epoch_end(self, state: State) -> None:
+    def _epoch_end(self, state: State, reporter: Reporter) -> None:
         if self.monitor is None:
             return
         self.monitor.sample(label=f"epoch{state.epoch}", read=True)
@@ -296,14 +297,11 @@ class Measurement(Policy):
         epoch_kg = self._emissions_kg - self._epoch_start_kg
         self._epoch_start_kg = self._emissions_kg
         self._epoch_kg.append(epoch_kg)
-        state.metrics["carbon/per_epoch_kg"] = epoch_kg
-        state.metrics["carbon/total_kg_co2e"] = self._emissions_kg + self._carried["kg"]
-        self._check_budget(state)
+        reporter.metric("carbon/per_epoch_kg", epoch_kg)
+        reporter.metric("carbon/total_kg_co2e", self._emissions_kg + self._carried["kg"])
+        self.check_budget(state, reporter=reporter)
 
-    def _check_budget(self, state: State) -> None:
-        self.check_budget(state)
-
-    def check_budget(self, state: State, *, every_step: bool = False) -> bool:
+    def check_budget(self, state: State, *, every_step: bool = False, reporter: Reporter | None = None) -> bool:
         """Compare the run's (projected) emissions with `carbon.budget_kg`; True when it asks to stop.
 
         At epoch ends (`every_step=False`) the first check records a decision either way, on the linear
@@ -336,7 +334,7 @@ class Measurement(Policy):
         self.budget_decision = {"after_epoch": state.epoch, "after_step": state.step, "emissions_so_far_kg": so_far,
                                 "projected_total_kg": projected, "basis": basis, "budget_kg": budget,
                                 "action": action, "at": datetime.now(timezone.utc).isoformat()}
-        state.metrics["carbon/projected_total_kg"] = projected
+        (reporter or Reporter.for_state(state, self.name)).metric("carbon/projected_total_kg", projected)
         if over and action == "stop":
             log.warning("carbon budget: %s %.3g kg > budget %.3g kg: stopping", basis, projected, budget)
             state.request_stop(f"{'projected emissions' if basis.startswith('linear') else 'emissions so far'} "

@@ -219,7 +219,7 @@ class TrackedRun:
         self.audit = run_audit_log(self.run_dir, actor=f"run {self.run_id}")
         attach_to_recorders(self.audit, self.schedulers)
         carried = start_when_scheduled(self.schedulers, self.run_dir)
-        carried(_event("INIT"), self.state)  # the decision's figures go into the first metrics row
+        carried(_event("INIT"), self.state, _reporter(self.state, carried))  # the decision's figures go into the first metrics row
         self._decided = True
 
     def start(self) -> None:
@@ -233,7 +233,7 @@ class TrackedRun:
         self._jsonl = JsonlWriter(self.run_dir) if self.state.rank == 0 else None  # one writer per run
         self.report = RunReport(self.cfg, run_dir=self.run_dir, run_id=self.run_id, measurement=self.measurement)
         for policy in self.report.policies():  # the clock, then the meters
-            policy(_event("FIT_START"), self.state)
+            policy(_event("FIT_START"), self.state, _reporter(self.state, policy))
         self._last_check = time.monotonic()
         self._started = True
 
@@ -307,7 +307,7 @@ class TrackedRun:
         self.log_row()
         st = self.state
         report = self.report
-        report.clock(_event("FIT_END"), st)
+        report.clock(_event("FIT_END"), st, _reporter(st, report.clock))
         times = self.timer.step_times_s
         figures: dict[str, Figure] = {
             "time/median_step_s": Figure(statistics.median(times) if times else None, "s", "measured",
@@ -362,6 +362,13 @@ def _event(name: str) -> Any:
     from greenstack.engine.events import Event
 
     return Event[name]
+
+
+def _reporter(state: Any, policy: Any) -> Any:
+    """The reporter of a hook this module calls itself (no Trainer here): metrics go to `state.metrics`."""
+    from greenstack.engine.reporter import Reporter
+
+    return Reporter.for_state(state, getattr(policy, "name", type(policy).__name__))
 
 
 # -- track ------------------------------------------------------------------------------------------
@@ -525,7 +532,7 @@ def wait_for_window(*, duration: str | float = "1h", deadline: str | float = "24
     if audit is not None:
         attach_to_recorders(AuditLog(audit, actor="wait_for_window"), [policy])
     state = State(model=torch.nn.Module(), run_dir=str(run_dir) if run_dir is not None else None)
-    policy(_event("INIT"), state)
+    policy(_event("INIT"), state, _reporter(state, policy))
     last = policy.decisions[-1]
     saving = next((d["expected_saving_pct"] for d in reversed(policy.decisions)
                    if isinstance(d.get("expected_saving_pct"), (int, float))), None)

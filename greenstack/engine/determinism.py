@@ -32,6 +32,7 @@ import torch
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import Problem
 from greenstack.provenance import Figure
@@ -142,8 +143,8 @@ class Determinism(Policy):
             warnings.showwarning = showwarning
             yield
 
-    def __call__(self, event: Event, state: State) -> None:
-        state.metrics["trainer/deterministic"] = int(self.enabled)
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
+        reporter.metric("trainer/deterministic", int(self.enabled))
 
     def summary(self) -> dict[str, Figure]:
         how = {True: "torch.use_deterministic_algorithms(True), cuDNN deterministic without benchmark, "

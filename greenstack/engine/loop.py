@@ -21,6 +21,7 @@ from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import DecisionLog, Reporter
 from greenstack.engine.resize import BatchResize
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
@@ -154,6 +155,9 @@ class Trainer:
                            run_dir=run_dir, train_loader=train_loader, task=self.task,
                            optim_factory=lambda params: optim.build(params, self.state.max_steps),
                            deterministic=config.deterministic is True or config.deterministic == "warn")
+        #: the run's decisions, in the order policies took them (audit.jsonl is written from it)
+        self.decisions = DecisionLog()
+        self._reporters: dict[int, Reporter] = {}
         self.state.set_batch_size = self.set_batch_size
         self.state.evaluate = self.evaluate_split
         self.state.check_finite = self.check_finite
@@ -239,10 +243,19 @@ class Trainer:
             self._progress.total = state.max_steps
 
     # -- events -----------------------------------------------------------------------------------
+    def reporter(self, policy: Policy) -> Reporter:
+        """The reporter bound to `policy` (its metrics go to the next metrics line, its decisions to
+        `self.decisions`)."""
+        reporter = self._reporters.get(id(policy))
+        if reporter is None or reporter.policy != policy.name:
+            reporter = self._reporters[id(policy)] = Reporter(self.state.metrics, policy.name, self.decisions)
+        return reporter
+
     def dispatch(self, event: Event) -> None:
+        state = self.state
         for policy in self.policies:
-            if policy.handles(event, self.state):
-                policy(event, self.state)
+            if policy.handles(event, state):
+                policy(event, state, self.reporter(policy))
 
     def _emit(self, metrics: dict[str, Any]) -> None:
         for sink in self.sinks:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError
 
@@ -54,8 +55,8 @@ class Policy:
             return False
         return event in self.always or self.active(state)
 
-    def __call__(self, event: Event, state: State) -> None:  # pragma: no cover - interface
-        """Act on `event`; override in subclasses."""
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:  # pragma: no cover - interface
+        """Act on `event`: read and change `state`, report metrics and decisions to `reporter`; override."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

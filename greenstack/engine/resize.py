@@ -25,6 +25,7 @@ from typing import Any
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 
 log = logging.getLogger("greenstack")
@@ -74,7 +75,7 @@ class BatchResize(Policy):
         self.changes: list[dict[str, Any]] = []
         self._restored = False
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if self._restored:  # a resumed run: rebuild the loader and schedule the checkpoint was taken with
             self._restored = False
             self.trainer.rebuild_loader(int(self.batch_size or state.batch_size))

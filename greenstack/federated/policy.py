@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
 from greenstack.federated import secure
@@ -113,7 +114,7 @@ class DataParallel(Policy):
         self.total_bytes_sent: int | None = None
         self.steps = 0
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         if event is Event.INIT:
@@ -348,7 +349,7 @@ class GeoTraining(Policy):
                                     f"valid: {', '.join(sorted(allowed))}"))
 
     # -- events -----------------------------------------------------------------------------------
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT:
             self._init(state)
         elif event is Event.FIT_START:

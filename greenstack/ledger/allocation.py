@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
 from greenstack.ledger.audit import AuditLog
@@ -181,7 +182,7 @@ class PoolAllocation(Policy):
         log.info("carbon pool: resumed run keeps allocation %s", self.allocation_id)
         return True
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         kg = state.metrics.get("carbon/total_kg_co2e")
         if isinstance(kg, (int, float)):
             self.last_kg = float(kg)

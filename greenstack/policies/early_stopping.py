@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 
@@ -42,7 +43,7 @@ class EarlyStopping(Policy):
         self.best = math.nan
         self.bad_evals = 0
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if self.monitor not in state.metrics:
             log.warning("early_stopping: metric %r not produced by evaluation; known: %s",
                         self.monitor, sorted(state.metrics))

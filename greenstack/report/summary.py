@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from greenstack import __version__
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.io import atomic_write_json, publish
 from greenstack.measure import Measurement, measure_latency_ms, write_emissions_csv
@@ -57,7 +58,7 @@ class _Clock(Policy):
         self._t0 = 0.0
         self.duration_s = 0.0
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
             self.started_at, self._t0 = datetime.now(timezone.utc), time.perf_counter()
         else:

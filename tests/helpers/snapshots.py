@@ -7,6 +7,7 @@ from typing import Any
 from greenstack.checkpoint.snapshot import apply_snapshot, capture
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 
 
 class SnapshotAt(Policy):
@@ -21,7 +22,7 @@ class SnapshotAt(Policy):
         self.at, self.restore = step, restore
         self.snapshot: Any = None
 
-    def __call__(self, event: Event, state: Any) -> None:
+    def __call__(self, event: Event, state: Any, reporter: Reporter) -> None:
         if event is Event.INIT and self.restore is not None:
             apply_snapshot(self.restore, state)
         elif event is Event.STEP_END and state.step == self.at and self.snapshot is None:

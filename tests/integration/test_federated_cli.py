@@ -27,7 +27,7 @@ class CrashOnRank(Policy):
         super().__init__(name="crash")
         self.rank, self.at_step = rank, at_step
 
-    def __call__(self, event, state) -> None:
+    def __call__(self, event, state, reporter) -> None:
         if state.rank == self.rank and state.step >= self.at_step:
             raise RuntimeError(f"injected failure on rank {state.rank}")
 
@@ -41,7 +41,7 @@ class PreemptOnRank(Policy):
         super().__init__(name="preempt")
         self.rank, self.at_step = rank, at_step
 
-    def __call__(self, event, state) -> None:
+    def __call__(self, event, state, reporter) -> None:
         import signal
 
         from greenstack.launch import preemption

@@ -111,7 +111,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     class StopAt(Policy):
         events = frozenset({Event.STEP_END})
 
-        def __call__(self, event, state):
+        def __call__(self, event, state, reporter):
             if rank == 1 and state.step == 6:
                 state.request_stop("test: rank 1 has seen enough")
 
@@ -156,7 +156,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             super().__init__(name="request")
             self.at = step
 
-        def __call__(self, event, state):
+        def __call__(self, event, state, reporter):
             if rank == 1 and state.step == self.at:
                 preemption.request(signal.SIGUSR1)  # as the Slurm launcher's handler does
 

@@ -74,7 +74,7 @@ class FailAtStep(Policy):
     def __init__(self) -> None:
         super().__init__(name="fail_at_step")
 
-    def __call__(self, event, state):
+    def __call__(self, event, state, reporter):
         if state.step >= 3:
             raise RuntimeError("boom at step 3")
 

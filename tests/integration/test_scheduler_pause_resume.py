@@ -13,6 +13,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.errors import ConfigError
 from greenstack.policies.scheduler.pause_resume import PauseResume
 
@@ -46,7 +47,7 @@ class SlowSteps(Policy):
         self.clock = clock
         self.step_hours: list[float] = []
 
-    def __call__(self, event: Event, state) -> None:
+    def __call__(self, event: Event, state, reporter: Reporter) -> None:
         self.clock.t += STEP_S
         self.step_hours.append(self.clock.hour())
 
@@ -157,7 +158,7 @@ def test_a_pause_request_from_another_policy_is_honoured_and_consumed(trace, tmp
     class Alerts(Policy):  # stands in for efficiency.alerts' carbon_intensity alert
         events = frozenset({Event.STEP_END})
 
-        def __call__(self, event, state) -> None:
+        def __call__(self, event, state, reporter) -> None:
             if state.step == 6:
                 state.extras["pause_requested"] = {"by": "efficiency.alerts", "reason": "carbon > 300",
                                                    "threshold": 300.0, "step": state.step}

@@ -16,6 +16,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.errors import ConfigError
 from greenstack.policies.compression import Distillation, Int8QAT, L2Regularization, MagnitudePruning
 from tests.helpers.optional import need
@@ -128,7 +129,7 @@ class _SparsityProbe(Policy):
         super().__init__(name="probe")
         self.seen: list[float] = []
 
-    def __call__(self, event: Event, state) -> None:
+    def __call__(self, event: Event, state, reporter: Reporter) -> None:
         self.seen.append(round(pruning.sparsity_of(select_weights(state.model)), 4))
 
 

@@ -43,7 +43,7 @@ class _Ids(Policy):
         self.seen: list[str] = []
         self.stop_at = stop_at
 
-    def __call__(self, event, state):
+    def __call__(self, event, state, reporter):
         if event is Event.BATCH_START:
             self.seen += state.batch["ids"]
         elif self.stop_at is not None and state.step == self.stop_at:

@@ -35,6 +35,7 @@ from greenstack.policies.efficiency.compile import Compile
 from greenstack.policies.efficiency.padding import DynamicPadding
 from greenstack.policies.efficiency.power_limit import PowerLimitSearch
 from greenstack.policies.efficiency.sdpa import SdpaAttention
+from tests.helpers.hooks import fire
 from tests.helpers.optional import need
 from tests.unit.test_efficiency import FakeNvml
 
@@ -265,7 +266,7 @@ def stream(policy, state: State, event: Event, metric: str, values: list[float])
     for v in values:
         state.step += 1
         state.metrics = {metric: v}
-        policy(event, state)
+        fire(policy, event, state)
 
 
 def test_carbon_alert_hands_a_pause_request_to_the_scheduler_and_withdraws_it():
@@ -343,7 +344,7 @@ def test_low_gpu_utilization_mid_run_doubles_the_batch_at_the_next_epoch():
     class LowUtil(Policy):  # stands in for the NVML sampler: utilisation stays low all run
         events = frozenset({Event.STEP_END})
 
-        def __call__(self, event, state):
+        def __call__(self, event, state, reporter):
             state.metrics["efficiency/gpu_utilization"] = 20.0
 
     alerts = Alerts(low_gpu_utilization={"threshold_percent": 50, "patience": 2, "max_doublings": 0},

@@ -58,7 +58,7 @@ class Recorder(Policy):
         super().__init__(**kw)
         self.seen: list[tuple[Event, int]] = []
 
-    def __call__(self, event, state):
+    def __call__(self, event, state, reporter):
         self.seen.append((event, state.step))
 
 
@@ -160,7 +160,7 @@ def test_set_batch_size_rebuilds_loader_and_replans_before_training():
     class Grow(Policy):
         events = frozenset({Event.INIT, Event.BATCH_START})
 
-        def __call__(self, event, state):
+        def __call__(self, event, state, reporter):
             if event is Event.INIT:
                 state.set_batch_size(16)
             else:

@@ -41,7 +41,7 @@ class AskAt(Policy):
         self.sizes: list[int] = []
         self.lrs: list[float] = []
 
-    def __call__(self, event, state):
+    def __call__(self, event, state, reporter):
         if event is Event.BATCH_START:
             self.sizes.append(state.batch["labels"].shape[0])
             self.lrs.append(state.optimizer.param_groups[0]["lr"])

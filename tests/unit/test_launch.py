@@ -19,6 +19,7 @@ from greenstack.launch import preemption
 from greenstack.launch.submit import FORECAST_WINDOW_TARGET, plan_begin
 from greenstack.policies.checkpointing.hierarchical import HierarchicalCheckpointing, Preempted
 from greenstack.scheduling.slurm import PLANNED_SAVING_ENV, PLANNED_START_ENV
+from tests.helpers.hooks import fire
 
 # the policy checks its deadline against the real clock: plan around the real "now"
 NOW = datetime.now(timezone.utc).replace(second=0, microsecond=0)
@@ -71,7 +72,7 @@ class _RequestAt(Policy):
         super().__init__(name="request")
         self.step = step
 
-    def __call__(self, event, state):
+    def __call__(self, event, state, reporter):
         if state.step == self.step:
             assert preemption.honoured()
             preemption.request(signal.SIGUSR2)
@@ -133,7 +134,7 @@ def test_a_job_released_at_its_planned_begin_starts_at_once(tmp_path, monkeypatc
     slept: list[float] = []
     policy = ForecastWindow(duration="1h", deadline="24h", trace=str(_trace(tmp_path, {5})), sleep=slept.append)
     state = SimpleNamespace(metrics={}, run_dir=str(tmp_path))
-    policy(Event.INIT, state)
+    fire(policy, Event.INIT, state)
     assert slept == [] and policy.plan is None  # no second plan, no waiting inside the allocation
     (decision,) = policy.decisions
     assert decision["action"] == "start" and decision["expected_saving_pct"] == 75.0

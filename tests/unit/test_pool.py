@@ -18,6 +18,7 @@ from greenstack.errors import ConfigError
 from greenstack.ledger.allocation import PoolAllocation, PoolConfig, PoolDenied
 from greenstack.ledger.audit import AuditLog, verify
 from greenstack.ledger.pool import CarbonPool, DeniedRequest, default_alternatives, parse_participants
+from tests.helpers.hooks import fire
 
 RACE_WORKER = r"""
 import json, os, sys, time
@@ -255,10 +256,10 @@ def test_run_without_projection_reserves_after_first_epoch(pool):
     alloc = PoolAllocation(PoolConfig(pool.db, "nlp"), run_id="r2", pool=pool)
     assert alloc.reserve_before_training() is None
     state = State(model=torch.nn.Linear(1, 1), max_steps=100, step=25, metrics={"carbon/total_kg_co2e": 0.5})
-    alloc(Event.EPOCH_END, state)
+    fire(alloc, Event.EPOCH_END, state)
     assert alloc.decision.requested_kg == pytest.approx(2.0) and not state.stop
     state.metrics["carbon/total_kg_co2e"] = 1.9
-    alloc(Event.FIT_END, state)
+    fire(alloc, Event.FIT_END, state)
     alloc.close()  # the runner never settled (e.g. a crash): settle with the last logged total
     assert pool.allocations()[-1]["settled_kg"] == pytest.approx(1.9)
 

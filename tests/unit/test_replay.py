@@ -13,6 +13,7 @@ from greenstack.compose import compose_with_problems
 from greenstack.errors import ConfigError
 from greenstack.validate import validate_config
 from tests.conftest import FAST
+from tests.helpers.hooks import fire
 
 # pinned to the CPU: two runs that are not trainer.deterministic end bit-identical only there (on CUDA,
 # deterministic kernels would also freeze the measured decisions this test records and replays)
@@ -139,6 +140,6 @@ def test_region_choice_replays_the_recorded_zone_without_ranking(tmp_path):
     policy = RegionChoice(candidates=["IN-WE", "CA-ON"], w_carbon=1.0, w_price=0.0, duration="2h")
     assert policy.replay([{"policy": "region", "action": "choose_region", "choice": {"zone": "IN-WE"}}], "RUN")
     st = State(model=torch.nn.Linear(1, 1), run_dir=str(tmp_path))
-    policy(Event.INIT, st)
+    fire(policy, Event.INIT, st)
     assert st.region == "IN-WE" and policy.ranking == []  # the recorded zone, not today's cleaner CA-ON
     assert policy.decisions[0]["notes"] == ["decision replayed from RUN"]

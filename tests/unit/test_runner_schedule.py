@@ -24,7 +24,7 @@ class Probe(SchedulerPolicy):
     def __init__(self) -> None:
         super().__init__(name="probe")
 
-    def __call__(self, event, state):
+    def __call__(self, event, state, reporter):
         if self.decisions:
             _calls().append("probe again")
             return

@@ -21,6 +21,7 @@ from greenstack.policies.scheduler.immediate import Immediate
 from greenstack.policies.scheduler.region import RegionChoice
 from greenstack.policies.scheduler.threshold import Threshold
 from greenstack.provenance import Figure
+from tests.helpers.hooks import fire
 
 LOW_HOURS = (2, 3, 4, 5)  # UTC hours at 100 g/kWh, the rest 300
 
@@ -76,7 +77,7 @@ def test_forecast_window_waits_for_the_low_window_with_countdown(trace, tmp_path
     policy = window(clock, trace)
     st = state(tmp_path)
     with caplog.at_level(logging.INFO, logger="greenstack"):
-        policy(Event.INIT, st)
+        fire(policy, Event.INIT, st)
     assert clock.now == datetime(2023, 1, 10, 2, tzinfo=timezone.utc)  # the next 02-05 window
     assert policy.waited_s == pytest.approx(15.5 * 3600)
     assert [d["action"] for d in policy.decisions] == ["wait", "start"]
@@ -108,14 +109,14 @@ def test_default_does_not_wait_hours_for_a_small_saving(trace, tmp_path):
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     policy = ForecastWindow(trace=str(path), clock=clock.time, sleep=clock.sleep, duration="1h", deadline="24h",
                             replan=False)
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     decision = policy.decisions[0]
     assert decision["action"] == "start_now" and clock.sleeps == []
     assert "< min_saving_pct 5: starting now" in " ".join(decision["notes"])
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     deep = ForecastWindow(trace=trace, clock=clock.time, sleep=clock.sleep, duration="1h",
                           deadline="24h", replan=False)
-    deep(Event.INIT, state(tmp_path))
+    fire(deep, Event.INIT, state(tmp_path))
     assert deep.decisions[0]["action"] == "wait"
 
 
@@ -124,7 +125,7 @@ def test_sigusr2_starts_at_once_and_restores_the_handler(trace, tmp_path):
     clock.on_sleep = lambda c: os.kill(os.getpid(), signal.SIGUSR2) if len(c.sleeps) == 2 else None
     before = signal.getsignal(signal.SIGUSR2)
     policy = window(clock, trace)
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     assert len(clock.sleeps) == 2 and policy.waited_s == pytest.approx(1200)
     start = policy.decisions[-1]
     assert start["action"] == "start" and start["inputs"]["reason"] == "started early: SIGUSR2"
@@ -140,7 +141,7 @@ def test_start_now_routes_skip_waiting(trace, tmp_path, monkeypatch, route):
     if route == "file":
         (tmp_path / "START_NOW").touch()
     policy = window(clock, trace, **kw)
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     assert clock.sleeps == [] and [d["action"] for d in policy.decisions] == ["start_now"]
 
 
@@ -149,7 +150,7 @@ def test_a_resumed_run_does_not_wait_again(trace, tmp_path, layout):
     (tmp_path / "checkpoints" / layout).mkdir(parents=True)  # single-process, or a rank of a federated run
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     policy = window(clock, trace)
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     assert clock.sleeps == [] and "resumed run" in policy.decisions[0]["inputs"]["requested_by"]
 
 
@@ -157,14 +158,14 @@ def test_start_now_file_during_the_wait(trace, tmp_path):
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     clock.on_sleep = lambda c: (tmp_path / "START_NOW").touch() if len(c.sleeps) == 3 else None
     policy = window(clock, trace)
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     assert len(clock.sleeps) == 3 and "START_NOW exists" in policy.decisions[-1]["inputs"]["reason"]
 
 
 def test_replanning_while_waiting(trace, tmp_path):
     clock = FakeClock("2023-01-09T23:30:00+00:00")
     policy = window(clock, trace, replan=True, duration="2h", deadline="12h")
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     assert clock.now == datetime(2023, 1, 10, 2, tzinfo=timezone.utc)
     assert policy.decisions[-1]["action"] == "start"
 
@@ -173,7 +174,7 @@ def test_slurm_records_begin_instead_of_sleeping(trace, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     policy = window(clock, trace)
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     assert clock.sleeps == []
     (d,) = policy.decisions
     assert d["action"] == "slurm_begin" and d["choice"]["slurm_begin"] == f"now+{int(15.5 * 3600)}"
@@ -196,7 +197,7 @@ def test_slack_beyond_the_horizon_plans_with_what_is_known(trace, tmp_path):
     plan = policy.make_plan()
     assert plan.outlook.hours == 72 and plan.outlook.horizon_limited
     assert any("forecast horizon is 72 h" in n for n in plan.outlook.notes)
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     assert any("what is known" in n for n in policy.decisions[0]["notes"])
 
 
@@ -220,7 +221,7 @@ def test_missing_source_is_reported_at_init_before_waiting(tmp_path):
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     policy = ForecastWindow(clock=clock.time, sleep=clock.sleep)  # validate builds it like this
     with pytest.raises(ConfigError, match="no carbon-intensity source"):
-        policy(Event.INIT, state(tmp_path))
+        fire(policy, Event.INIT, state(tmp_path))
     assert clock.sleeps == []
 
 
@@ -228,7 +229,7 @@ def test_threshold_starts_when_intensity_drops(trace, tmp_path):
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     policy = Threshold(trace=trace, duration="2h", deadline="24h", poll="30m", clock=clock.time, sleep=clock.sleep)
     st = state(tmp_path)
-    policy(Event.INIT, st)
+    fire(policy, Event.INIT, st)
     assert policy.level == 300.0  # p25 of last week: 1/6 of the hours are low
     assert clock.now == datetime(2023, 1, 10, 2, tzinfo=timezone.utc)
     start = policy.decisions[-1]
@@ -241,7 +242,7 @@ def test_threshold_deadline_forces_the_start(trace, tmp_path):
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     policy = Threshold(trace=trace, threshold_g_per_kwh=50, duration="1h", deadline="5h", poll="30m",
                        clock=clock.time, sleep=clock.sleep)
-    policy(Event.INIT, state(tmp_path))
+    fire(policy, Event.INIT, state(tmp_path))
     assert clock.now == datetime(2023, 1, 9, 14, 30, tzinfo=timezone.utc)
     assert policy.decisions[-1]["inputs"]["reason"] == "latest start reached (deadline)"
 
@@ -249,7 +250,7 @@ def test_threshold_deadline_forces_the_start(trace, tmp_path):
 def test_immediate_records_one_decision(tmp_path):
     policy = Immediate()
     st = state(tmp_path)
-    policy(Event.INIT, st)
+    fire(policy, Event.INIT, st)
     assert [d["action"] for d in policy.decisions] == ["start_now"]
     assert st.metrics["scheduler/expected_saving_pct"] == 0.0
     seen = []
@@ -264,7 +265,7 @@ def test_region_policy_chooses_by_score_and_sets_state_region(tmp_path, caplog):
     st.region = "IN-WE"
     policy = RegionChoice(candidates=["IN-WE", "CA-ON"], w_carbon=1.0, w_price=0.0, duration="2h", clock=clock.time)
     with caplog.at_level(logging.INFO, logger="greenstack"):
-        policy(Event.INIT, st)
+        fire(policy, Event.INIT, st)
     (d,) = policy.decisions
     assert d["choice"]["zone"] == "CA-ON" and st.region == "CA-ON"  # Ontario's grid is far cleaner than India West's
     assert d["expected_saving_pct"] > 50
@@ -272,7 +273,7 @@ def test_region_policy_chooses_by_score_and_sets_state_region(tmp_path, caplog):
     assert st.metrics["scheduler/region_score"] == pytest.approx(d["choice"]["score"])
     by_price = RegionChoice(candidates="IN-WE,CA-ON,US-NY-NYIS", w_carbon=0.0, w_price=1.0, kind="cpu",
                             clock=clock.time)
-    by_price(Event.INIT, state(tmp_path))
+    fire(by_price, Event.INIT, state(tmp_path))
     assert by_price.decisions[0]["choice"]["zone"] == "CA-ON"  # GCP spot: the deepest discount of the three
 
 

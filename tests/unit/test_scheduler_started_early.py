@@ -9,6 +9,7 @@ import pytest
 
 from greenstack.engine.events import Event
 from greenstack.policies.scheduler.forecast_window import ForecastWindow
+from tests.helpers.hooks import fire
 from tests.unit.test_scheduler_policies import FakeClock, state, trace  # noqa: F401 - trace is a fixture
 
 
@@ -24,7 +25,7 @@ def policy_started_after(trace, tmp_path, sleeps: int, start: str = "2023-01-09T
     policy = ForecastWindow(trace=trace, clock=clock.time, sleep=clock.sleep, duration="3h", deadline="24h",
                             replan=False, tick_s=600.0, countdown_every_s=3600.0)
     st = state(tmp_path)
-    policy(Event.INIT, st)
+    fire(policy, Event.INIT, st)
     return policy, st, clock
 
 

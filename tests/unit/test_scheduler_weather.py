@@ -16,6 +16,7 @@ from greenstack.policies.scheduler.forecast_window import ForecastWindow
 from greenstack.policies.scheduler.pause_resume import PauseResume
 from greenstack.policies.scheduler.threshold import Threshold
 from greenstack.scheduling.outlook import intensity_outlook
+from tests.helpers.hooks import fire
 
 NOW = "2023-01-09T10:30:00+00:00"
 COLUMNS = ["weather_wind_d1", "weather_wind_d2"]
@@ -87,7 +88,7 @@ def test_threshold_records_that_it_does_not_use_weather(windy, tmp_path):
     clock = Clock(NOW)
     policy = Threshold(trace=with_weather, duration="2h", deadline="6h", poll="30m", clock=clock.time,
                        sleep=clock.sleep)
-    policy(Event.INIT, State(model=torch.nn.Linear(1, 1), run_dir=str(tmp_path)))
+    fire(policy, Event.INIT, State(model=torch.nn.Linear(1, 1), run_dir=str(tmp_path)))
     first = policy.decisions[0]
     assert first["inputs"]["weather_columns"] == []
     assert any("weather columns (weather_wind_d1, weather_wind_d2) are not used" in n for n in first["notes"])

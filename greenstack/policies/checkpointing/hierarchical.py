@@ -30,6 +30,7 @@ from greenstack.checkpoint.snapshot import PendingSnapshot, Snapshot, apply_snap
 from greenstack.checkpoint.store import Store
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
 from greenstack.launch import preemption
@@ -238,7 +239,7 @@ class HierarchicalCheckpointing(Policy):
             stores["durable"] = Store(durable, self.storage_options)
         return stores
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT:
             stores = self._stores(state)
             keep = {"local": self.local_keep, "durable": self.durable_keep}

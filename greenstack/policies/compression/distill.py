@@ -23,6 +23,7 @@ from greenstack.compression.spec import num_labels
 from greenstack.engine.events import Event
 from greenstack.engine.loop import forward
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.compression._common import init_window, replace_model
@@ -88,7 +89,7 @@ class Distillation(Policy):
             return self.swapped_at is None and state.step >= self._start_step
         return super().handles(event, state)
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT:
             self._init(state)
         elif event is Event.BATCH_START:

@@ -24,6 +24,7 @@ from greenstack.compression.spec import model_spec, verify_spec
 from greenstack.engine.events import Event
 from greenstack.engine.loop import forward, move_to
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.provenance import Figure
@@ -69,7 +70,7 @@ class ExportCompressed(Policy):
         self.figures: dict[str, Figure] = {}
         self.path: Path | None = None
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT:
             # fail before training when the architecture cannot be rebuilt from the artifact
             verify_spec(state.model, model_spec(state.model))

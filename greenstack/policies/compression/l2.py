@@ -9,6 +9,7 @@ from greenstack.compression.l2 import decay_, l2_penalty
 from greenstack.compression.selection import check_patterns, select_weights
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.compression._common import init_window
@@ -51,7 +52,7 @@ class L2Regularization(Policy):
             self._model_id = id(state.model)
         return self._weights
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT:
             if not self._select(state):
                 raise ConfigError(Problem(f"{NAME}.include", self.include, "matches no Conv/Linear weight",

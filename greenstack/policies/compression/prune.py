@@ -20,6 +20,7 @@ from greenstack.compression.selection import check_patterns, select_weights
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.compression._common import duration_steps, init_window
@@ -107,7 +108,7 @@ class MagnitudePruning(Policy):
                 self.masks = masks_from_zeros(self._weights)
         return self._weights
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT:
             if not self._select(state):
                 raise ConfigError(Problem(f"{NAME}.include", self.include, "matches no Conv/Linear weight",

@@ -19,6 +19,7 @@ from greenstack.compression.selection import check_patterns
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.compression._common import duration_steps, init_window, replace_model
@@ -74,7 +75,7 @@ class Int8QAT(Policy):
             raise ConfigError(Problem(f"{NAME}.freeze_at", str(self.freeze_at), "comes before start",
                                       "freeze observers after QAT has started"))
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT:
             if self.prepared_at is not None and backend_of(state.model) is not None:
                 return  # resumed with the fake-quant model already in place

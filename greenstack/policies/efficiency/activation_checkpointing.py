@@ -12,6 +12,7 @@ from greenstack.efficiency.checkpointing import (
 )
 from greenstack.efficiency.probe import Variant, device_memory_bytes, memory_in_use_bytes, module_of
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import ProbeOutOfMemory, ProbingPolicy, is_number
@@ -42,7 +43,7 @@ class ActivationCheckpointing(ProbingPolicy):
         self.memory_threshold = float(memory_threshold)
         self.method = ""
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if self.decided:
             return
         model_name = type(module_of(state.model)).__name__

@@ -38,6 +38,7 @@ from greenstack.efficiency.batch_size import is_out_of_memory, lr_scale_factor, 
 from greenstack.efficiency.checkpointing import Unsupported, apply_activation_checkpointing
 from greenstack.efficiency.probe import device_memory_bytes, isolated, synchronize, train_step
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import (
@@ -189,7 +190,7 @@ class Alerts(EfficiencyPolicy):
         return True
 
     # -- events -----------------------------------------------------------------------------------
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
             self._fit_start(state)
         elif event is Event.STEP_END:

@@ -14,6 +14,7 @@ from greenstack.efficiency.precision import (
 )
 from greenstack.efficiency.probe import Variant
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import FROZEN_WHY, ProbeOutOfMemory, ProbingPolicy, device_words
@@ -42,7 +43,7 @@ class MixedPrecision(ProbingPolicy):
         self._scaler_state: dict[str, Any] | None = None
         self._scaler: Any = None
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if self.decided:
             return
         if state.autocast_dtype is not None:

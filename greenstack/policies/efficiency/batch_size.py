@@ -16,6 +16,7 @@ from greenstack.efficiency.batch_size import (
 )
 from greenstack.efficiency.probe import energy_reader_from, isolated, synchronize, train_step
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import (
@@ -106,7 +107,7 @@ class BatchSizeSearch(EfficiencyPolicy):
         self.chosen: int | None = None
         self.lr_factor = 1.0
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if self.decided:
             return
         restored = None if self.restored is None else self.restored.get("batch_size")

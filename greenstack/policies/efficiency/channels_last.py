@@ -13,6 +13,7 @@ from greenstack.efficiency.memory_format import (
 )
 from greenstack.efficiency.probe import Variant, module_of
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import ProbeOutOfMemory, ProbingPolicy, device_words
@@ -36,7 +37,7 @@ class ChannelsLast(ProbingPolicy):
         if problems:
             raise ConfigError(problems)
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if self.decided:
             if self.on:
                 state.batch = channels_last_batch(state.batch)

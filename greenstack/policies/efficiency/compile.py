@@ -7,6 +7,7 @@ from typing import Literal
 from greenstack.efficiency.compile import is_compiled, time_compiled_vs_eager, try_compile, uncompile
 from greenstack.efficiency.probe import Comparison, energy_reader_from
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import FROZEN_WHY, ProbingPolicy, device_words
@@ -41,7 +42,7 @@ class Compile(ProbingPolicy):
             raise ConfigError(problems)
         self.backend, self.compile_mode, self.dynamic, self.fullgraph = backend, compile_mode, dynamic, fullgraph
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if self.decided:
             return
         if self.mode == "off":

@@ -8,6 +8,7 @@ import torch
 
 from greenstack.efficiency.sampler import LengthGroupedSampler, plan_padding
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import MODES, EfficiencyPolicy, is_number, train_loader_of
@@ -42,7 +43,7 @@ class DynamicPadding(EfficiencyPolicy):
         self._total = 0
         self._checked_batch = False
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
             self._plan(state)
         else:

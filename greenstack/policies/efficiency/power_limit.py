@@ -11,6 +11,7 @@ import torch
 from greenstack.efficiency.power_limit import GpuPowerControl, PowerLimitSweep, PowerLimitUnavailable
 from greenstack.efficiency.probe import synchronize
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import EfficiencyPolicy, is_number
@@ -48,7 +49,7 @@ class PowerLimitSearch(EfficiencyPolicy):
         self.control: GpuPowerControl | None = None
         self.sweep: PowerLimitSweep | None = None
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
             self._start(state)
         elif event is Event.STEP_END and self.sweep is not None and not self.sweep.done:

@@ -8,6 +8,7 @@ from greenstack.efficiency.attention import attention_implementation, set_attent
 from greenstack.efficiency.checkpointing import Unsupported
 from greenstack.efficiency.probe import Variant, module_of
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import FROZEN_WHY, ProbeOutOfMemory, ProbingPolicy, device_words
@@ -33,7 +34,7 @@ class SdpaAttention(ProbingPolicy):
             raise ConfigError(problems)
         self.implementation: str | None = None
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if self.decided:
             return
         model_name = type(module_of(state.model)).__name__

@@ -22,6 +22,7 @@ from typing import Any
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.provenance import Figure
@@ -220,8 +221,8 @@ class _CarriedMetrics(Policy):
         super().__init__(name="scheduler_metrics")
         self.metrics, self.region = metrics, region
 
-    def __call__(self, event: Event, state: State) -> None:
-        state.metrics.update(self.metrics)
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
+        reporter.metrics(self.metrics)
         if self.region is not None and state.region is None:
             state.region = self.region
 
@@ -240,5 +241,5 @@ def start_when_scheduled(policies: list[Policy], run_dir: str | Path) -> Policy:
     bare = State(model=torch.nn.Module(), run_dir=str(run_dir))
     for policy in policies:
         if isinstance(policy, SchedulerPolicy) and policy.events == frozenset({Event.INIT}):
-            policy(Event.INIT, bare)
+            policy(Event.INIT, bare, Reporter.for_state(bare, policy.name))
     return _CarriedMetrics(dict(bare.metrics), bare.region)

@@ -24,6 +24,7 @@ import pandas as pd
 
 from greenstack.carbon.forecast import HORIZON_H
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
 from greenstack.policies.scheduler._base import SchedulerPolicy
@@ -184,7 +185,7 @@ class ForecastWindow(SchedulerPolicy):
             return None, f"weather (Open-Meteo) unavailable, planning without it: {err}"
         return frame, None
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is not Event.INIT or self.decisions:
             return
         request = self.start_request(state) or self.resumed_run(state)

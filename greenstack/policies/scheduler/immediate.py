@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.policies.scheduler._base import SchedulerPolicy
 
@@ -17,7 +18,7 @@ class Immediate(SchedulerPolicy):
     def __init__(self, **kw: Any) -> None:
         super().__init__(name="immediate", **kw)
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT and not self.decisions:
             self.record(state, "start_now", {"policy": "immediate"}, {"start": self.now().isoformat()},
                         expected_saving_pct=0.0, provenance="measured",

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy
@@ -117,7 +118,7 @@ class PauseResume(SchedulerPolicy):
         return self.deadline.timestamp() - self.remaining_s(state) - self.resume_overhead_h * 3600
 
     # -- events -------------------------------------------------------------------------------------
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
             self._fit_start(state)
         elif event is Event.STEP_END:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.scheduler._base import SchedulerPolicy
@@ -122,7 +123,7 @@ class RegionChoice(SchedulerPolicy):
         self.replayed = (chosen, source)
         return True
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is not Event.INIT or self.decisions:
             return
         if not self.zones:

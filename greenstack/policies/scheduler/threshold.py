@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy
@@ -74,7 +75,7 @@ class Threshold(SchedulerPolicy):
         past = observed_levels(self.source(), now, hours)
         return float(np.percentile(past, self.percentile)), f"p{self.percentile:g} of the {hours} h before the run"
 
-    def __call__(self, event: Event, state: State) -> None:
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is not Event.INIT or self.decisions:
             return
         request = self.start_request(state) or self.resumed_run(state)
