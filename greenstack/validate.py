@@ -132,10 +132,11 @@ def check_task_fit(body: dict[str, Any]) -> list[Problem]:
                                 "minilm otherwise"))
     compression = body.get("compression") if isinstance(body.get("compression"), dict) else {}
     for name, spec in compression.items():
-        if wanted != "class" and isinstance(spec, dict) and str(spec.get("_target_", "")).endswith(".Distillation"):
+        if wanted == "value" and isinstance(spec, dict) and str(spec.get("_target_", "")).endswith(".Distillation"):
             problems.append(Problem(f"compression.{name}", spec.get("_target_"),
-                                    f"distillation works on classification logits only (per-sample soft labels over "
-                                    f"classes, a student rebuilt from a classifier spec); task={task_name} is not supported",
+                                    f"distillation matches the teacher's predicted distributions (classes for "
+                                    f"classification, next tokens for causal_lm); task={task_name} predicts a single "
+                                    f"value per sample, which has no distribution to soften",
                                     "use compression=none, prune or qat with this task"))
     if model is not None and data is not None and model[0] != data[0]:
         problems.append(Problem("model._target_", model_node.get("_target_"),

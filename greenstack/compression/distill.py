@@ -2,8 +2,8 @@
 
 Students are the teacher's own architecture made smaller until their parameter count is at most
 `size_ratio` of the teacher's: fewer channels for ResNets, a narrower/shallower ViT, fewer layers
-and/or a smaller hidden size for transformers (initialised from the teacher where shapes allow:
-copied layers, PCA-projected embeddings). Candidates are counted on the meta device, so choosing a
+and/or a smaller hidden size for transformers, encoders and decoders (GPT-2, Llama, ...) alike
+(initialised from the teacher where shapes allow: copied layers, PCA-projected embeddings). Candidates are counted on the meta device, so choosing a
 student costs no memory and no time worth mentioning.
 """
 
@@ -40,6 +40,21 @@ def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
 
 
+def lm_kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               temperature: float, ignore_index: int = -100) -> torch.Tensor:
+    """The soft-target term for language models: T^2 * KL(teacher/T || student/T) of the next-token
+    distributions, averaged over the positions that have a target (`labels != ignore_index`: padding
+    and document ends teach nothing), so it is on the scale of the per-token cross-entropy."""
+    t = temperature
+    vocab = student_logits.shape[-1]
+    mask = (labels != ignore_index).flatten()
+    log_p_student = F.log_softmax(student_logits.reshape(-1, vocab)[mask].float() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, teacher_logits.shape[-1])[mask].float() / t, dim=-1)
+    if log_p_student.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
                       temperature: float = 4.0, alpha: float = 0.5) -> torch.Tensor:
     """`alpha * kd_term + (1 - alpha) * cross_entropy(student, labels)`."""
@@ -57,6 +72,10 @@ def _hf_dir(teacher: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def _trained_head(architecture: str) -> bool:
+    return any(k in architecture for k in ("ForSequenceClassification", "ForCausalLM", "LMHeadModel"))
+
+
 def check_teacher(teacher: str, key: str = "compression.distill.teacher") -> list[Problem]:
     """Problems with a teacher reference found without loading weights (used at validate time)."""
     try:
@@ -66,7 +85,7 @@ def check_teacher(teacher: str, key: str = "compression.distill.teacher") -> lis
     if hf is not None:
         config = json.loads((hf / "config.json").read_text())
         architectures = config.get("architectures") or []
-        if not any("ForSequenceClassification" in a for a in architectures):
+        if not any(_trained_head(a) for a in architectures):
             return [Problem(key, teacher, f"{hf.name} has no trained classification head ({architectures or 'none'}),"
                             " so its logits would teach noise",
                             "use teacher: null to fine-tune the run's model (e.g. model=minilm) as the teacher until "
@@ -88,6 +107,9 @@ def check_teacher(teacher: str, key: str = "compression.distill.teacher") -> lis
 
 
 def _timm_or_hf_spec(model_node: dict[str, Any], num_classes: int, in_chans: int) -> dict[str, Any]:
+    if str(model_node.get("_target_", "")).endswith("build_causal_lm"):
+        return {"builder": "causal_lm", "vocab": num_classes,
+                "node": {k: v for k, v in model_node.items() if not k.startswith("_")}}
     node = {k: v for k, v in model_node.items() if not k.startswith("_")}
     if node.get("name"):
         return {"builder": "timm", "name": node["name"], "num_classes": num_classes, "in_chans": in_chans,
@@ -107,6 +129,10 @@ def _build(spec: dict[str, Any]) -> nn.Module:
         from greenstack.models import build_transformers
 
         return build_transformers(spec["num_classes"], path=spec["path"])
+    if spec["builder"] == "causal_lm":
+        from greenstack.models import build_causal_lm
+
+        return build_causal_lm(spec["vocab"], **spec["node"])
     return build_from_spec(spec)
 
 
@@ -140,10 +166,13 @@ def load_teacher(teacher: str, *, num_classes: int, in_chans: int = 3,
     hf = _hf_dir(teacher)
     if hf is not None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(hf), local_files_only=True)
-        teacher_labels = int(model.config.num_labels)
+        architectures = json.loads((hf / "config.json").read_text()).get("architectures") or []
+        causal = not any("ForSequenceClassification" in a for a in architectures)
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+        model = auto.from_pretrained(str(hf), local_files_only=True)
+        teacher_labels = int(num_labels(model) or 0)
         if teacher_labels != num_classes:
             raise ConfigError(Problem(key, teacher, f"label spaces differ: the teacher predicts {teacher_labels} "
                                       f"classes, this run's data has {num_classes}",
@@ -227,12 +256,32 @@ def _vit_candidates(teacher: nn.Module, spec: dict[str, Any]) -> Iterator[dict[s
 
 
 def _transformer_config(cfg: dict[str, Any], hidden: int, layers: int) -> dict[str, Any]:
-    """`cfg` with `hidden` width (heads: the most of the original count that divide it) and `layers`."""
-    heads = int(cfg["num_attention_heads"])
+    """`cfg` with `hidden` width (heads: the most of the original count that divide it) and `layers`.
+
+    Keys are the config's own (GPT-2's n_embd/n_head/n_layer/n_inner through transformers'
+    `attribute_map`); grouped-query key/value heads and an explicit head_dim follow the new heads."""
+    from transformers import CONFIG_MAPPING
+
+    amap = dict(getattr(CONFIG_MAPPING[cfg["model_type"]], "attribute_map", {}) or {})
+
+    def key(name: str) -> str:
+        return amap.get(name, name)
+
+    old_hidden = int(cfg[key("hidden_size")])
+    heads = int(cfg[key("num_attention_heads")])
     new_heads = max(d for d in range(1, heads + 1) if hidden % d == 0)
-    ffn_ratio = int(cfg.get("intermediate_size", 4 * cfg["hidden_size"])) / int(cfg["hidden_size"])
-    return {**cfg, "hidden_size": hidden, "num_attention_heads": new_heads, "num_hidden_layers": layers,
-            "intermediate_size": max(8, int(round(hidden * ffn_ratio)))}
+    out = {**cfg, key("hidden_size"): hidden, key("num_attention_heads"): new_heads, key("num_hidden_layers"): layers}
+    for ffn in ("intermediate_size", "n_inner"):  # n_inner: GPT-2's (None = 4 x hidden, follows by itself)
+        if cfg.get(ffn) is not None or (ffn == "intermediate_size" and "n_inner" not in cfg):
+            ratio = int(cfg.get(ffn) or 4 * old_hidden) / old_hidden
+            out[ffn] = max(8, int(round(hidden * ratio)))
+            break
+    if cfg.get("num_key_value_heads") is not None:
+        kv = int(cfg["num_key_value_heads"])
+        out["num_key_value_heads"] = max(d for d in range(1, new_heads + 1) if new_heads % d == 0 and d <= kv)
+    if cfg.get("head_dim") is not None:
+        out["head_dim"] = hidden // new_heads
+    return out
 
 
 def _plan_transformer(spec: dict[str, Any], budget: float) -> tuple[dict[str, Any], int] | None:
@@ -243,15 +292,22 @@ def _plan_transformer(spec: dict[str, Any], budget: float) -> tuple[dict[str, An
     transformers: by total size a 1-layer wide student would win, and it distils worse than a deep,
     narrower one with the same footprint.
     """
+    from transformers import CONFIG_MAPPING
+
     cfg = dict(spec["config"])
-    widths = list(range(8, int(cfg["hidden_size"]) + 1, 8))
+    amap = dict(getattr(CONFIG_MAPPING[cfg["model_type"]], "attribute_map", {}) or {})
+    widths = list(range(8, int(cfg[amap.get("hidden_size", "hidden_size")]) + 1, 8))
     best: tuple[dict[str, Any], int, int] | None = None
-    for layers in range(int(cfg["num_hidden_layers"]), 0, -1):
+    for layers in range(int(cfg[amap.get("num_hidden_layers", "num_hidden_layers")]), 0, -1):
         lo, hi, found = 0, len(widths) - 1, None
         while lo <= hi:
             mid = (lo + hi) // 2
-            candidate = {"builder": "transformers", "config": _transformer_config(cfg, widths[mid], layers)}
-            model = build_from_spec(candidate, device="meta")
+            candidate = {**spec, "config": _transformer_config(cfg, widths[mid], layers)}
+            try:
+                model = build_from_spec(candidate, device="meta")
+            except Exception:  # noqa: BLE001 - a width the architecture refuses (e.g. odd rotary dims)
+                hi = mid - 1
+                continue
             n = count_parameters(model)
             if n <= budget:
                 embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
@@ -312,7 +368,10 @@ def build_student(teacher: nn.Module, size_ratio: float, *, student: dict[str, A
     spec, _, _ = plan_student(teacher, size_ratio)
     model = build_from_spec(spec)
     if init_from_teacher and spec["builder"] == "transformers":
-        _init_transformer_student(model, teacher)
+        if spec.get("head") == "causal_lm":
+            _init_decoder_student(model, teacher)
+        else:
+            _init_transformer_student(model, teacher)
     return model
 
 
@@ -346,6 +405,52 @@ def _init_transformer_student(student: nn.Module, teacher: nn.Module) -> None:
         s_emb = getattr(s_base.embeddings, name, None)
         if t_emb is not None and s_emb is not None and t_emb.weight.shape[0] == s_emb.weight.shape[0]:
             s_emb.weight.copy_((t_emb.weight.float() - (mean if name == "word_embeddings" else 0)) @ projection)
+
+
+def _layer_stack(model: nn.Module) -> str | None:
+    """Qualified name of the decoder's list of layers (GPT-2 `transformer.h`, Llama `model.layers`)."""
+    n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name:
+            return name
+    return None
+
+
+@torch.no_grad()
+def _init_decoder_student(student: nn.Module, teacher: nn.Module) -> None:
+    """A decoder student's start: with equal hidden sizes every weight is copied from the teacher,
+    its layers from evenly spaced teacher layers (first and last kept); with a smaller hidden size
+    the token and position embeddings are projected onto the teacher's top principal directions."""
+    s_hidden = int(student.config.hidden_size)  # type: ignore[union-attr]
+    if s_hidden == int(teacher.config.hidden_size):  # type: ignore[union-attr]
+        s_stack, t_stack = _layer_stack(student), _layer_stack(teacher)
+        if s_stack is None or t_stack is None or s_stack != t_stack:
+            return
+        n_student = len(student.get_submodule(s_stack))
+        n_teacher = len(teacher.get_submodule(t_stack))
+        picks = torch.linspace(0, n_teacher - 1, n_student).round().long().tolist()
+        t_state = teacher.state_dict()
+        new_state = {}
+        for key, value in student.state_dict().items():
+            source = key
+            if key.startswith(f"{s_stack}."):
+                index, rest = key[len(s_stack) + 1:].split(".", 1)
+                source = f"{t_stack}.{picks[int(index)]}.{rest}"
+            if source in t_state and t_state[source].shape == value.shape:
+                new_state[key] = t_state[source]
+        student.load_state_dict(new_state, strict=False)
+        return
+    t_word = teacher.get_input_embeddings().weight.float()  # type: ignore[operator]
+    mean = t_word.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(t_word - mean, full_matrices=False)
+    projection = v[:s_hidden].T  # (teacher hidden, student hidden)
+    s_modules = dict(student.named_modules())
+    for name, t_emb in teacher.named_modules():
+        s_emb = s_modules.get(name)
+        if isinstance(t_emb, nn.Embedding) and isinstance(s_emb, nn.Embedding) \
+                and s_emb.weight.shape == (t_emb.weight.shape[0], s_hidden):
+            is_tokens = t_emb is teacher.get_input_embeddings()  # type: ignore[operator]
+            s_emb.weight.copy_((t_emb.weight.float() - (mean if is_tokens else 0)) @ projection)
 
 
 def param_fraction(student: nn.Module, teacher: nn.Module) -> float:

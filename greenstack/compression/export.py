@@ -109,17 +109,47 @@ def export_compressed(model: nn.Module, out_dir: str | Path, *, example_batch: M
         converted = qat_lib.convert_qat(model, backend, manifest["exclude_modules"])
         tensors, layout = qat_lib.backend_module(backend).flatten_state(converted)
         manifest["parameters"] = count_parameters(build_from_spec(spec, device="meta"))
+    aliases = _tied_aliases(model, tensors)
     stored: dict[str, torch.Tensor] = {}
     encodings: dict[str, Any] = {}
     for key, tensor in tensors.items():
+        if key in aliases:
+            continue
         parts, meta = pack_tensor(key, tensor)
         stored.update(parts)
         encodings[key] = meta
     manifest["layout"] = layout
     manifest["tensors"] = encodings
+    manifest["aliases"] = aliases
     manifest["stored_nonzero_values"] = _nonzero_count(manifest)
     _write(out, _untie(stored), manifest)
     return manifest
+
+
+def _tied_aliases(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """`{stored key: earlier key}` for the tensors of parameters tied in `model` (one storage, two names:
+    a GPT-2/Llama input embedding and LM head) that are still equal in `tensors`, float or converted
+    to int8 (`<name>.__qdata`, `.__scale`, ...): stored once, as `save_pretrained` does."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor) or not value.numel():
+            continue
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in first:
+            tied[name] = first[ptr]
+        else:
+            first[ptr] = name
+    aliases: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        for name, original in tied.items():
+            if key == name or key.startswith(f"{name}.__"):
+                other = original + key[len(name):]
+                if other in tensors and other not in aliases and tensors[other].dtype == tensor.dtype \
+                        and torch.equal(tensors[other].detach().cpu(), tensor.detach().cpu()):
+                    aliases[key] = other
+                break
+    return aliases
 
 
 def _nonzero_count(manifest: Mapping[str, Any]) -> int:
@@ -167,6 +197,8 @@ def load_compressed(path: str | Path) -> nn.Module:
         raise ValueError(f"{path} is not a {FORMAT} artifact (format {manifest.get('format')!r})")
     stored = load_file(str(path / WEIGHTS_FILE))
     tensors = {key: unpack_tensor(key, meta, stored) for key, meta in manifest["tensors"].items()}
+    for key, original in manifest.get("aliases", {}).items():
+        tensors[key] = tensors[original].clone()
     float_model = build_from_spec(manifest["spec"])
     backend = manifest.get("backend")
     if backend is None:
@@ -185,11 +217,20 @@ def dense_reference(path: str | Path) -> nn.Module:
 
 
 def dense_fp32_bytes(model: nn.Module) -> int:
-    """Size of `model`'s state as an fp32 safetensors file, measured by writing it."""
+    """Size of `model`'s state as an fp32 safetensors file, measured by writing it (a tensor shared by
+    two names, e.g. a tied embedding and LM head, written once, as `save_pretrained` does)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
-             for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        ptr = v.untyped_storage().data_ptr() if v.numel() else 0
+        if ptr and ptr in seen:
+            continue
+        seen.add(ptr)
+        state[k] = v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
     fd, tmp = tempfile.mkstemp(suffix=".safetensors")
     os.close(fd)
     try:

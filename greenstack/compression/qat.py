@@ -1,7 +1,8 @@
 """int8 quantization-aware training: choose a backend per model, prepare, freeze, convert.
 
 Two backends behind one set of functions:
-- `torchao` (qat_backend_torchao): Linear/Embedding-heavy models (transformers, ViTs);
+- `torchao` (qat_backend_torchao): Linear/Embedding-heavy models (transformers, ViTs, decoders; GPT-2's
+  transformers `Conv1D` projections are turned into the equivalent `nn.Linear` first);
 - `ao_fx` (qat_backend_ao, torch.ao FX graph mode): CNNs, because torchao's QAT does not convert Conv2d.
 `choose_backend` picks by where the model's weights live and says why, so the decision can be logged.
 """
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from greenstack.compression.selection import is_conv1d
 from greenstack.compression.spec import attach_spec, model_spec
 from greenstack.errors import ConfigError, Problem
 
@@ -49,15 +51,15 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def quantizable_layers(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, str]:
-    """`{module name: kind}` of layers int8 QAT can quantize (Conv, Linear, Embedding), minus `exclude`
-    (regexes on module names)."""
+    """`{module name: kind}` of layers int8 QAT can quantize (Conv, Linear incl. transformers `Conv1D`,
+    Embedding), minus `exclude` (regexes on module names)."""
     layers: dict[str, str] = {}
     for name, module in model.named_modules():
         if not name or _matches(name, exclude):
             continue
         if isinstance(module, _ConvNd):
             layers[name] = "conv"
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) or is_conv1d(module):
             layers[name] = "linear"
         elif isinstance(module, nn.Embedding):
             layers[name] = "embedding"

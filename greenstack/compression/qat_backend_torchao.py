@@ -4,7 +4,9 @@
 that train with the int8 rounding in the loop; `step="convert"` turns them into int8 weight tensors
 (`IntxUnpackedToInt8Tensor`: qdata + per-row scale). Linear layers get int8 dynamic activations with
 int8 per-channel weights, embeddings int8 per-row weights. torchao does not convert Conv2d, which is
-why CNNs go through `qat_backend_ao`.
+why CNNs go through `qat_backend_ao`. GPT-2's transformers `Conv1D` layers are replaced by equivalent
+`nn.Linear` before preparing (`selection.linearize_conv1d`); a tied input embedding / LM head stays tied
+during QAT and converts to identical int8 tensors, which the artifact stores once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from greenstack.compression.selection import linearize_conv1d
 
 log = logging.getLogger("greenstack")
 
@@ -65,6 +69,9 @@ def prepare(model: nn.Module, example_inputs: tuple[Any, ...] = (), exclude_modu
     """A fake-quant (QAT) copy of `model`; the float model is left unchanged."""
     del example_inputs  # module swaps need no tracing
     model = copy.deepcopy(model)
+    converted = linearize_conv1d(model)
+    if converted:
+        log.info("qat: %d transformers Conv1D layers turned into equivalent nn.Linear for int8 QAT", converted)
     _apply(model, "prepare", exclude_modules)
     return model
 

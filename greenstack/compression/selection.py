@@ -21,6 +21,33 @@ from greenstack.errors import Problem
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (_ConvNd, nn.Linear)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 family): a Linear with its weight stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
+@torch.no_grad()
+def linearize_conv1d(model: nn.Module) -> int:
+    """Replace every transformers `Conv1D` in `model` (in place) by the equivalent `nn.Linear` (weight
+    transposed, same bias, same module name), so Linear-only quantizers see GPT-2's projections; the
+    outputs are the same up to float rounding. Returns how many were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not is_conv1d(child):
+                continue
+            weight = child.weight  # (in_features, out_features)
+            linear = nn.Linear(weight.shape[0], weight.shape[1], bias=child.bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            linear.weight.copy_(weight.t())
+            if child.bias is not None:
+                linear.bias.copy_(child.bias)
+            linear.train(child.training)
+            setattr(parent, child_name, linear)
+            replaced += 1
+    return replaced
+
+
 def as_patterns(value: str | Sequence[str] | None) -> list[str]:
     """A single regex or a list of them, as a list."""
     if value is None:

@@ -2,7 +2,8 @@
 
 An artifact stores weights only; the loader rebuilds the float architecture from this spec and then
 fills it. Builders (and the student builders here) attach the spec as `model.greenstack_spec`; for
-models built elsewhere it is inferred: transformers models carry their config, timm models their
+models built elsewhere it is inferred: transformers models carry their config (and `head: causal_lm`
+for decoders with a language-model head, sequence classification otherwise), timm models their
 architecture name (timm constructor kwargs cannot be recovered from a built model, so such a model
 needs the attached spec).
 """
@@ -36,8 +37,11 @@ def _in_chans(model: nn.Module) -> int:
 
 
 def num_labels(model: nn.Module) -> int | None:
-    """Size of a classifier's label space: transformers config, timm head, else the last Linear."""
+    """Size of a classifier's label space (a language model's: its vocabulary): transformers config,
+    timm head, else the last Linear."""
     config = getattr(model, "config", None)
+    if config is not None and is_causal_lm(model):
+        return int(model.get_output_embeddings().out_features)  # type: ignore[operator]
     if config is not None and getattr(config, "num_labels", None) is not None:
         return int(config.num_labels)
     spec = getattr(model, SPEC_ATTR, None)
@@ -53,6 +57,18 @@ def num_labels(model: nn.Module) -> int | None:
     return last.out_features if last is not None else None
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is a transformers decoder with a language-model head (GPT-2, Llama, ...)."""
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return type(model).__name__ in names
+
+
 def model_spec(model: nn.Module) -> dict[str, Any]:
     """How to rebuild `model`'s float architecture; ConfigError when it cannot be told."""
     spec = getattr(model, SPEC_ATTR, None)
@@ -60,7 +76,10 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         return copy.deepcopy(spec)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict") and hasattr(model, "can_generate"):
-        return {"builder": "transformers", "config": config.to_dict()}
+        spec: dict[str, Any] = {"builder": "transformers", "config": config.to_dict()}
+        if is_causal_lm(model):
+            spec["head"] = "causal_lm"
+        return spec
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("architecture"):
         return {"builder": "timm", "name": pretrained_cfg["architecture"], "num_classes": num_labels(model),
@@ -82,7 +101,7 @@ def build_from_spec(spec: dict[str, Any], *, device: torch.device | str | None =
                                       **dict(spec.get("kwargs") or {}))
     elif builder == "transformers":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
         cfg = dict(spec["config"])
         model_type = cfg.pop("model_type")
@@ -90,7 +109,8 @@ def build_from_spec(spec: dict[str, Any], *, device: torch.device | str | None =
             cfg.pop(key, None)
         hf_config = AutoConfig.for_model(model_type, **cfg)
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = AutoModelForSequenceClassification.from_config(hf_config)
+            auto = AutoModelForCausalLM if spec.get("head") == "causal_lm" else AutoModelForSequenceClassification
+            model = auto.from_config(hf_config)
     else:
         raise ConfigError(f"unknown model builder {builder!r} in spec", key="compression", value=builder)
     return attach_spec(model, spec)

@@ -15,6 +15,7 @@ from greenstack.compression.distill import (
     check_teacher,
     frozen_copy,
     kd_term,
+    lm_kd_term,
     load_teacher,
     plan_student,
 )
@@ -35,6 +36,11 @@ NAME = "compression.distill"
 
 class Distillation(Policy):
     """Trains a student on `alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * cross-entropy`.
+
+    Classification: KL of the per-sample class distributions. Causal LM (task=causal_lm): KL of the
+    next-token distributions at every position with a target (the task's ignore_index masks padding),
+    averaged per token, plus the task's next-token loss; the student is the decoder with fewer layers
+    and/or a narrower width (same family, built from the teacher's config, same vocabulary).
 
     Teacher: `null` = the run's own model, trained until `start` and then frozen (e.g. model=minilm
     fine-tunes the shipped all-MiniLM-L6-v2 first); or a greenstack run directory, a transformers
@@ -82,7 +88,7 @@ class Distillation(Policy):
         self.teacher: nn.Module | None = None
         self.swapped_at: int | None = None
         self.teacher_params = self.student_params = 0
-        self.results: dict[str, float] = {}
+        self.results: dict[str, Any] = {}
 
     def handles(self, event: Event, state: State) -> bool:
         if event is Event.BATCH_START:
@@ -98,15 +104,23 @@ class Distillation(Policy):
             with torch.no_grad():
                 teacher_logits = forward(self.teacher, state.batch)
             logits, labels = state.outputs, state.batch["labels"]
-            hard = F.cross_entropy(logits.float(), labels)
-            soft = kd_term(logits, teacher_logits, self.temperature)
+            task = state.task
+            if getattr(task, "target", "class") == "next_token":  # causal LM: per-token distributions
+                hard = task.loss(logits, state.batch)
+                soft = lm_kd_term(logits, teacher_logits, labels, self.temperature,
+                                  getattr(task, "ignore_index", -100))
+            else:
+                hard = F.cross_entropy(logits.float(), labels)
+                soft = kd_term(logits, teacher_logits, self.temperature)
             # re-weight the loop's cross-entropy part; terms other policies added stay as they are
             state.loss = state.loss + self.alpha * (soft - hard)
         elif event is Event.FIT_END and self.teacher is not None and state.evaluate is not None:
             teacher = state.evaluate(self.teacher, "test")
             student = state.evaluate(state.model, "test")
-            if "test/accuracy" in teacher and "test/accuracy" in student:
-                self.results = {"teacher": teacher["test/accuracy"], "student": student["test/accuracy"]}
+            for metric in ("accuracy", "perplexity"):
+                if f"test/{metric}" in teacher and f"test/{metric}" in student:
+                    self.results = {"metric": metric, "teacher": teacher[f"test/{metric}"],
+                                    "student": student[f"test/{metric}"]}
 
     def _init(self, state: State) -> None:
         if self.teacher_ref is None:
@@ -184,7 +198,13 @@ class Distillation(Policy):
             "compression/distill_param_fraction": Figure(round(self.student_params / self.teacher_params, 6),
                                                          "fraction", "measured", source),
         }
-        if self.results:
+        if self.results.get("metric") == "perplexity":
+            src = f"{NAME}: evaluation of teacher and student on the test split"
+            figures["compression/distill_teacher_perplexity"] = Figure(round(self.results["teacher"], 6), "perplexity",
+                                                                       "measured", src)
+            figures["compression/distill_student_perplexity"] = Figure(round(self.results["student"], 6), "perplexity",
+                                                                       "measured", src)
+        elif self.results:
             src = f"{NAME}: evaluation of teacher and student on the test split"
             figures["compression/distill_teacher_accuracy"] = Figure(self.results["teacher"], "fraction", "measured", src)
             figures["compression/distill_student_accuracy"] = Figure(self.results["student"], "fraction", "measured", src)

@@ -51,7 +51,8 @@ class ExportCompressed(Policy):
     greenstack.compression.export), reloads it with `load_compressed`, and reports in
     sustainability.json: size on disk vs the same architecture in dense fp32, CPU latency (median over
     `latency_repeats` forwards of a training batch) dense vs compressed, parameter count, sparsity,
-    and test accuracy of the model at the end of training vs the reloaded artifact.
+    and test accuracy (language models: perplexity) of the model at the end of training vs the reloaded
+    artifact.
     """
 
     events = frozenset({Event.INIT, Event.FIT_END})
@@ -120,6 +121,12 @@ class ExportCompressed(Policy):
                                                                f"reloaded artifact, {src}")
                 figures["compression/accuracy_drop_pt"] = Figure(
                     round(100 * (before["test/accuracy"] - after["test/accuracy"]), 4), "points", "measured", src)
+            if "test/perplexity" in before and "test/perplexity" in after:
+                src = f"test split ({int(after.get('test/tokens', 0))} tokens)"
+                figures["compression/perplexity_before"] = Figure(round(before["test/perplexity"], 6), "perplexity",
+                                                                  "measured", f"model at the end of training, {src}")
+                figures["compression/perplexity_after"] = Figure(round(after["test/perplexity"], 6), "perplexity",
+                                                                 "measured", f"reloaded artifact, {src}")
         self.figures = figures
         log.info("export: %s written (%.1f kB, %.1fx smaller than dense fp32)", out, size / 1e3, dense_size / size)
 
