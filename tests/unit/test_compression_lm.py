@@ -16,6 +16,7 @@ from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.models import build_causal_lm
 from greenstack.tasks import CausalLM
+from tests.helpers.hooks import fire
 from tests.helpers.optional import need
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -207,7 +208,7 @@ def test_distillation_policy_trains_a_smaller_decoder_on_next_token_distribution
     trainer.state.loss = hard = CausalLM().loss(logits, batch)
     from greenstack.engine.events import Event
 
-    distill(Event.AFTER_FORWARD, trainer.state)
+    fire(distill, Event.AFTER_FORWARD, trainer.state)
     expected = 0.5 * lm_kd_term(logits, teacher_logits, batch["labels"], 2.0) + 0.5 * hard
     assert float(trainer.state.loss) == pytest.approx(float(expected), rel=1e-5)
 
