@@ -82,7 +82,12 @@ class DynamicPadding(EfficiencyPolicy):
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         if not self._checked_batch:
             self._checked_batch = True
-            if mask is None and not self.decided:
+            packed = isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() and inputs.ndim == 2
+            if mask is None and packed and not self.decided:
+                self.warn(state, "no effect — packed token blocks (language-model corpora): every position is a "
+                                 "real token, nothing is padded")
+                self.decide(state, False, "packed token blocks: no padding")
+            elif mask is None and not self.decided:
                 self.warn(state, "no effect — the inputs are not padded token sequences")
                 self.decide(state, False, "no text inputs")
             elif not self.decided:
