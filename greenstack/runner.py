@@ -7,7 +7,7 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from greenstack.checkpoint.fingerprint import training_config
 from greenstack.engine.determinism import Determinism, seed_loaders
+from greenstack.engine.groups import policy_nodes
 from greenstack.engine.loop import Trainer
 from greenstack.engine.policy import Policy
 from greenstack.engine.replay import apply_replay, load_decisions
@@ -37,8 +38,6 @@ from greenstack.tracking.base import Fanout, JsonlWriter, NullTracker, load_or_c
 from greenstack.validate import validate_config
 
 log = logging.getLogger("greenstack")
-# checkpointing runs last so a snapshot sees the state after every other policy's STEP_END
-POLICY_GROUPS = ("scheduler", "efficiency", "compression", "federated", "policies", "checkpointing")
 
 
 def seed_everything(seed: int) -> None:
@@ -47,20 +46,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_policies(cfg: DictConfig, groups: tuple[str, ...] = POLICY_GROUPS) -> list[Policy]:
-    """Policies in dispatch order: the policy groups, extra `policies`, and checkpointing last."""
+def build_policies(cfg: DictConfig, groups: Iterable[str] | None = None, *,
+                   start: bool | None = None) -> list[Policy]:
+    """The policies of `groups` (default: every policy group the config holds, engine/groups.py) in
+    dispatch order. start=True: only the start-time schedulers; False: all but them."""
     policies: list[Policy] = []
-    for group in groups:
-        node = cfg.get(group) or {}
-        if isinstance(node, DictConfig) and "_target_" in node:  # a group option that is one policy
-            node = {group: node}
-        for name, spec in node.items():
-            if spec is None or not isinstance(spec, DictConfig) or "_target_" not in spec:
-                continue
-            policy = instantiate(spec)
-            if not isinstance(policy, Policy):
-                raise ConfigError(f"{spec._target_} is not a greenstack Policy", key=f"{group}.{name}")
-            policies.append(policy)
+    for found in policy_nodes(cfg, groups):
+        if start is not None and (found.placement == "start") != start:
+            continue
+        policy = instantiate(found.node)
+        if not isinstance(policy, Policy):
+            raise ConfigError(f"{found.node._target_} is not a greenstack Policy", key=found.key)
+        policies.append(policy)
     return policies
 
 
@@ -131,7 +128,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None,
     submitted_at = datetime.now(timezone.utc)  # before any scheduler wait: the `submission` savings baseline
     # when to start is decided before anything is built: a run waiting for its low-carbon window holds
     # no model, data or device memory and shows no half-started tracker run
-    schedulers = build_policies(cfg, groups=("scheduler",))
+    schedulers = build_policies(cfg, start=True)
     source = (cfg.get("efficiency") or {}).get("decisions_from")
     recorded = load_decisions(source) if source else None  # efficiency.decisions_from: replay that run's choices
     apply_replay(recorded, schedulers)
@@ -147,7 +144,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None,
     task = instantiate(cfg.task) if cfg.get("task") is not None else None  # None: classification
     optim = instantiate(cfg.optim)
     trainer_cfg = instantiate(cfg.trainer)
-    policies = [determinism, *schedulers, *build_policies(cfg, groups=POLICY_GROUPS[1:])]
+    policies = [determinism, *schedulers, *build_policies(cfg, start=False)]
     apply_replay(recorded, policies[1 + len(schedulers):])
     flat = training_config(cfg)
     for policy in policies:  # checkpoints record the training config they belong to; resume checks it

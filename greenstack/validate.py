@@ -14,20 +14,22 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from greenstack.engine.groups import policy_groups
+from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError, Problem
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 #: arguments the runner passes itself, per top-level group
 RUNNER_SUPPLIED: dict[str, set[str]] = {"model": {"num_classes", "in_chans"}, "data": {"seed"}}
-#: groups whose `_target_` objects are cheap to construct, so construction-time checks run in validate
-CONSTRUCT_GROUPS = {"task", "carbon", "energy", "optim", "trainer", "tracker", "scheduler", "efficiency", "compression", "checkpointing",
-                    "federated", "policies"}
+#: groups whose `_target_` objects are cheap to construct, so construction-time checks run in validate;
+#: so are policies and every node of a policy group (found in the config, engine/groups.py)
+CONSTRUCT_GROUPS = {"task", "carbon", "energy", "optim", "trainer", "tracker"}
 
 
 def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]]:
@@ -225,7 +227,8 @@ def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any
     return params, hints, var_kw
 
 
-def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks: dict[str, Callable]) -> None:
+def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks: dict[str, Callable],
+                construct: Collection[str] = CONSTRUCT_GROUPS) -> None:
     target_path = node["_target_"]
     if target_path is None:
         return
@@ -261,7 +264,7 @@ def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks
     check = checks.get(str(target_path))
     if check:
         problems.extend(check(node, path))
-    if len(problems) == before and group in CONSTRUCT_GROUPS and inspect.isclass(target):
+    if len(problems) == before and inspect.isclass(target) and (group in construct or issubclass(target, Policy)):
         _try_construct(target, node, path, problems)
 
 
@@ -278,16 +281,17 @@ def _try_construct(target: Any, node: dict[str, Any], path: str, problems: list[
         problems.append(Problem(path, "", f"{target.__name__}: {e}"))
 
 
-def _walk(node: Any, path: str, problems: list[Problem], checks: dict[str, Callable]) -> None:
+def _walk(node: Any, path: str, problems: list[Problem], checks: dict[str, Callable],
+          construct: Collection[str] = CONSTRUCT_GROUPS) -> None:
     if isinstance(node, dict):
         if "_target_" in node:
-            _check_node(node, path, problems, checks)
+            _check_node(node, path, problems, checks, construct)
         for key, value in node.items():
             if key not in HYDRA_KEYS:
-                _walk(value, f"{path}.{key}" if path else str(key), problems, checks)
+                _walk(value, f"{path}.{key}" if path else str(key), problems, checks, construct)
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            _walk(value, f"{path}[{i}]", problems, checks)
+            _walk(value, f"{path}[{i}]", problems, checks, construct)
 
 
 def _missing_and_interpolation(cfg: Any, path: str, problems: list[Problem]) -> None:
@@ -319,7 +323,7 @@ def validate_config(cfg: DictConfig) -> list[Problem]:
     container = OmegaConf.to_container(body, resolve=True)
     non_finite = non_finite_numbers(container)
     walked: list[Problem] = []
-    _walk(container, "", walked, _domain_checks())
+    _walk(container, "", walked, _domain_checks(), CONSTRUCT_GROUPS | set(policy_groups(container)))  # type: ignore[arg-type]
     said = {p.key for p in non_finite}  # "must be finite" says it all; no second row for the same key
     problems += non_finite + [p for p in walked if p.key not in said]
     problems += _device_available(cfg)

@@ -17,9 +17,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-#: config groups whose values determine the computation (model, data, optimiser and schedule, run length,
-#: the policies that change the maths) and top-level keys (the seed)
-TRAINING_GROUPS = ("model", "data", "optim", "trainer", "efficiency", "compression", "federated", "policies")
+from greenstack.engine.groups import policy_nodes
+
+#: config groups whose values determine the computation (model, data, optimiser and schedule, run length)
+#: and top-level keys (the seed); the policy groups whose policies change the maths (`Policy.changes_training`:
+#: all but the schedulers and checkpointing) are found in the config itself (engine/groups.py)
+TRAINING_GROUPS = ("model", "data", "optim", "trainer")
 TRAINING_KEYS = ("seed",)
 #: of the trainer group only these change what is computed (the rest: progress, logging, evaluation, device)
 TRAINER_KEYS = ("trainer._target_", "trainer.max_duration", "trainer.grad_accum", "trainer.max_grad_norm",
@@ -37,11 +40,16 @@ def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = node
 
 
+def training_config_groups(body: Mapping[str, Any]) -> list[str]:
+    """Policy groups of a config whose policies change what training computes."""
+    return list(dict.fromkeys(p.group for p in policy_nodes(body) if p.cls.changes_training))
+
+
 def training_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The training-determining part of a composed config, flattened to dotted keys (JSON-able)."""
     body = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     flat: dict[str, Any] = {}
-    for group in TRAINING_GROUPS:
+    for group in (*TRAINING_GROUPS, *training_config_groups(body)):  # type: ignore[arg-type]
         if group in body:  # type: ignore[operator]
             _flatten(body[group], group, flat)  # type: ignore[index]
     for key in TRAINING_KEYS:

@@ -18,6 +18,9 @@ from greenstack.engine.state import State
 from greenstack.errors import ConfigError
 
 log = logging.getLogger("greenstack")
+#: where a policy goes in dispatch order (engine/groups.py): `start` = start-time schedulers, built and run
+#: before anything else; `any` = config order; `last` = after every other policy (checkpointing)
+PLACEMENTS = ("start", "any", "last")
 
 
 class Policy:
@@ -27,6 +30,10 @@ class Policy:
     #: events dispatched even outside the active window (set-up and tear-down)
     always: ClassVar[frozenset[Event]] = frozenset({Event.INIT, Event.FIT_START, Event.FIT_END,
                                                     Event.EXCEPTION})
+    #: one of PLACEMENTS
+    placement: ClassVar[str] = "any"
+    #: whether its config is part of the training config a checkpoint must match on resume (fingerprint)
+    changes_training: ClassVar[bool] = True
 
     def __init__(self, start: str | int | None = None, end: str | int | None = None,
                  name: str | None = None) -> None:

@@ -119,6 +119,9 @@ class _TierWriter:
 class HierarchicalCheckpointing(Policy):
     """Memory / local / durable checkpoint tiers with async writes, exact resume and preemption handling."""
 
+    placement = "last"  # a snapshot sees the state after every other policy's STEP_END
+    changes_training = False
+
     events = frozenset({Event.INIT, Event.FIT_START, Event.AFTER_BACKWARD, Event.STEP_END, Event.FIT_END,
                         Event.EXCEPTION})
 

@@ -56,6 +56,9 @@ def build_source(zone: str | None, trace: str | None, carbon: Any, key: str) -> 
 class SchedulerPolicy(Policy):
     """Base of the scheduler policies (see the module docstring)."""
 
+    placement = "start"  # decides when the run starts: built and consulted before the model or data
+    changes_training = False
+
     def __init__(self, *, name: str, zone: str | None = None, trace: str | None = None, carbon: Any = None,
                  start_now: bool = False, clock: Callable[[], float] | None = None,
                  sleep: Callable[[float], None] | None = None, key: str = "scheduler") -> None:

@@ -1,0 +1,121 @@
+"""Config contract (issue 16): a policy group is one config file plus one module, found in the config
+itself; shared config blocks are composed, not pasted."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from greenstack.paths import conf_dir
+from tests.conftest import FAST
+
+MODULE = '''
+import json
+from pathlib import Path
+
+from greenstack.engine.events import Event
+from greenstack.engine.policy import Policy
+
+
+class StepCounter(Policy):
+    """Counts the steps it is dispatched; writes the count to `path` when training ends."""
+
+    events = frozenset({Event.STEP_END, Event.FIT_END})
+
+    def __init__(self, path: str, every: int = 1) -> None:
+        super().__init__(name="counter")
+        self.path, self.every, self.steps = path, every, 0
+
+    def __call__(self, event, state, *rest):  # *rest: later hook signatures pass more
+        if event == Event.STEP_END:
+            self.steps += 1
+        else:
+            Path(self.path).write_text(json.dumps({"steps": self.steps, "every": self.every}))
+'''
+
+
+def _new_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The whole addition: conf/<group>/<option>.yaml and the module with the policy."""
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "counting_policy.py").write_text(textwrap.dedent(MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path / "mod"))
+    (tmp_path / "conf" / "counting").mkdir(parents=True)
+    (tmp_path / "conf" / "counting" / "steps.yaml").write_text(textwrap.dedent(f"""\
+        counter:
+          _target_: counting_policy.StepCounter
+          path: {tmp_path / 'count.json'}
+          every: 1
+        """))
+    return tmp_path / "conf"
+
+
+def test_a_new_policy_group_is_one_yaml_and_one_module(tmp_path, monkeypatch):
+    """No registration anywhere: the group is found because its node's target is a Policy, it is
+    validated, built, and dispatched every step; a bad value in it is reported under its key."""
+    from greenstack.compose import compose_with_problems
+    from greenstack.engine.groups import policy_groups
+    from greenstack.validate import validate_config
+
+    conf = _new_group(tmp_path, monkeypatch)
+    extra = [f"hydra.searchpath=[file://{conf}]", "+counting=steps"]
+    cfg, problems = compose_with_problems([*extra, "checkpointing=hierarchical"])
+    assert not problems, problems
+    groups = policy_groups(cfg)
+    assert groups == ["scheduler", "checkpointing", "counting"]  # config order; `+group` comes last
+    from greenstack.runner import build_policies, run
+
+    names = [p.name for p in build_policies(cfg)]
+    assert names[0] == "immediate" and names[-1] == "checkpointing" and "counter" in names  # checkpointing last
+
+    bad, _ = compose_with_problems([*extra, "counting.counter.every=often"])
+    assert [p.key for p in validate_config(bad)] == ["counting.counter.every"]
+
+    cfg, problems = compose_with_problems([*extra, "data=synthetic_image", "data.num_samples=32",
+                                           "data.batch_size=16", "data.image_size=16", "model.name=resnet10t",
+                                           *FAST, "trainer.max_duration=3ba"])
+    assert not problems, problems
+    run(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "count.json").read_text()) == {"steps": 3, "every": 1}
+
+
+def test_policies_group_options_are_maps_of_named_policies():
+    from greenstack.compose import compose_with_problems
+    from greenstack.runner import build_policies
+
+    cfg, problems = compose_with_problems(["policies=early_stopping", "policies.early_stopping.patience=5"])
+    assert not problems, problems
+    (stopper,) = [p for p in build_policies(cfg) if p.name == "early_stopping"]
+    assert stopper.patience == 5
+    cfg, _ = compose_with_problems(["recipe=digits_vit"])
+    assert cfg.policies.early_stopping.mode == "max"
+
+
+def _blocks(path: Path) -> list[str]:
+    """Top-level keys of a conf file, with their values, one text per key (comments dropped)."""
+    body = yaml.safe_load(path.read_text()) or {}
+    return [json.dumps({k: v}, sort_keys=True) for k, v in body.items() if k not in ("defaults", "_target_")]
+
+
+def test_no_two_conf_files_repeat_a_block():
+    """The accounting settings live in one node (conf/carbon/accounting), compression stages in one file
+    each: no key with a nested block, or group of 4+ leaves, is pasted into two files."""
+    seen: dict[str, Path] = {}
+    repeated = []
+    for path in sorted(conf_dir().rglob("*.yaml")):
+        for block in _blocks(path):
+            value = json.loads(block)
+            (key, inner), = value.items()
+            if not isinstance(inner, dict) or len(json.dumps(inner)) < 60:
+                continue
+            if block in seen:
+                repeated.append(f"{key}: {seen[block].relative_to(conf_dir())} and {path.relative_to(conf_dir())}")
+            seen.setdefault(block, path)
+    assert not repeated, repeated
+    carbon = sorted(p.name for p in (conf_dir() / "carbon").glob("*.yaml"))
+    for name in carbon:  # each carbon option composes the one accounting node
+        text = (conf_dir() / "carbon" / name).read_text()
+        assert "pool:" not in text and "carbon_price_usd_per_t" not in text, name
