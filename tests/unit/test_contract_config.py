@@ -8,9 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
 
-from greenstack.paths import conf_dir
 from tests.conftest import FAST
 
 MODULE = '''
@@ -30,7 +28,7 @@ class StepCounter(Policy):
         super().__init__(name="counter")
         self.path, self.every, self.steps = path, every, 0
 
-    def __call__(self, event, state, *rest):  # *rest: later hook signatures pass more
+    def __call__(self, event, state, reporter):
         if event == Event.STEP_END:
             self.steps += 1
         else:
@@ -92,30 +90,3 @@ def test_policies_group_options_are_maps_of_named_policies():
     assert stopper.patience == 5
     cfg, _ = compose_with_problems(["recipe=digits_vit"])
     assert cfg.policies.early_stopping.mode == "max"
-
-
-def _blocks(path: Path) -> list[str]:
-    """Top-level keys of a conf file, with their values, one text per key (comments dropped)."""
-    body = yaml.safe_load(path.read_text()) or {}
-    return [json.dumps({k: v}, sort_keys=True) for k, v in body.items() if k not in ("defaults", "_target_")]
-
-
-def test_no_two_conf_files_repeat_a_block():
-    """The accounting settings live in one node (conf/carbon/accounting), compression stages in one file
-    each: no key with a nested block, or group of 4+ leaves, is pasted into two files."""
-    seen: dict[str, Path] = {}
-    repeated = []
-    for path in sorted(conf_dir().rglob("*.yaml")):
-        for block in _blocks(path):
-            value = json.loads(block)
-            (key, inner), = value.items()
-            if not isinstance(inner, dict) or len(json.dumps(inner)) < 60:
-                continue
-            if block in seen:
-                repeated.append(f"{key}: {seen[block].relative_to(conf_dir())} and {path.relative_to(conf_dir())}")
-            seen.setdefault(block, path)
-    assert not repeated, repeated
-    carbon = sorted(p.name for p in (conf_dir() / "carbon").glob("*.yaml"))
-    for name in carbon:  # each carbon option composes the one accounting node
-        text = (conf_dir() / "carbon" / name).read_text()
-        assert "pool:" not in text and "carbon_price_usd_per_t" not in text, name
