@@ -23,6 +23,7 @@ commands:
   train [overrides]        train (Hydra app: recipe=NAME, key=value, -m for multirun, --cfg job);
                            -m ... launcher=slurm submits the jobs to Slurm; a job table follows every multirun
   validate [overrides]     compose and check a config; lists every problem, exit 2 if any
+  data prepare [overrides] tokenise a data set into the cache training reuses, as a measured, schedulable job
   ls [GROUP] [overrides]   config groups, options and recipes, with where each came from
                            (hydra.searchpath=[...] adds config sources, as for train)
   cp GROUP/OPTION DEST     copy a recipe or config option to edit (e.g. cp recipe/quickstart recipes-mine/)
@@ -552,6 +553,12 @@ def federated(argv: list[str]) -> int:
     return run_federated(argv)
 
 
+def data(argv: list[str]) -> int:
+    from greenstack.data.prepare import run_data
+
+    return run_data(argv)
+
+
 def report(argv: list[str]) -> int:
     from greenstack.report_cli import run_report
 
@@ -572,7 +579,7 @@ def audit(argv: list[str]) -> int:
 
 COMMANDS = {"model": model, "predict": predict, "train": train, "validate": validate, "ls": ls, "cp": cp, "doctor": doctor, "plan": plan,
             "carbon": carbon, "report": report, "pool": pool, "audit": audit,
-            "federated": federated}
+            "federated": federated, "data": data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from greenstack.checkpoint.fingerprint import training_config
+from greenstack.data.prepare import attach_prepare_share
 from greenstack.engine.determinism import Determinism, seed_loaders
 from greenstack.engine.groups import policy_nodes
 from greenstack.engine.loop import Trainer
@@ -136,6 +137,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None,
     carried = start_when_scheduled(schedulers, run_dir)
     seed_everything(int(cfg.seed))
     data = instantiate(cfg.data, seed=int(cfg.seed))
+    attach_prepare_share(data, run_id=run_id, run_dir=run_dir)  # a prepared cache: its share of the prepare job
     if determinism.enabled:
         seed_loaders([data.train, data.val, data.test], int(cfg.seed))
     model = instantiate(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans)

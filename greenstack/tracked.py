@@ -289,8 +289,10 @@ class TrackedRun:
                 self._jsonl.log(row, self.state.step)
         return figures
 
-    def finish(self, *, error: BaseException | None = None) -> dict[str, Any]:
-        """Write the run's files and return the summary (with `flat` figures).
+    def finish(self, *, error: BaseException | None = None, figures: Mapping[str, Any] | None = None
+               ) -> dict[str, Any]:
+        """Write the run's files and return the summary (with `flat` figures); `figures`: the work's own
+        figures (`Figure`s, e.g. a prepare job's token count) to report with the measured ones.
 
         After an error the summary is the runner's partial one (`status` failed/interrupted, `partial`);
         a budget stop is `budget_stopped` with the reason in `stopped_early`. Same order as the runner's
@@ -309,16 +311,17 @@ class TrackedRun:
         report = self.report
         report.clock(_event("FIT_END"), st, _reporter(st, report.clock))
         times = self.timer.step_times_s
-        figures: dict[str, Figure] = {
+        own: dict[str, Figure] = {
             "time/median_step_s": Figure(statistics.median(times) if times else None, "s", "measured",
                                          "time.perf_counter per optimizer step"),
+            **(figures or {}),
         }
         n_params = sum(p.numel() for p in st.model.parameters())
         if n_params:
-            figures["model/parameters"] = Figure(n_params, "count", "measured", "sum of parameter numel")
+            own["model/parameters"] = Figure(n_params, "count", "measured", "sum of parameter numel")
         try:
             if error is None:
-                summary = report.complete(st, figures, self.schedulers)
+                summary = report.complete(st, own, self.schedulers)
                 self._add_tokens(summary)
                 if self.measurement.budget_decision is not None:
                     self.audit.append("budget", self.measurement.budget_decision)

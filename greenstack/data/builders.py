@@ -45,6 +45,9 @@ class DataModule:
     target: Literal["class", "value", "next_token"] = "class"
     #: figures about the data for sustainability.json (e.g. a corpus's unigram perplexity baseline)
     figures: dict[str, Any] = field(default_factory=dict)
+    #: the tokenisation cache file the data came from (None: not cached), and whether it was there already
+    cache_path: Path | None = None
+    cache_hit: bool = False
 
     def sizes(self) -> dict[str, int]:
         return {name: len(loader.dataset) for name, loader in  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,10 +93,13 @@ def hf_local(path: str | list[str], text_column: str = "text", label_column: str
              label_kind: Literal["class", "value"] = "class", tokenizer: str = "minilm", max_length: int = 128,
              block_size: int = 128, batch_size: int = 32, val_fraction: float = 0.1, test_fraction: float = 0.1,
              split_seed: int = 0, seed: int = 0, num_workers: int = 0, cache_dir: str | None = None,
-             pad_to_multiple_of: int = 1) -> Any:
-    """A Hugging Face dataset from local files: an LM corpus (no `label_column`) or labelled rows."""
+             pad_to_multiple_of: int = 1, cache_only: Literal["plan", "build"] | None = None) -> Any:
+    """A Hugging Face dataset from local files: an LM corpus (no `label_column`) or labelled rows.
+
+    `cache_only` (`greenstack data prepare`): "plan" gives the tokenisation cache's `CachePlan` (path,
+    exists) without reading the files; "build" writes the cache if missing and gives its plan, no loaders."""
     from greenstack.data.builders import _check_fractions
-    from greenstack.data.lm import data_cache_dir, lm_module, pack_corpus
+    from greenstack.data.lm import CachePlan, data_cache_dir, lm_module, pack_corpus
 
     _check_fractions(val_fraction, test_fraction, batch_size)
     problems = check_hf_local({"path": path, "label_kind": label_kind, "tokenizer": tokenizer}, "data")
@@ -120,19 +124,23 @@ def hf_local(path: str | list[str], text_column: str = "text", label_column: str
     if label_column is None:
         corpus = pack_corpus(lambda: [t for t in dataset()[text_column] if t], tokenizer=tokenizer,
                              block_size=block_size, val_fraction=val_fraction, test_fraction=test_fraction,
-                             split_seed=split_seed, corpus_id=corpus_id, cache_dir=str(cache), hash_docs=False)
+                             split_seed=split_seed, corpus_id=corpus_id, cache_dir=str(cache), hash_docs=False,
+                             cache_only=cache_only)
+        if isinstance(corpus, CachePlan):
+            return replace(corpus, describe=f"{source}; {corpus.describe}")
         return lm_module(corpus, batch_size=batch_size, seed=seed, num_workers=num_workers, source=source)
     return _labelled(dataset, corpus_id, text_column=text_column, label_column=label_column, label_kind=label_kind,
                      tokenizer=tokenizer, max_length=max_length, batch_size=batch_size, val_fraction=val_fraction,
                      test_fraction=test_fraction, split_seed=split_seed, seed=seed, num_workers=num_workers,
-                     cache=cache, pad_to_multiple_of=pad_to_multiple_of, source=source)
+                     cache=cache, pad_to_multiple_of=pad_to_multiple_of, source=source, cache_only=cache_only)
 
 
 def _labelled(dataset: Any, corpus_id: list[Any], *, text_column: str, label_column: str, label_kind: str,
               tokenizer: str, max_length: int, batch_size: int, val_fraction: float, test_fraction: float,
-              split_seed: int, seed: int, num_workers: int, cache: Path, pad_to_multiple_of: int, source: str) -> Any:
+              split_seed: int, seed: int, num_workers: int, cache: Path, pad_to_multiple_of: int, source: str,
+              cache_only: Literal["plan", "build"] | None = None) -> Any:
     from greenstack.data.builders import DataModule, PadCollate, _text_loaders, _TextDataset, split_indices
-    from greenstack.data.lm import _atomic_save, _digest, build_tokenizer
+    from greenstack.data.lm import CachePlan, _atomic_save, _digest, build_tokenizer, encode_with_progress
 
     if str(tokenizer).startswith("bpe:"):
         raise ConfigError("a BPE is trained for language-model corpora; labelled rows need a fixed tokenizer",
@@ -140,15 +148,21 @@ def _labelled(dataset: Any, corpus_id: list[Any], *, text_column: str, label_col
     tok = build_tokenizer(tokenizer)
     path = cache / "tokenized" / f"{_digest(corpus_id, tok.fingerprint, max_length)}.pt"
     cached = path.is_file()
+    describe = f"{source}; tokenizer {tok.fingerprint}, rows truncated to {max_length} tokens"
+    if cache_only == "plan" or (cache_only == "build" and cached):
+        return CachePlan(path, cached, describe)
     if cached:
         rows = torch.load(path, weights_only=True)
     else:
         ds = dataset()
         texts, raw = ds[text_column], ds[label_column]
         keep = [i for i, (t, y) in enumerate(zip(texts, raw, strict=True)) if t and y is not None and y != ""]
-        rows = {"encodings": tok.encode([texts[i] for i in keep], max_length=max_length, special_tokens=True),
+        rows = {"encodings": encode_with_progress(tok, [texts[i] for i in keep], "rows", max_length=max_length,
+                                                  special_tokens=True),
                 "labels": [raw[i] if label_kind == "value" else str(raw[i]) for i in keep]}
         _atomic_save(rows, path)
+        if cache_only == "build":
+            return CachePlan(path, True, describe, tokens=sum(len(e) for e in rows["encodings"]), written=True)
     raw_labels = rows["labels"]
     if label_kind == "value":
         try:
@@ -173,4 +187,4 @@ def _labelled(dataset: Any, corpus_id: list[Any], *, text_column: str, label_col
     return DataModule(train=train, val=val, test=test, num_classes=1 if label_kind == "value" else len(class_names),
                       kind="text", batch_size=batch_size, class_names=class_names,
                       source=f"{source}; tokenizer {tok.fingerprint}{' (tokenisation cache hit)' if cached else ''}",
-                      target="value" if label_kind == "value" else "class")
+                      target="value" if label_kind == "value" else "class", cache_path=path, cache_hit=cached)

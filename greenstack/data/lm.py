@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
 import sysconfig
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ from greenstack.errors import ConfigError, Problem
 from greenstack.provenance import Figure
 
 IGNORE_INDEX = -100
+log = logging.getLogger("greenstack")
 
 
 def data_cache_dir() -> Path:
@@ -204,6 +206,43 @@ class PackedCorpus:
     tokenizer: TextTokenizer
     splits: dict[str, torch.Tensor]
     cached: bool
+    #: the tokenisation cache file these splits were read from or written to
+    cache_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Where a data config's tokenisation cache lives and whether it is there, found without tokenising.
+
+    Why: `greenstack data prepare` must know before it waits for a low-carbon window (or meters
+    anything) whether there is work at all; builders return one when called with `cache_only="plan"`,
+    and with `cache_only="build"` after writing the cache (without building loaders: a batch size that
+    does not fit is the training run's concern, not the cache's).
+    """
+
+    path: Path
+    exists: bool
+    describe: str
+    #: "build": tokens in the cache (every split), and whether this call wrote it (False: it was there)
+    tokens: int | None = None
+    written: bool = False
+
+
+def encode_with_progress(tok: TextTokenizer, texts: Sequence[str], what: str, *, max_length: int | None = None,
+                         special_tokens: bool = False, chunk: int = 512, every_s: float = 5.0) -> list[list[int]]:
+    """`tok.encode` in chunks, with an INFO progress line at most every `every_s` seconds on long work."""
+    import time
+
+    out: list[list[int]] = []
+    t0 = last = time.monotonic()
+    for i in range(0, len(texts), chunk):
+        out += tok.encode(texts[i:i + chunk], max_length=max_length, special_tokens=special_tokens)
+        now = time.monotonic()
+        if now - last >= every_s and i + chunk < len(texts):
+            last = now
+            log.info("tokenising %s: %d/%d documents (%.0f %%, %.0f s)", what, len(out), len(texts),
+                     100 * len(out) / len(texts), now - t0)
+    return out
 
 
 def split_documents(n: int, val_fraction: float, test_fraction: float, split_seed: int
@@ -221,14 +260,17 @@ def split_documents(n: int, val_fraction: float, test_fraction: float, split_see
 def pack_corpus(docs: Sequence[str] | Callable[[], Sequence[str]], *, tokenizer: str, block_size: int,
                 val_fraction: float, test_fraction: float, split_seed: int, corpus_id: Any,
                 cache_dir: str | None = None, hash_docs: bool = True,
-                split_by: Literal["document", "tail"] = "document") -> PackedCorpus:
+                split_by: Literal["document", "tail"] = "document",
+                cache_only: Literal["plan", "build"] | None = None) -> PackedCorpus | CachePlan:
     """Split documents, tokenise (a BPE is trained on the train split only) and pack, cached on disk.
 
     `docs` may be a function returning them: on a full cache hit it is never called, so a rerun reads
     no text at all (pass `hash_docs=False` and a `corpus_id` that identifies the files, e.g. their
     paths, sizes and modification times). `split_by="document"` holds out whole documents;
     `"tail"` holds out the last `val_fraction + test_fraction` of every document (unseen text of the
-    same sources, for corpora of few, very different documents).
+    same sources, for corpora of few, very different documents). `cache_only="plan"`: the `CachePlan`
+    (where the cache is, whether it exists) without training a BPE or tokenising; `"build"`: make sure the
+    cache exists and return its `CachePlan` instead of the splits.
     """
     cache = Path(cache_dir).expanduser() if cache_dir else data_cache_dir()
     loaded: list[Sequence[str]] = []
@@ -256,18 +298,32 @@ def pack_corpus(docs: Sequence[str] | Callable[[], Sequence[str]], *, tokenizer:
         tr_, va_, te_ = split_documents(len(docs_), val_fraction, test_fraction, split_seed)
         return [docs_[i] for i in tr_], [docs_[i] for i in va_], [docs_[i] for i in te_]
 
-    if str(tokenizer).startswith("bpe:") and not (cache / "tokenizers" / f"bpe{str(tokenizer)[4:]}-{split_digest}.json").is_file():
+    bpe, plan_only = str(tokenizer).startswith("bpe:"), cache_only == "plan"
+    if bpe and plan_only:  # the fingerprint a BPE trained on this split will have (see _train_bpe)
+        fingerprint = f"bpe{int(str(tokenizer)[4:])}-{split_digest}"
+    elif bpe and not (cache / "tokenizers" / f"bpe{str(tokenizer)[4:]}-{split_digest}.json").is_file():
+        log.info("training a %s tokenizer on the training split", tokenizer)
         tok = build_tokenizer(tokenizer, split()[0], split_digest, cache)
     else:  # a byte or local tokenizer, or a BPE already trained for this corpus and split
         tok = build_tokenizer(tokenizer, (), split_digest, cache)
-    key = _digest(split_digest, tok.fingerprint, block_size)
+    if not (bpe and plan_only):
+        fingerprint = tok.fingerprint
+    key = _digest(split_digest, fingerprint, block_size)
     path = cache / "tokenized" / f"{key}.pt"
+    describe = f"tokenizer {tokenizer}, blocks of {block_size} tokens"
+    if plan_only:
+        return CachePlan(path, path.is_file(), describe)
     if path.is_file():
-        return PackedCorpus(tok, torch.load(path, weights_only=True), cached=True)
-    splits = {name: pack_blocks(tok.encode(part), block_size, tok.eos_id)
+        if cache_only == "build":
+            return CachePlan(path, True, describe)
+        return PackedCorpus(tok, torch.load(path, weights_only=True), cached=True, cache_path=path)
+    splits = {name: pack_blocks(encode_with_progress(tok, part, f"the {name} split"), block_size, tok.eos_id)
               for name, part in zip(("train", "val", "test"), split(), strict=True)}
     _atomic_save(splits, path)
-    return PackedCorpus(tok, splits, cached=False)
+    if cache_only == "build":
+        return CachePlan(path, True, describe, tokens=sum(b.shape[0] * block_size for b in splits.values()),
+                         written=True)
+    return PackedCorpus(tok, splits, cached=False, cache_path=path)
 
 
 def lm_module(corpus: PackedCorpus, *, batch_size: int, seed: int, num_workers: int, source: str) -> Any:
@@ -296,7 +352,7 @@ def lm_module(corpus: PackedCorpus, *, batch_size: int, seed: int, num_workers: 
     return DataModule(train=train, val=evals[0], test=evals[1], num_classes=vocab, kind="text", batch_size=batch_size,
                       source=f"{source}; tokenizer {corpus.tokenizer.fingerprint}; blocks of {block} tokens"
                              f"{' (tokenisation cache hit)' if corpus.cached else ''}",
-                      target="next_token", figures=figures)
+                      target="next_token", figures=figures, cache_path=corpus.cache_path, cache_hit=corpus.cached)
 
 
 # -- a real corpus that ships with Python ----------------------------------------------------------
@@ -320,10 +376,12 @@ def stdlib_sources(max_files: int, max_bytes: int) -> tuple[list[str], list[str]
 def python_stdlib(tokenizer: str = "bpe:2048", block_size: int = 128, batch_size: int = 32,
                   max_files: int = 400, max_bytes: int = 2_000_000, val_fraction: float = 0.05,
                   test_fraction: float = 0.05, split_seed: int = 0, seed: int = 0, num_workers: int = 0,
-                  cache_dir: str | None = None, split_by: Literal["document", "tail"] = "tail") -> Any:
+                  cache_dir: str | None = None, split_by: Literal["document", "tail"] = "tail",
+                  cache_only: Literal["plan", "build"] | None = None) -> Any:
     """The Python standard library's own source (top-level modules by name, up to `max_bytes`): a real
     corpus available offline everywhere, tokenised and packed for causal LM. By default val/test are the
-    last 5 % + 5 % of every file (`split_by=tail`); `split_by=document` holds out whole files."""
+    last 5 % + 5 % of every file (`split_by=tail`); `split_by=document` holds out whole files.
+    `cache_only`: the tokenisation cache's `CachePlan` instead of the data (`greenstack data prepare`)."""
     problems = []
     if block_size < 2:
         problems.append(Problem("data.block_size", block_size, "must be >= 2"))
@@ -342,7 +400,11 @@ def python_stdlib(tokenizer: str = "bpe:2048", block_size: int = 128, batch_size
                           fix="this Python installation ships no .py sources; use data=hf_local")
     corpus = pack_corpus(texts, tokenizer=tokenizer, block_size=block_size, val_fraction=val_fraction,
                          test_fraction=test_fraction, split_seed=split_seed,
-                         corpus_id=["python_stdlib", sys.version, names], cache_dir=cache_dir, split_by=split_by)
+                         corpus_id=["python_stdlib", sys.version, names], cache_dir=cache_dir, split_by=split_by,
+                         cache_only=cache_only)
+    if isinstance(corpus, CachePlan):
+        return replace(corpus, describe=f"Python {sys.version.split()[0]} standard library ({len(names)} files); "
+                                        f"{corpus.describe}")
     return lm_module(corpus, batch_size=batch_size, seed=seed, num_workers=num_workers,
                      source=f"Python {sys.version.split()[0]} standard library: {len(names)} files "
                             f"({names[0]} .. {names[-1]}), held out by {split_by}")

@@ -1,0 +1,346 @@
+"""`greenstack data prepare`: tokenisation as its own measured, schedulable job, whose cache training reuses.
+
+Why a job of its own (the seed's "preprocess in low-carbon regions"): a corpus is tokenised once and
+every training run and sweep job afterwards reads the cache. As a job, that work is metered by the
+objects a training run uses (`TrackedRun`: `Measurement`, the energy meters, hour-by-hour carbon
+accounting, `RunReport`), can wait for a low-carbon window or pick a region with the same `scheduler`
+options and start-time logic (`start_when_scheduled`), and writes its own run dir (sustainability.json,
+emissions.csv, audit.jsonl, report.html). The cache is the very file the data builder writes, so a
+`greenstack train` with the same `data` config finds it.
+
+Its figures go into a ledger next to the cache (`<cache>.ledger.jsonl`, append-only JSON lines: one
+`prepare` record, then one `use` per training run). A training run that reads a prepared cache records
+its use and reports the prepare job's energy and emissions divided by the number of runs that used the
+cache so far, itself included (`data/prepare_energy_kwh_share`, `data/prepare_kg_co2e_share`), naming
+the prepare run in `data/prepare_run`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from greenstack.data.lm import CachePlan
+from greenstack.errors import ConfigError, Problem
+from greenstack.provenance import Figure
+
+log = logging.getLogger("greenstack")
+#: the config keys a prepare job uses (the rest of the training config may be given, and is ignored)
+KEYS = ("data", "carbon", "energy", "scheduler", "project", "run_name", "seed")
+LEDGER_SUFFIX = ".ledger.jsonl"
+PREPARE_FIGURES = {"energy/total_kwh": ("data/prepare_energy_kwh_share", "kWh"),
+                   "carbon/total_kg_co2e": ("data/prepare_kg_co2e_share", "kgCO2eq")}
+
+
+# -- the ledger next to the cache --------------------------------------------------------------------
+def ledger_path(cache_path: Path) -> Path:
+    """`<cache>.ledger.jsonl` beside the cache file it describes."""
+    return cache_path.with_name(cache_path.stem + LEDGER_SUFFIX)
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The ledger's records; a torn last line (a crash mid-append) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line in a single O_APPEND write: concurrent sweep jobs never interleave their records (after
+    a torn last line, from a crash mid-write, the record starts on a line of its own)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    with open(path, "rb") if path.is_file() else open(os.devnull, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            line = line if f.read(1) == b"\n" else b"\n" + line
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def latest_prepare(records: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the last `prepare` record, the run ids that used the cache after it, in order, once each)."""
+    prepared, users = None, []
+    for record in records:
+        if record.get("event") == "prepare":
+            prepared, users = record, []
+        elif record.get("event") == "use" and prepared is not None and record.get("run_id") not in users:
+            users.append(str(record.get("run_id")))
+    return prepared, users
+
+
+def attach_prepare_share(data: Any, *, run_id: str, run_dir: str | Path) -> None:
+    """A training run that read a prepared cache: record its use in the ledger and add the amortised share
+    of the prepare job's energy and emissions to `data.figures` (they go into sustainability.json).
+
+    Nothing happens when the run tokenised the data itself (its own figures hold that energy) or the data
+    is not cached. A cache hit without a prepare record says so (`data/prepare_run`, no share).
+    """
+    cache, hit = getattr(data, "cache_path", None), getattr(data, "cache_hit", False)
+    if cache is None or not hit:
+        return
+    ledger = ledger_path(Path(cache))
+    prepared, users = latest_prepare(read_ledger(ledger))
+    figures = getattr(data, "figures", None)
+    if figures is None:
+        return
+    if prepared is None:
+        figures["data/prepare_run"] = Figure(None, "", "fallback", f"tokenisation cache {cache} was written by an "
+                                             "earlier training run, not by `greenstack data prepare`: its energy is "
+                                             "in that run's own figures")
+        return
+    if run_id not in users:
+        _append(ledger, {"event": "use", "run_id": run_id, "run_dir": str(Path(run_dir).resolve()),
+                         "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        users.append(run_id)
+    n = users.index(run_id) + 1  # runs that used it so far, this one included (a resumed run keeps its place)
+    where = f"prepare run {prepared.get('run_id')} ({prepared.get('run_dir')}/sustainability.json)"
+    for key, (share_key, unit) in PREPARE_FIGURES.items():
+        fig = (prepared.get("figures") or {}).get(key) or {}
+        value = fig.get("value")
+        if isinstance(value, (int, float)):
+            figures[share_key] = Figure(value / n, unit, fig.get("provenance", "estimated"),
+                                        f"{where}: {key} {value:.6g} {unit} / {n} run{'s' if n != 1 else ''} that used "
+                                        f"cache {Path(cache).name} so far (ledger {ledger})")
+        else:
+            figures[share_key] = Figure(None, unit, "fallback", f"{where} has no {key}")
+    figures["data/prepare_run"] = Figure(str(prepared.get("run_id")), "", "measured",
+                                         f"{where}; cache {cache}; {n} of {len(users)} runs so far")
+
+
+# -- planning and running the job --------------------------------------------------------------------
+def _target(node: Any) -> str:
+    return str(node.get("_target_", "")) if isinstance(node, (dict, DictConfig)) else ""
+
+
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """`instantiate`, raising the builder's own error (a ConfigError says what/where/fix) instead of
+    Hydra's InstantiationException around it."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
+def plan_cache(data: DictConfig) -> CachePlan:
+    """Where `data`'s tokenisation cache lives and whether it exists, without tokenising anything."""
+    from hydra.utils import get_method
+
+    target = _target(data)
+    try:
+        builder = get_method(target)
+    except Exception:  # noqa: BLE001 - validate reports an unknown target; say it here too
+        builder = None
+    if builder is None or "cache_only" not in inspect.signature(builder).parameters:
+        raise ConfigError("this data set has no tokenisation cache to prepare", key="data._target_", value=target,
+                          fix="use data=hf_local or data=python_stdlib (or a builder taking cache_only='plan'|'build'); "
+                              "data=stream tokenises while it streams")
+    plan = _instantiate(data, cache_only="plan")
+    if not isinstance(plan, CachePlan):
+        raise ConfigError(f"{target}(cache_only='plan') returned {type(plan).__name__}, not a CachePlan",
+                          key="data._target_", value=target)
+    return plan
+
+
+def compose_prepare(overrides: Sequence[str]) -> tuple[DictConfig, Path]:
+    """The job's config (`data`, `carbon`, `energy`, `scheduler`, ... composed like `greenstack train`'s,
+    the same overrides allowed) and its run dir (`hydra.run.dir=...`, default outputs/data-prepare/DATE/TIME).
+
+    Raises ConfigError listing every problem, before anything is written.
+    """
+    from greenstack.compose import compose_with_problems
+    from greenstack.tracked import START_SCHEDULERS
+    from greenstack.validate import validate_config
+
+    cfg, problems = compose_with_problems(list(overrides), return_hydra_config=True)
+    if cfg is None:
+        raise ConfigError(problems)
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
+    scheduler = choices.get("scheduler")
+    if scheduler is not None and scheduler not in START_SCHEDULERS:
+        problems.append(Problem("scheduler", scheduler, "needs a training loop to pause; a prepare job decides "
+                                "its start once", f"use one of {', '.join(START_SCHEDULERS)}"))
+    # task/model matter only when given (then a mismatch with the data is reported as for train); a
+    # prepare job without them must not be held to the default task's expectations
+    explicit = any(o.split("=", 1)[0].lstrip("+~") in ("task", "model", "recipe") for o in overrides)
+    checked = OmegaConf.masked_copy(cfg, [k for k in (*KEYS, *(("task", "model") if explicit else ())) if k in cfg])
+    problems += [p for p in validate_config(checked) if explicit or not p.reason.startswith("task=")]
+    body = OmegaConf.masked_copy(cfg, [k for k in KEYS if k in cfg])
+    if problems:
+        seen: set[tuple[str, str, str]] = set()
+        raise ConfigError([p for p in problems if (p.key, str(p.value), p.reason) not in seen
+                           and not seen.add((p.key, str(p.value), p.reason))])  # type: ignore[func-returns-value]
+    given = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), None)
+    run_dir = Path(given) if given else \
+        Path("outputs") / "data-prepare" / datetime.now().strftime("%Y-%m-%d") / datetime.now().strftime("%H-%M-%S")
+    return body, run_dir
+
+
+@dataclass
+class PrepareResult:
+    """What a prepare job did: `prepared` (tokenised and recorded), or a no-op with the reason."""
+
+    plan: CachePlan
+    prepared: bool
+    reason: str
+    run_dir: Path | None = None
+    summary: dict[str, Any] | None = None
+    prepared_by: dict[str, Any] | None = None
+    duration_s: float = 0.0
+
+
+def prepare(cfg: DictConfig, run_dir: str | Path, *, clock: Callable[[], float] | None = None,
+            sleep: Callable[[float], None] | None = None, meters: list[Any] | None = None) -> PrepareResult:
+    """Tokenise `cfg.data` into its cache as a measured job in `run_dir` (after the scheduler's start
+    decision), and record the job's figures in the ledger next to the cache. A cache that exists already
+    is a no-op: nothing is waited for, measured or written."""
+    from greenstack.tracked import TrackedRun
+
+    plan = plan_cache(cfg.data)
+    if plan.exists:
+        prepared, _ = latest_prepare(read_ledger(ledger_path(plan.path)))
+        return PrepareResult(plan, False, "the cache exists already", prepared_by=prepared)
+    run_dir = Path(run_dir)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in ("carbon", "energy", "scheduler", "project", "run_name")
+                                          if k in cfg])
+    OmegaConf.set_struct(job_cfg, False)
+    job_cfg["run_name"] = cfg.get("run_name") or "data_prepare"
+    run = TrackedRun(job_cfg, run_dir, clock=clock, sleep=sleep, meters=meters)
+    t0 = time.perf_counter()
+    try:
+        run.decide_start()  # may wait for a low-carbon window; holds nothing meanwhile
+        _save_config(cfg, run_dir)
+        run.start()
+        log.info("data prepare: tokenising %s into %s", plan.describe, plan.path)
+        built = _instantiate(cfg.data, cache_only="build")
+        figures = {"data/cache_mb": Figure(round(built.path.stat().st_size / 1e6, 4), "MB", "measured",
+                                           f"size of {built.path}")}
+        if built.tokens is not None:
+            figures["data/tokens"] = Figure(built.tokens, "tokens", "measured",
+                                            f"tokens in the cache {built.path.name} (every split)")
+        summary = run.finish(figures=figures)
+    except BaseException as e:
+        run.finish(error=e)
+        raise
+    duration = time.perf_counter() - t0
+    if not built.written:  # written by another job while this one waited for its window: nothing to record
+        return PrepareResult(plan, False, "another job prepared the cache while this one waited", run_dir, summary,
+                             duration_s=duration)
+    metrics = summary.get("metrics", {})
+    _append(ledger_path(plan.path), {
+        "event": "prepare", "run_id": run.run_id, "run_dir": str(run_dir.resolve()), "cache": str(plan.path),
+        "describe": plan.describe, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "figures": {k: metrics[k] for k in (*PREPARE_FIGURES, "data/tokens") if k in metrics}})
+    return PrepareResult(plan, True, "tokenised", run_dir, summary, duration_s=duration)
+
+
+def _save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The job's config in `.hydra/config.yaml`, as a training run keeps it (secrets redacted)."""
+    from greenstack.io import atomic_write_bytes
+    from greenstack.secrets import redact
+
+    container = redact(OmegaConf.to_container(cfg, resolve=True))
+    atomic_write_bytes(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(container)).encode())
+
+
+# -- command line ------------------------------------------------------------------------------------
+HELP = """usage: greenstack data prepare [overrides ...]
+
+Tokenise a data set into the cache that training runs reuse, as a measured job of its own: its run dir
+(hydra.run.dir=DIR, default outputs/data-prepare/DATE/TIME) holds sustainability.json, emissions.csv,
+audit.jsonl and report.html. The same overrides as `greenstack train` (data=hf_local data.path=...,
+data.tokenizer=..., carbon=..., energy=...; model/task/trainer overrides are accepted and ignored), and the
+same start-time schedulers: scheduler=forecast_window waits for a low-carbon window, scheduler=region
+records the region to run in, scheduler=threshold waits for a low intensity.
+A cache that exists already is a fast no-op. Training runs that read the cache report their share of this
+job's energy and emissions (data/prepare_energy_kwh_share, data/prepare_kg_co2e_share).
+Exit 0 done (or nothing to do), 2 bad config or data.
+"""
+
+
+@contextmanager
+def _progress_lines() -> Iterator[None]:
+    """greenstack's INFO lines (scheduler countdown, tokenising progress) on stderr for this command only."""
+    logger = logging.getLogger("greenstack")
+    if any(isinstance(h, logging.StreamHandler) for h in logger.handlers + logging.getLogger().handlers):
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def run_data(argv: list[str]) -> int:
+    """`greenstack data prepare ...`: see HELP."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP)
+        return 0 if argv else 2
+    if argv[0] != "prepare":
+        raise ConfigError("unknown data command", key="data", value=argv[0], fix="use `greenstack data prepare ...`")
+    rest = argv[1:]
+    if any(a in ("-h", "--help") for a in rest):
+        print(HELP)
+        return 0
+    flags = [a for a in rest if a.startswith("-")]
+    if flags:
+        raise ConfigError("data prepare takes overrides (key=value), no flags", key="data prepare",
+                          value=" ".join(flags), fix="e.g. greenstack data prepare data=hf_local data.path=DIR")
+    cfg, run_dir = compose_prepare(rest)
+    with _progress_lines():
+        result = prepare(cfg, run_dir)
+    if not result.prepared and result.run_dir is None:
+        by = result.prepared_by
+        who = f"by prepare run {by.get('run_id')} ({by.get('run_dir')})" if by else "by an earlier training run"
+        print(f"greenstack data prepare: nothing to do: {result.plan.describe} is cached already in "
+              f"{result.plan.path}, written {who}")
+        return 0
+    metrics = (result.summary or {}).get("metrics", {})
+
+    def figure(key: str) -> str:
+        fig = metrics.get(key) or {}
+        value = fig.get("value")
+        return f"{value:.4g} {fig.get('unit', '')} ({fig.get('provenance')})" if isinstance(value, (int, float)) \
+            else "n/a"
+
+    print(f"greenstack data prepare: {result.reason}: {result.plan.describe} -> {result.plan.path}\n"
+          f"  {figure('data/tokens')}, {result.duration_s:.1f} s, energy {figure('energy/total_kwh')}, "
+          f"carbon {figure('carbon/total_kg_co2e')}\n"
+          f"  run dir {result.run_dir} (sustainability.json); training runs that read the cache report their "
+          "share as data/prepare_energy_kwh_share, data/prepare_kg_co2e_share")
+    return 0
