@@ -359,6 +359,9 @@ class Measurement(Policy):
             self.monitor.stop()
             self._account_new()
 
+    def energy_monitor(self) -> Any | None:
+        return self.monitor
+
     def state_dict(self) -> dict[str, Any]:
         """Energy and emissions so far, so a resumed run reports the whole run, not the last segment."""
         kwh = dict(self._carried["kwh"])

@@ -150,9 +150,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None,
     apply_replay(recorded, policies[1 + len(schedulers):])
     flat = training_config(cfg)
     for policy in policies:  # checkpoints record the training config they belong to; resume checks it
-        bind = getattr(policy, "bind_run_config", None)
-        if callable(bind):
-            bind(flat)
+        policy.bind_run_config(flat)
     attach_to_recorders(audit, policies)
     run_name = cfg.get("run_name") or run_dir.name
     tracker = instantiate(cfg.tracker) if rank == 0 else NullTracker()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -48,8 +50,27 @@ class Snapshot:
         return f"step-{self.step:09d}"
 
 
-def _policy_key(i: int, policy: Any) -> str:
-    return f"{i:02d}:{getattr(policy, 'name', type(policy).__name__)}"
+_OLD_KEY = re.compile(r"^\d{2,}:(.+)$")
+
+
+def policy_keys(names: Sequence[str]) -> list[str]:
+    """The keys policy states are saved under: the policy's name; a name used again gets `#2`, `#3`...
+    in dispatch order (so reordering differently named policies never mixes their states up)."""
+    count: dict[str, int] = {}
+    keys = []
+    for name in names:
+        count[name] = count.get(name, 0) + 1
+        keys.append(name if count[name] == 1 else f"{name}#{count[name]}")
+    return keys
+
+
+def saved_policy_states(saved: dict[str, Any]) -> dict[str, Any]:
+    """Saved policy states by key; checkpoints written before the keys were names (`"03:amp"`, by list
+    position) are read by their names in their saved order."""
+    if saved and all(_OLD_KEY.match(k) for k in saved):
+        names = [_OLD_KEY.match(k).group(1) for k in saved]  # type: ignore[union-attr]
+        return dict(zip(policy_keys(names), saved.values(), strict=True))
+    return saved
 
 
 class PendingSnapshot:
@@ -104,7 +125,8 @@ def capture(state: State, meta: dict[str, Any] | None = None, *, model: dict[str
         "optimizer": optimizer,
         "lr_scheduler": _cpu_clone(state.lr_scheduler.state_dict()) if state.lr_scheduler is not None else None,
         "grad_scaler": _cpu_clone(state.grad_scaler.state_dict()) if state.grad_scaler is not None else None,
-        "policies": {_policy_key(i, p): _cpu_clone(p.state_dict()) for i, p in enumerate(state.policies)},
+        "policies": {key: _cpu_clone(p.state_dict())
+                     for key, p in zip(policy_keys([p.name for p in state.policies]), state.policies, strict=True)},
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": [t.clone() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
         "loader_rng": state.loader_rng.clone() if state.loader_rng is not None else None,
@@ -138,15 +160,12 @@ def apply_snapshot(snapshot: Snapshot, state: State) -> None:
     the saved weights and optimizer state fit the model they are loaded into.
     """
     t = snapshot.trainer
-    saved = t.get("policies", {})
-    for i, policy in enumerate(state.policies):
-        key = _policy_key(i, policy)
+    saved = saved_policy_states(t.get("policies", {}))
+    for key, policy in zip(policy_keys([p.name for p in state.policies]), state.policies, strict=True):
         if key in saved:
             policy.load_state_dict(saved[key])
     for policy in state.policies:
-        hook = getattr(policy, "restore_model", None)
-        if callable(hook):
-            hook(state)
+        policy.restore_model(state)
     state.model.load_state_dict(snapshot.model)
     if state.optimizer is not None and t.get("optimizer") is not None:
         # a copy: on CPU the optimizer would adopt the snapshot's tensors and update them in place,

@@ -65,8 +65,8 @@ class MonitorEnergy:
 
 def energy_reader_from(state: Any) -> MonitorEnergy | None:
     """The running energy monitor of the run's measurement policy, if there is one (else None)."""
-    for policy in getattr(state, "policies", None) or []:
-        monitor = getattr(policy, "monitor", None)
+    for policy in state.policies:
+        monitor = policy.energy_monitor()
         if monitor is not None and hasattr(monitor, "total_energy_j") and not getattr(monitor, "stopped", True):
             return MonitorEnergy(monitor)
     return None

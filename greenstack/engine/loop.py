@@ -200,12 +200,12 @@ class Trainer:
 
         Same dataset, sampler, collate, workers and shuffling generator; the run length, optimizer and
         schedule are re-planned for the new number of steps. Policies adjust the learning rate
-        themselves. Between epochs, ask with `state.extras["batch_size_request"]` (engine/resize.py).
+        themselves. Between epochs, ask with `state.requests.batch_size` (engine/resize.py).
         """
         state = self.state
         if state.step:
-            raise RuntimeError("set_batch_size works before the first step; later, put a request in "
-                               "state.extras['batch_size_request'] (applied at the next epoch start)")
+            raise RuntimeError("set_batch_size works before the first step; later, set "
+                               "state.requests.batch_size (applied at the next epoch start)")
         self.rebuild_loader(batch_size)
         state.max_steps, _ = self._plan(self.train_loader, batch_size)
         self.planned_steps = state.max_steps

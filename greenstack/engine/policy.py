@@ -9,13 +9,16 @@ run resumes the policy too. Policies never know about one another.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError
+
+if TYPE_CHECKING:
+    from greenstack.scheduling.decisions import DecisionRecorder
 
 log = logging.getLogger("greenstack")
 #: where a policy goes in dispatch order (engine/groups.py): `start` = start-time schedulers, built and run
@@ -24,9 +27,18 @@ PLACEMENTS = ("start", "any", "last")
 
 
 class Policy:
-    """Base class for everything the loop dispatches events to."""
+    """Base class for everything the loop dispatches events to.
+
+    Besides the hook, a policy may override these declared methods (the engine and the run call them on
+    every policy; the defaults do nothing): `bind_run_config`, `restore_model`, `replay`, `checkpoint_now`,
+    `energy_monitor`, `region_report`, `recorded_decisions`, `decision_recorder`. Nothing else about a
+    policy is probed.
+    """
 
     events: ClassVar[frozenset[Event]] = frozenset()
+    #: audit.jsonl `kind` of this policy's decisions (a decision whose `action` is pause/resume/arm or
+    #: choose_region is filed as `pause` or `region` instead)
+    audit_kind: ClassVar[str] = "decision"
     #: events dispatched even outside the active window (set-up and tear-down)
     always: ClassVar[frozenset[Event]] = frozenset({Event.INIT, Event.FIT_START, Event.FIT_END,
                                                     Event.EXCEPTION})
@@ -74,3 +86,41 @@ class Policy:
     def summary(self) -> dict[str, Any]:
         """Figures this policy wants in sustainability.json (name -> Figure or plain value)."""
         return {}
+
+    # -- declared optional hooks (defaults: nothing) -----------------------------------------------
+    def bind_run_config(self, flat: dict[str, Any]) -> None:
+        """The run's flat training config, given before training (checkpoints record it; resume checks it)."""
+        del flat
+
+    def restore_model(self, state: State) -> None:
+        """After policy states are restored from a snapshot: rebuild the model's structure as it was when
+        the snapshot was taken (QAT's fake-quant modules, a distilled student) so its weights fit."""
+        del state
+
+    def replay(self, entries: list[dict[str, Any]], source: str) -> bool:
+        """Take the decisions a recorded run made (`efficiency.decisions_from`); True when taken."""
+        del entries, source
+        return False
+
+    def checkpoint_now(self, state: State, reason: str) -> str | None:
+        """Write a checkpoint now (e.g. before a pause); where it went, or None when this policy does not
+        checkpoint."""
+        del state, reason
+        return None
+
+    def energy_monitor(self) -> Any | None:
+        """The running energy monitor this policy owns (the measurement policy), else None."""
+        return None
+
+    def region_report(self) -> dict[str, Any] | None:
+        """Per-region figures of a geo-distributed run for sustainability.json, else None."""
+        return None
+
+    def recorded_decisions(self) -> list[dict[str, Any]]:
+        """This policy's decisions so far, written to audit.jsonl at the end of the run unless its
+        `decision_recorder()` already wrote them as they were taken."""
+        return []
+
+    def decision_recorder(self) -> DecisionRecorder | None:
+        """A recorder that forwards each decision as it is taken (the audit log listens to it), else None."""
+        return None

@@ -82,10 +82,9 @@ def apply_replay(recorded: RecordedDecisions | None, policies: Iterable[Any]) ->
         return []
     taken = []
     for policy in policies:
-        replay = getattr(policy, "replay", None)
-        entries = recorded.by_policy.get(str(getattr(policy, "name", "")), [])
+        entries = recorded.by_policy.get(policy.name, [])
         # an empty record counts too: alerts that never acted in the recorded run must not act now
-        if callable(replay) and replay(entries, recorded.source):
+        if policy.replay(entries, recorded.source):
             taken.append(policy.name)
     if taken:
         log.info("replaying decisions of %s for: %s", recorded.source, ", ".join(taken))

@@ -1,6 +1,6 @@
 """Change the batch size between epochs, on request, without losing the run's plan.
 
-Policies ask with `state.extras["batch_size_request"] = {"batch_size", "lr_scaling", "by", "reason"}`
+Policies ask with `state.requests.batch_size = BatchSizeRequest(batch_size, reason, by, step, lr_scaling)`
 (the low-GPU-utilisation alert does); the loop's own `BatchResize` policy applies the request at the
 next epoch boundary, where no half-consumed shuffle order is lost:
 
@@ -12,7 +12,7 @@ next epoch boundary, where no half-consumed shuffle order is lost:
 - the change survives a checkpoint: this policy's state holds the batch size and the schedule's
   re-timing, and re-applies both when a resumed run reaches its first epoch start.
 
-Every applied change is listed in `state.extras["batch_size_changes"]` (for the requester's report)
+Every applied change is listed in `state.batch_size_changes` (for the requester's report)
 and logged.
 """
 
@@ -26,11 +26,10 @@ from typing import Any
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
+from greenstack.engine.requests import BatchSizeRequest
 from greenstack.engine.state import State
 
 log = logging.getLogger("greenstack")
-REQUEST_KEY = "batch_size_request"
-CHANGES_KEY = "batch_size_changes"
 
 
 def retimed(factor: Callable[[int], float], segments: list[tuple[int, float, float]]) -> Callable[[int], float]:
@@ -82,18 +81,18 @@ class BatchResize(Policy):
             state.max_steps = int(self.max_steps or state.max_steps)
             self.trainer.refresh_plan()
             self._install_schedule(state)
-        request = state.extras.get(REQUEST_KEY)
-        if not isinstance(request, dict) or state.step == 0:
+        request = state.requests.batch_size
+        if request is None or state.step == 0:
             return  # before the first step, requesters call state.set_batch_size themselves
         if state.batch_in_epoch:  # resumed mid-epoch: wait for a clean boundary
             return
-        state.extras.pop(REQUEST_KEY)
+        state.requests.batch_size = None
         self.apply(state, request)
 
-    def apply(self, state: State, request: dict[str, Any]) -> None:
+    def apply(self, state: State, request: BatchSizeRequest) -> None:
         from greenstack.efficiency.batch_size import lr_scale_factor, scale_learning_rate_
 
-        old, new = int(state.batch_size), int(request["batch_size"])
+        old, new = int(state.batch_size), int(request.batch_size)
         if new < 1 or new == old:
             return
         old_max, step = state.max_steps, state.step
@@ -110,18 +109,18 @@ class BatchResize(Policy):
         self.segments.append((step, v0, (self.trainer.planned_steps - v0) / remaining))
         self.batch_size = new
         self._install_schedule(state)
-        rule = str(request.get("lr_scaling", "none"))
+        rule = str(request.lr_scaling)
         lr_factor = lr_scale_factor(old, new, rule)
         scale_learning_rate_(state.optimizer, state.lr_scheduler, lr_factor)
         change = {"step": step, "epoch": state.epoch, "from": old, "to": new, "lr_factor": lr_factor,
                   "lr_scaling": rule, "max_steps_before": old_max, "max_steps_after": state.max_steps,
-                  "by": request.get("by"), "reason": request.get("reason")}
+                  "by": request.by, "reason": request.reason}
         self.changes.append(change)
-        state.extras.setdefault(CHANGES_KEY, []).append(change)
+        state.batch_size_changes.append(change)
         state.metrics["train/batch_size"] = new
         log.info("batch size %d → %d at step %d (epoch %d, requested by %s: %s); LR ×%.3g (%s rule); "
-                 "run re-planned %d → %d steps", old, new, step, state.epoch, request.get("by"),
-                 request.get("reason"), lr_factor, rule, old_max, state.max_steps)
+                 "run re-planned %d → %d steps", old, new, step, state.epoch, request.by,
+                 request.reason, lr_factor, rule, old_max, state.max_steps)
 
     def _install_schedule(self, state: State) -> None:
         scheduler = state.lr_scheduler

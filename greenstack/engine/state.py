@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from greenstack.engine.requests import Requests
+
 
 @dataclass
 class State:
@@ -55,7 +57,7 @@ class State:
     #: the loader training draws from (rebuilt when the batch size changes)
     train_loader: Any = None
     #: `set_batch_size(n)`: rebuild the train loader and re-plan the run (only before the first step;
-    #: later, put `{"batch_size", "lr_scaling", "by", "reason"}` in extras["batch_size_request"])
+    #: later, set `requests.batch_size = BatchSizeRequest(...)`: applied at the next epoch start)
     set_batch_size: Callable[[int], None] | None = None
     #: `evaluate(model, "val" | "test") -> {"<split>/accuracy", "<split>/loss", ...}` set by the loop
     evaluate: Callable[[torch.nn.Module, str], dict[str, float]] | None = None
@@ -64,7 +66,12 @@ class State:
     check_finite: Callable[[], None] | None = None
     #: the run's task (loss, evaluation, counts): policies that compute a loss themselves use it
     task: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    #: open typed requests between policies and the loop (batch-size change, pause): engine/requests.py
+    requests: Requests = field(default_factory=Requests)
+    #: every batch-size change the loop applied on a request (dicts: step, epoch, from, to, lr_factor, by...)
+    batch_size_changes: list[dict[str, Any]] = field(default_factory=list)
+    #: "failed" when a policy stops the run for a failure (sustainability.json `status`), else None
+    run_status: str | None = None
     #: trainer.deterministic is true or warn: timing-based decisions keep the current configuration
     #: unless they are replayed from a recorded run (greenstack/engine/replay.py)
     deterministic: bool = False

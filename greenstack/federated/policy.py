@@ -816,6 +816,9 @@ class GeoTraining(Policy):
         """Per-region totals, bytes and rounds (rank 0 after the fit), for sustainability.json."""
         return self._final
 
+    def recorded_decisions(self) -> list[dict[str, Any]]:
+        return self.decisions
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed worker needs to rejoin the round it was in: the agreed point, its error
         memory, where the round stands, and the report's running totals (exchanges in flight in async

@@ -30,7 +30,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from greenstack.engine.policy import Policy
+    from greenstack.engine.reporter import DecisionLog
+    from greenstack.scheduling.decisions import DecisionRecorder
 
 SCHEMA = "greenstack.audit/1"
 GENESIS = "0" * 64
@@ -334,55 +339,52 @@ def decision_kind(record: Mapping[str, Any], default: str = "schedule") -> str:
     return _ACTION_KINDS.get(str(record.get("action", "")), default)
 
 
-def policy_kind(policy: Any) -> str:
-    """Audit kind for a policy's decisions: alert, compression, efficiency or schedule, from where it lives."""
-    where = f"{type(policy).__module__}.{type(policy).__name__}".lower()
-    for word, kind in (("alert", "alert"), ("compression", "compression"), ("scheduler", "schedule"),
-                       ("efficiency", "efficiency"), ("checkpointing", "checkpoint")):
-        if word in where:
-            return kind
-    return "decision"
+def record_policy_decisions(audit: AuditLog, policies: Iterable[Policy],
+                            reported: DecisionLog | None = None) -> int:
+    """At the end of a run, append each policy's `recorded_decisions()` unless its `decision_recorder()`
+    wrote them live, then the decisions policies reported through their `Reporter` (`reported`, kind as
+    reported), in policy order.
 
-
-def record_policy_decisions(audit: AuditLog, policies: Iterable[Any]) -> int:
-    """At the end of a run, append the `decisions` lists of policies that were not hooked up live.
-
-    Policies with a decision recorder (`policy.recorder.listeners`) are skipped: their listener already
-    wrote each decision when it was taken. Decisions already in the log (a resumed run restores its
-    policies' decisions) are not written twice. Returns how many records were appended.
+    Decisions already in the log (a resumed run restores its policies' decisions) are not written twice.
+    Returns how many records were appended.
     """
     seen = {canonical(_plain(r.get("data", {}))) for r in audit.records()}
     added = 0
+    policies = list(policies)
     for policy in policies:
-        recorder = getattr(policy, "recorder", None)
+        recorder = policy.decision_recorder()
         if recorder is not None and audit_listening(recorder):
             continue
-        decisions = getattr(policy, "decisions", None)
-        if not isinstance(decisions, list):
-            continue
-        for decision in decisions:
+        for decision in policy.recorded_decisions():
             if not isinstance(decision, Mapping):
                 continue
-            data = {"policy": getattr(policy, "name", type(policy).__name__), **decision}
+            data = {"policy": policy.name, **decision}
             if canonical(_plain(data)) in seen:
                 continue
-            audit.append(decision_kind(decision, policy_kind(policy)), data)
+            audit.append(decision_kind(decision, policy.audit_kind), data)
+            seen.add(canonical(_plain(data)))
+            added += 1
+    for policy in policies if reported is not None else ():
+        for entry in reported.by(policy.name):
+            data = {"policy": policy.name, **entry.data}
+            if canonical(_plain(data)) in seen:
+                continue
+            audit.append(entry.kind, data)
             seen.add(canonical(_plain(data)))
             added += 1
     return added
 
 
-def audit_listening(recorder: Any) -> bool:
-    return any(getattr(fn, "__qualname__", "").startswith("AuditLog.listener") for fn in getattr(recorder, "listeners", []))
+def audit_listening(recorder: DecisionRecorder) -> bool:
+    return any(getattr(fn, "__qualname__", "").startswith("AuditLog.listener") for fn in recorder.listeners)
 
 
-def attach_to_recorders(audit: AuditLog, policies: Iterable[Any]) -> int:
+def attach_to_recorders(audit: AuditLog, policies: Iterable[Policy]) -> int:
     """Hook the log into every policy's decision recorder, so decisions are written as they are taken."""
     n = 0
     for policy in policies:
-        recorder = getattr(policy, "recorder", None)
-        if recorder is not None and isinstance(getattr(recorder, "listeners", None), list) \
-                and not audit_listening(recorder):
+        recorder = policy.decision_recorder()
+        if recorder is not None and not audit_listening(recorder):
             recorder.listeners.append(audit.listener())
             n += 1
     return n

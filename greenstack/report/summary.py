@@ -156,10 +156,10 @@ class RunReport:
     def status_of(self, state: State) -> str:
         """How a run that left the loop normally ended: completed, or stopped by its carbon budget.
 
-        A policy that stops a run for a failure says so with `state.extras["run_status"] = "failed"`
-        next to `state.request_stop(reason)`.
+        A policy that stops a run for a failure says so with `state.run_status = "failed"` next to
+        `state.request_stop(reason)`.
         """
-        explicit = state.extras.get("run_status")
+        explicit = state.run_status
         if explicit in RUN_STATUSES:
             return explicit
         decision = self.measurement.budget_decision if self.measurement is not None else None
@@ -237,9 +237,9 @@ class RunReport:
         if status != "completed":
             summary["end_reason"] = reason
         for policy in policies:  # geo-distributed runs: per-region energy, emissions, steps, bytes
-            region_report = getattr(policy, "region_report", None)
-            if callable(region_report) and region_report() is not None:
-                summary["federated"] = region_report()
+            region = policy.region_report()
+            if region is not None:
+                summary["federated"] = region
         if self.measurement is not None:
             summary["energy_meters"] = self.measurement.meter_notes
             summary["carbon_source"] = self.measurement.source.describe()

@@ -14,6 +14,7 @@ from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
+from greenstack.engine.requests import PauseRequest
 from greenstack.errors import ConfigError
 from greenstack.policies.scheduler.pause_resume import PauseResume
 
@@ -160,8 +161,8 @@ def test_a_pause_request_from_another_policy_is_honoured_and_consumed(trace, tmp
 
         def __call__(self, event, state, reporter) -> None:
             if state.step == 6:
-                state.extras["pause_requested"] = {"by": "efficiency.alerts", "reason": "carbon > 300",
-                                                   "threshold": 300.0, "step": state.step}
+                state.requests.pause = PauseRequest(by="efficiency.alerts", reason="carbon > 300",
+                                                    threshold=300.0, step=state.step)
 
     clock = FakeClock("2023-01-01T00:00:00+00:00")
     policy = pause_resume(clock, trace, threshold_g_per_kwh=600.0)  # its own level would never pause
@@ -169,7 +170,7 @@ def test_a_pause_request_from_another_policy_is_honoured_and_consumed(trace, tmp
     pause, resume = policy.decisions[1], policy.decisions[2]
     assert pause["action"] == "pause" and pause["choice"]["requested_by"] == "efficiency.alerts"
     assert resume["at"] == "2023-01-01T05:00:00+00:00"
-    assert "pause_requested" not in trainer.state.extras
+    assert trainer.state.requests.pause is None
 
 
 def test_state_dict_round_trip_keeps_the_deadline(trace):

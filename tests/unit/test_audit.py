@@ -6,10 +6,12 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from greenstack.engine.policy import Policy
 from greenstack.ledger.audit import (
     GENESIS,
     AuditLog,
@@ -20,6 +22,7 @@ from greenstack.ledger.audit import (
     record_policy_decisions,
     verify,
 )
+from greenstack.scheduling.decisions import Decision, DecisionRecorder
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "runs" / "small" / "audit.jsonl"
 
@@ -179,38 +182,33 @@ def test_cli_verify_exit_codes_and_line(cli, log):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
 
-class _Recorder:
-    """The shape of a policy's decision recorder: decisions plus listeners called with each one."""
+class _Scheduler(Policy):
+    """A scheduler's shape: decisions go through a recorder the audit log listens to as they are taken."""
+
+    audit_kind = "schedule"
 
     def __init__(self) -> None:
-        self.decisions: list[dict] = []
-        self.listeners: list = []
+        super().__init__(name="forecast_window")
+        self.recorder = DecisionRecorder("forecast_window")
 
-    def record(self, decision: dict) -> None:
-        self.decisions.append(decision)
-        for listener in self.listeners:
-            listener(decision)
-
-
-class _Scheduler:
-    name = "forecast_window"
-
-    def __init__(self) -> None:
-        self.recorder = _Recorder()
-
-    @property
-    def decisions(self) -> list[dict]:
+    def recorded_decisions(self) -> list[dict]:
         return self.recorder.decisions
 
+    def decision_recorder(self) -> DecisionRecorder:
+        return self.recorder
 
-class _Alerts:
-    name = "alerts"
+
+class _Alerts(Policy):
+    """An efficiency policy's shape: a plain list of decisions, written at the end of the run."""
+
+    audit_kind = "alert"
 
     def __init__(self) -> None:
+        super().__init__(name="alerts")
         self.decisions = [{"alert": "low_gpu_utilization", "value": 12.0, "threshold": 40.0}]
 
-
-_Alerts.__module__ = "greenstack.policies.efficiency.alerts"
+    def recorded_decisions(self) -> list[dict]:
+        return self.decisions
 
 
 def test_policy_decisions_reach_the_run_log_once(tmp_path):
@@ -218,8 +216,10 @@ def test_policy_decisions_reach_the_run_log_once(tmp_path):
     sched, alerts = _Scheduler(), _Alerts()
     assert attach_to_recorders(audit, [sched, alerts]) == 1
     assert attach_to_recorders(audit, [sched]) == 0  # never hooked twice
-    sched.recorder.record({"policy": "forecast_window", "action": "wait", "choice": {"start": "2024-05-06T10:00Z"}})
-    sched.recorder.record({"policy": "pause_resume", "action": "pause", "choice": {}})
+    at = datetime(2024, 5, 6, 9, tzinfo=timezone.utc)
+    sched.recorder.record(Decision(policy="forecast_window", action="wait", at=at, inputs={},
+                                   choice={"start": "2024-05-06T10:00Z"}))
+    sched.recorder.record(Decision(policy="pause_resume", action="pause", at=at, inputs={}, choice={}))
     assert record_policy_decisions(audit, [sched, alerts]) == 1  # the scheduler's went live already
     assert record_policy_decisions(audit, [sched, alerts]) == 0  # a resumed run does not duplicate them
     kinds = [r["kind"] for r in audit.records()]

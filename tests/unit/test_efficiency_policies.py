@@ -27,7 +27,7 @@ from greenstack.errors import ConfigError
 from greenstack.models import build_timm, build_transformers
 from greenstack.policies.efficiency._common import device_words
 from greenstack.policies.efficiency.activation_checkpointing import ActivationCheckpointing
-from greenstack.policies.efficiency.alerts import PAUSE_KEY, Alerts
+from greenstack.policies.efficiency.alerts import Alerts
 from greenstack.policies.efficiency.amp import MixedPrecision
 from greenstack.policies.efficiency.batch_size import BatchSizeSearch
 from greenstack.policies.efficiency.channels_last import ChannelsLast
@@ -272,18 +272,18 @@ def stream(policy, state: State, event: Event, metric: str, values: list[float])
 def test_carbon_alert_hands_a_pause_request_to_the_scheduler_and_withdraws_it():
     alerts, state = Alerts(carbon_intensity={"threshold_g_per_kwh": 400, "patience": 2}), bare_state()
     stream(alerts, state, Event.STEP_END, "carbon/intensity_g_per_kwh", [350, 450])
-    assert PAUSE_KEY not in state.extras
+    assert state.requests.pause is None
     stream(alerts, state, Event.STEP_END, "carbon/intensity_g_per_kwh", [480])
-    request = state.extras[PAUSE_KEY]
-    assert request["metric"] == "carbon/intensity_g_per_kwh" and request["value"] == 480 and request["step"] == 3
+    request = state.requests.pause
+    assert request.metric == "carbon/intensity_g_per_kwh" and request.value == 480 and request.step == 3
     assert state.metrics["alerts/carbon_intensity"] == 480
     fired = alerts.decisions[-1]
     assert fired["alert"] == "carbon_intensity" and fired["acted"] and fired["value"] == 480
     stream(alerts, state, Event.STEP_END, "carbon/intensity_g_per_kwh", [300])
-    assert PAUSE_KEY not in state.extras and alerts.decisions[-1]["did"] == "withdrew the pause request"
+    assert state.requests.pause is None and alerts.decisions[-1]["did"] == "withdrew the pause request"
     warn_only, state = Alerts(carbon_intensity={"action": "warn"}), bare_state()
     stream(warn_only, state, Event.STEP_END, "carbon/intensity_g_per_kwh", [900])
-    assert PAUSE_KEY not in state.extras and warn_only.fired["carbon_intensity"] == 1
+    assert state.requests.pause is None and warn_only.fired["carbon_intensity"] == 1
     assert warn_only.acted["carbon_intensity"] == 0
 
 
@@ -321,7 +321,7 @@ def test_low_gpu_utilization_raises_the_batch_before_training_and_requests_it_mi
     assert fired["value"] == 20.0 and fired["acted"] and "8 → 32" in fired["did"]
     assert [r["batch_size"] for r in fired["readings"]] == [8, 16, 32]
     stream(alerts, state, Event.STEP_END, "efficiency/gpu_utilization", [30, 25])
-    assert state.extras["batch_size_request"]["batch_size"] == 64
+    assert state.requests.batch_size.batch_size == 64
 
 
 def test_a_probe_that_runs_out_of_memory_is_read_as_memory_pressure(monkeypatch):
@@ -355,7 +355,7 @@ def test_low_gpu_utilization_mid_run_doubles_the_batch_at_the_next_epoch():
     state = trainer.fit()
     # epoch 0: 12 steps of 8; the request from step 2 is applied at epoch 1 (6 steps of 16), and the
     # request made in epoch 1 at epoch 2 (3 steps of 32)
-    assert [(c["from"], c["to"], c["step"]) for c in state.extras["batch_size_changes"]] == [(8, 16, 12), (16, 32, 18)]
+    assert [(c["from"], c["to"], c["step"]) for c in state.batch_size_changes] == [(8, 16, 12), (16, 32, 18)]
     assert state.step == state.max_steps == 21 and trainer.train_loader.batch_size == 32
     applied = [x for x in alerts.decisions if "applied" in x]
     assert [x["applied"]["to"] for x in applied] == [16, 32]

@@ -11,6 +11,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
+from greenstack.engine.requests import BatchSizeRequest
 from greenstack.engine.resize import retimed, virtual_step
 from tests.helpers.snapshots import SnapshotAt
 
@@ -46,8 +47,8 @@ class AskAt(Policy):
             self.sizes.append(state.batch["labels"].shape[0])
             self.lrs.append(state.optimizer.param_groups[0]["lr"])
         elif state.step == self.at:
-            state.extras["batch_size_request"] = {"batch_size": self.batch_size, "lr_scaling": self.lr_scaling,
-                                                  "by": "ask", "reason": "test"}
+            state.requests.batch_size = BatchSizeRequest(batch_size=self.batch_size, lr_scaling=self.lr_scaling,
+                                                         by="ask", reason="test")
 
 
 def _fit(duration: str, *, ask: AskAt, sampler=None, optim: Optim | None = None, extra=()):
@@ -64,8 +65,8 @@ def test_request_mid_epoch_waits_for_the_next_epoch_and_replans_an_epoch_budget(
     assert ask.sizes == [8] * 8 + [16] * 8
     assert state.step == state.max_steps == 16 and state.epoch == 3
     assert trainer.train_loader.batch_size == 16 and state.train_loader is trainer.train_loader
-    assert "batch_size_request" not in state.extras
-    (change,) = state.extras["batch_size_changes"]
+    assert state.requests.batch_size is None
+    (change,) = state.batch_size_changes
     assert (change["from"], change["to"], change["step"], change["max_steps_before"], change["max_steps_after"]) \
         == (8, 16, 8, 24, 16)
 

@@ -121,6 +121,7 @@ class HierarchicalCheckpointing(Policy):
 
     placement = "last"  # a snapshot sees the state after every other policy's STEP_END
     changes_training = False
+    audit_kind = "checkpoint"
 
     events = frozenset({Event.INIT, Event.FIT_START, Event.AFTER_BACKWARD, Event.STEP_END, Event.FIT_END,
                         Event.EXCEPTION})
@@ -432,6 +433,9 @@ class HierarchicalCheckpointing(Policy):
         raise Preempted(signum, f"preempted by {cause} at step {state.step}: checkpoint saved in "
                                 f"{time.monotonic() - t0:.2f} s to {where}; rerun the same command with "
                                 f"checkpointing.resume=auto to continue")
+
+    def recorded_decisions(self) -> list[dict[str, Any]]:
+        return self.decisions
 
     def state_dict(self) -> dict[str, Any]:
         return {}

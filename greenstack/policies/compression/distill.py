@@ -51,6 +51,8 @@ class Distillation(Policy):
     fine-tuning rate). Label spaces are compared at INIT, before any step.
     """
 
+    audit_kind = "compression"
+
     events = frozenset({Event.INIT, Event.BATCH_START, Event.AFTER_FORWARD, Event.FIT_END})
 
     def __init__(self, teacher: str | None = None, teacher_model: dict[str, Any] | None = None,

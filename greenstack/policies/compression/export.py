@@ -55,6 +55,8 @@ class ExportCompressed(Policy):
     artifact.
     """
 
+    audit_kind = "compression"
+
     events = frozenset({Event.INIT, Event.FIT_END})
 
     def __init__(self, directory: str = "compressed", latency_repeats: int = 10, evaluate: bool = True) -> None:

@@ -27,6 +27,8 @@ class L2Regularization(Policy):
     limited to a window (e.g. before pruning starts) and to layers matched by `include`/`exclude`.
     """
 
+    audit_kind = "compression"
+
     events = frozenset({Event.INIT, Event.AFTER_FORWARD, Event.STEP_END})
 
     def __init__(self, coefficient: float = 1e-4, mode: Literal["loss", "decoupled"] = "loss",

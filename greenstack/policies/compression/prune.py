@@ -40,6 +40,8 @@ class MagnitudePruning(Policy):
     `include`/`exclude`: regexes on weight names (e.g. exclude: ["^fc\\\\.", "conv1\\\\.0"]).
     """
 
+    audit_kind = "compression"
+
     events = frozenset({Event.INIT, Event.BATCH_START, Event.AFTER_BACKWARD, Event.STEP_END, Event.FIT_END})
 
     def __init__(self, final_sparsity: float = 0.8, initial_sparsity: float = 0.0, start: str | int = "0ba",

@@ -40,6 +40,8 @@ class Int8QAT(Policy):
     Whether the model has anything to quantize is checked at INIT, before the first step.
     """
 
+    audit_kind = "compression"
+
     events = frozenset({Event.INIT, Event.BATCH_START, Event.STEP_END})
 
     def __init__(self, backend: str = "auto", start: str | int | None = None, freeze_at: str | int | None = None,

@@ -52,15 +52,9 @@ def is_number(value: Any) -> bool:
 
 
 def train_loader_of(state: State) -> Any:
-    """The run's train DataLoader (for sampling probe batches and for samplers), or None.
-
-    A `state.train_loader` field (or `state.extras["train_loader"]`) wins; until State has one, the
-    loop's `set_batch_size` is a bound method of the Trainer, which holds the loader.
-    """
-    loader = getattr(state, "train_loader", None) or state.extras.get("train_loader")
-    if loader is None:
-        loader = getattr(getattr(state.set_batch_size, "__self__", None), "train_loader", None)
-    return loader
+    """The run's train DataLoader (for sampling probe batches and for samplers), or None: the loop keeps
+    `state.train_loader` current (it is rebuilt when the batch size changes)."""
+    return state.train_loader
 
 
 def sample_batch(loader: Any, n: int, device: torch.device) -> dict[str, Any]:
@@ -85,6 +79,8 @@ class ProbeOutOfMemory(Exception):
 
 class EfficiencyPolicy(Policy):
     """Base: `enabled` switch, a decision record, resume of the decision, and the standard figures."""
+
+    audit_kind = "efficiency"
 
     key: ClassVar[str] = ""
 
@@ -123,6 +119,9 @@ class EfficiencyPolicy(Policy):
         """A no-effect or misuse warning (logged and recorded, no state change)."""
         log.warning("%s: %s", self.key, message)
         self.decisions.append(self._entry(state, warning=message, **data))
+
+    def recorded_decisions(self) -> list[dict[str, Any]]:
+        return self.decisions
 
     def state_dict(self) -> dict[str, Any]:
         return {"on": self.on, "reason": self.reason, "decisions": list(self.decisions)}

@@ -3,7 +3,7 @@
 | alert               | metric                                  | act                                       |
 |---------------------|-----------------------------------------|-------------------------------------------|
 | low_gpu_utilization | efficiency/gpu_utilization (%)          | double the batch size (LR scaled)         |
-| carbon_intensity    | carbon/intensity_g_per_kwh              | request a pause: state.extras["pause_requested"] |
+| carbon_intensity    | carbon/intensity_g_per_kwh              | request a pause: state.requests.pause     |
 | memory_pressure     | efficiency/memory_pressure (fraction)   | turn on activation checkpointing          |
 | plateau             | val/loss (configurable)                 | stop the run (state.request_stop)         |
 
@@ -11,14 +11,14 @@ Each alert has `action: act | warn | off`. Every firing is logged with the metri
 triggered it, put into `state.metrics` as `alerts/<name>`, and appended to `decisions`.
 
 Hand-off contract with the scheduler (its pause policy lives in greenstack/policies/scheduler/):
-`state.extras["pause_requested"]` is a dict `{"by": "efficiency.alerts", "reason", "metric", "value",
-"threshold", "step", "at"}` while the intensity is above the threshold. The scheduler pauses when it
-sees it and removes the key once it has acted (`state.extras.pop("pause_requested")`). If the intensity
-falls back below the threshold before anyone acted, this policy removes its own request.
+`state.requests.pause` is a `PauseRequest(by, reason, metric, value, threshold, step, at)` while the
+intensity is above the threshold. The scheduler pauses when it sees it and clears it once it has acted
+(`state.requests.pause = None`). If the intensity falls back below the threshold before anyone acted,
+this policy withdraws its own request.
 
 Low GPU utilisation acts twice: at FIT_START, on readings taken while a copy of the model trains a
 few steps (the batch size is set before the first step); and mid-run, by putting
-`state.extras["batch_size_request"] = {"batch_size", "lr_scaling", "reason", "by"}`, which the loop
+`state.requests.batch_size = BatchSizeRequest(batch_size, reason, by, step, lr_scaling)`, which the loop
 applies at the next epoch start (engine/resize.py: same sampler, re-planned run, LR scaled by
 `lr_scaling`); the applied change is then logged as a decision of this policy.
 """
@@ -39,6 +39,7 @@ from greenstack.efficiency.checkpointing import Unsupported, apply_activation_ch
 from greenstack.efficiency.probe import device_memory_bytes, isolated, synchronize, train_step
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
+from greenstack.engine.requests import BatchSizeRequest, PauseRequest
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
 from greenstack.policies.efficiency._common import (
@@ -51,9 +52,6 @@ from greenstack.policies.efficiency._common import (
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
-PAUSE_KEY = "pause_requested"
-BATCH_REQUEST_KEY = "batch_size_request"  # = greenstack.engine.resize.REQUEST_KEY
-CHANGES_KEY = "batch_size_changes"  # = greenstack.engine.resize.CHANGES_KEY
 #: alerts whose readings (GPU utilisation, memory in use) differ from run to run: frozen when deterministic
 TIMING_ALERTS = ("low_gpu_utilization", "memory_pressure")
 UTIL_METRIC, CARBON_METRIC, MEMORY_METRIC = ("efficiency/gpu_utilization", "carbon/intensity_g_per_kwh",
@@ -136,6 +134,8 @@ def default_memory_reader(device: torch.device) -> Callable[[], float]:
 class Alerts(EfficiencyPolicy):
     """Watches the metric stream and acts (or warns) when an alert fires; see the module docstring."""
 
+    audit_kind = "alert"
+
     key = "alerts"
     events = frozenset({Event.FIT_START, Event.STEP_END, Event.EVAL_END})
 
@@ -171,7 +171,7 @@ class Alerts(EfficiencyPolicy):
         }
         self.utilization_reader, self.memory_reader = utilization_reader, memory_reader
         self.fired: dict[str, int] = dict.fromkeys(self.rules, 0)
-        self._applied_seen = 0  # batch-size changes (state.extras) already logged as decisions
+        self._applied_seen = 0  # batch-size changes (state.batch_size_changes) already logged as decisions
         self.acted: dict[str, int] = dict.fromkeys(self.rules, 0)
         #: acting firings of the timing/utilisation-based alerts of a recorded run (efficiency.decisions_from)
         self.replayed: list[dict[str, Any]] | None = None
@@ -194,7 +194,7 @@ class Alerts(EfficiencyPolicy):
         if event is Event.FIT_START:
             self._fit_start(state)
         elif event is Event.STEP_END:
-            if len(state.extras.get(CHANGES_KEY, ())) > self._applied_seen:
+            if len(state.batch_size_changes) > self._applied_seen:
                 self._record_applied(state)
             if self.replayed:
                 self._replay_at(state, before_training=False)
@@ -253,25 +253,26 @@ class Alerts(EfficiencyPolicy):
         rule = self.rules["low_gpu_utilization"]
         if not rule.update(value):
             return
-        pending = state.extras.get(BATCH_REQUEST_KEY)
-        if isinstance(pending, dict) and pending.get("by") == self.name:
+        pending = state.requests.batch_size
+        if pending is not None and pending.by == self.name:
             return  # already asked; the loop applies it at the next epoch start
         target = self._doubled(state, state.batch_size)
         if target is None:
             self._fire(state, "low_gpu_utilization", value, "no larger batch possible", acted=False)
             return
-        request = {"batch_size": target, "reason": f"{UTIL_METRIC}={value:.3g} < {rule.threshold:g}",
-                   "by": self.name, "step": state.step, "lr_scaling": self.settings["low_gpu_utilization"]["lr_scaling"]}
+        request = BatchSizeRequest(batch_size=target, reason=f"{UTIL_METRIC}={value:.3g} < {rule.threshold:g}",
+                                   by=self.name, step=state.step,
+                                   lr_scaling=self.settings["low_gpu_utilization"]["lr_scaling"])
         act = self.action("low_gpu_utilization") == "act"
         if act:
-            state.extras[BATCH_REQUEST_KEY] = request
+            state.requests.batch_size = request
         self._fire(state, "low_gpu_utilization", value,
                    f"raise the batch size {state.batch_size} → {target} at the next epoch start "
-                   f"(LR by the {request['lr_scaling']} rule)", acted=act, batch_size=target)
+                   f"(LR by the {request.lr_scaling} rule)", acted=act, batch_size=target)
 
     def _record_applied(self, state: State) -> None:
         """Log the batch-size changes the loop made on this policy's requests (engine/resize.py)."""
-        changes = [c for c in state.extras.get(CHANGES_KEY, []) if c.get("by") == self.name]
+        changes = [c for c in state.batch_size_changes if c.get("by") == self.name]
         for change in changes[self._applied_seen:]:
             self.decisions.append(self._entry(state, alert="low_gpu_utilization", applied=dict(change),
                                               did=f"batch size {change['from']} → {change['to']} at step "
@@ -282,9 +283,9 @@ class Alerts(EfficiencyPolicy):
 
     def _carbon(self, state: State, value: float) -> None:
         rule = self.rules["carbon_intensity"]
-        request = state.extras.get(PAUSE_KEY)
-        if not rule.beyond(value) and isinstance(request, dict) and request.get("by") == self.name:
-            state.extras.pop(PAUSE_KEY)
+        request = state.requests.pause
+        if not rule.beyond(value) and request is not None and request.by == self.name:
+            state.requests.pause = None
             log.info("alerts: carbon_intensity back to %.4g g/kWh: withdrew the pause request", value)
             self.decisions.append(self._entry(state, alert="carbon_intensity", metric=rule.metric, value=value,
                                               did="withdrew the pause request"))
@@ -292,12 +293,11 @@ class Alerts(EfficiencyPolicy):
             return
         act = self.action("carbon_intensity") == "act"
         if act:
-            state.extras[PAUSE_KEY] = {"by": self.name, "reason": f"carbon intensity {value:.0f} g/kWh > "
-                                                                  f"{rule.threshold:g} g/kWh",
-                                       "metric": rule.metric, "value": value, "threshold": rule.threshold,
-                                       "step": state.step,
-                                       "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        self._fire(state, "carbon_intensity", value, f"requested a pause (state.extras['{PAUSE_KEY}'])", acted=act)
+            state.requests.pause = PauseRequest(
+                by=self.name, reason=f"carbon intensity {value:.0f} g/kWh > {rule.threshold:g} g/kWh",
+                metric=rule.metric, value=value, threshold=rule.threshold, step=state.step,
+                at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        self._fire(state, "carbon_intensity", value, "requested a pause (state.requests.pause)", acted=act)
 
     def _memory(self, state: State) -> None:
         assert self.memory_reader is not None
@@ -349,9 +349,9 @@ class Alerts(EfficiencyPolicy):
                 factor = lr_scale_factor(start, target, self.settings["low_gpu_utilization"]["lr_scaling"])
                 scale_learning_rate_(state.optimizer, state.lr_scheduler, factor)
             elif state.step > 0 and not before_training:
-                state.extras[BATCH_REQUEST_KEY] = {
-                    "batch_size": target, "reason": f"replayed from {self.replay_source}", "by": self.name,
-                    "step": state.step, "lr_scaling": self.settings["low_gpu_utilization"]["lr_scaling"]}
+                state.requests.batch_size = BatchSizeRequest(
+                    batch_size=target, reason=f"replayed from {self.replay_source}", by=self.name,
+                    step=state.step, lr_scaling=self.settings["low_gpu_utilization"]["lr_scaling"])
             else:
                 continue
             self.fired[name] += 1

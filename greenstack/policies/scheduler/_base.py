@@ -58,6 +58,7 @@ class SchedulerPolicy(Policy):
 
     placement = "start"  # decides when the run starts: built and consulted before the model or data
     changes_training = False
+    audit_kind = "schedule"
 
     def __init__(self, *, name: str, zone: str | None = None, trace: str | None = None, carbon: Any = None,
                  start_now: bool = False, clock: Callable[[], float] | None = None,
@@ -79,6 +80,12 @@ class SchedulerPolicy(Policy):
     def decisions(self) -> list[dict[str, Any]]:
         """JSON-able record of every decision so far (see `greenstack.scheduling.decisions`)."""
         return self.recorder.decisions
+
+    def recorded_decisions(self) -> list[dict[str, Any]]:
+        return self.recorder.decisions
+
+    def decision_recorder(self) -> DecisionRecorder:
+        return self.recorder
 
     def source(self) -> Any:
         if self._source is None:
@@ -217,6 +224,8 @@ class SchedulerPolicy(Policy):
 
 class _CarriedMetrics(Policy):
     """Hands the start-time decisions (metrics, chosen region) to the run's State at INIT."""
+
+    audit_kind = "schedule"
 
     events = frozenset({Event.INIT})
 

@@ -7,9 +7,9 @@ Checked every `check_every` of wall-clock time at a step end:
 * mode `plan`: plan the remaining work as an interruptible job over the outlook up to the deadline
   (`windows.best_slots`, with `min_chunk` and `resume_overhead`) and pause until the next planned slot.
 
-Other policies may ask for a pause through `state.extras["pause_requested"]` (a dict with at least
-`reason`, optionally `threshold` in g/kWh, e.g. from `efficiency.alerts`): the policy pauses until the
-intensity is at or below that threshold (else its own level) and removes the key once it has acted.
+Other policies may ask for a pause through `state.requests.pause` (a `PauseRequest` with `by`, `reason`,
+optionally `threshold` in g/kWh, e.g. from `efficiency.alerts`): the policy pauses until the intensity is
+at or below that threshold (else its own level) and clears the request once it has acted.
 
 The deadline always wins: the remaining time is estimated from measured step times (x `safety`), and
 a pause never lasts past `deadline - remaining`; a start-now request ends a pause at once. Before a
@@ -32,6 +32,7 @@ import numpy as np
 
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
+from greenstack.engine.requests import PauseRequest
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy
@@ -46,7 +47,6 @@ from greenstack.scheduling.timeparse import parse_deadline, parse_hours
 from greenstack.scheduling.windows import best_slots, planning_values
 
 MODES = ("threshold", "plan")
-PAUSE_REQUEST_KEY = "pause_requested"  # hand-off contract with efficiency.alerts
 
 
 class PauseResume(SchedulerPolicy):
@@ -152,13 +152,13 @@ class PauseResume(SchedulerPolicy):
                         {"plan": "re-planned at each check from the outlook"})
 
     def _check(self, state: State) -> None:
-        request = state.extras.get(PAUSE_REQUEST_KEY)
+        request = state.requests.pause
         if self.start_request(state) is not None:
             return  # the owner asked to run: no pausing
         now_s = self.clock()
         latest = self.latest_resume_s(state)
-        if isinstance(request, dict):
-            state.extras.pop(PAUSE_REQUEST_KEY)
+        if request is not None:
+            state.requests.pause = None
             self._requested(state, request, latest)
             return
         if now_s - self._last_resume < self.min_chunk_h * 3600:
@@ -179,18 +179,18 @@ class PauseResume(SchedulerPolicy):
         self._pause(state, intensity, prov, src, target_s=min(resume_at, latest), resume_below=None, plan=plan,
                     expected=plan.get("expected_saving_pct"))
 
-    def _requested(self, state: State, request: dict[str, Any], latest: float) -> None:
+    def _requested(self, state: State, request: PauseRequest, latest: float) -> None:
         """Act on another policy's pause request (and say so), unless the deadline leaves no room."""
-        by = str(request.get("by", "another policy"))
+        by = str(request.by or "another policy")
         if latest - self.clock() < self.poll_s:
-            self.record(state, "decline_pause", {"request": request}, {"reason": "no room before the deadline"},
+            self.record(state, "decline_pause", {"request": request.to_dict()}, {"reason": "no room before the deadline"},
                         notes=[f"{by} asked for a pause, but the deadline leaves no room"])
             return
         intensity, prov, src = intensity_now(self.source(), self.now())
-        below = request.get("threshold", self.level)
+        below = request.threshold if request.threshold is not None else self.level
         below = float(below) if isinstance(below, (int, float)) else None
         self._pause(state, intensity, prov, src, target_s=latest, resume_below=below,
-                    plan={"requested_by": by, "request_reason": request.get("reason", "")}, expected=None)
+                    plan={"requested_by": by, "request_reason": request.reason}, expected=None)
 
     def _plan(self, state: State) -> tuple[float | None, dict[str, Any]]:
         """Next planned slot start (epoch s) of the remaining work, and the plan's summary."""
@@ -258,8 +258,8 @@ class PauseResume(SchedulerPolicy):
         if not self.checkpoint_on_pause:
             return "checkpoint_on_pause=false: pausing in memory only"
         for policy in state.policies:
-            if policy is not self and callable(getattr(policy, "checkpoint_now", None)):
-                where = policy.checkpoint_now(state, "pause_resume")
+            where = policy.checkpoint_now(state, "pause_resume") if policy is not self else None
+            if where is not None:
                 return f"checkpointed before pausing: {where}"
         return "no checkpointing policy offers checkpoint_now(): pausing in memory only"
 
