@@ -207,3 +207,21 @@ def test_prepare_waits_for_the_low_carbon_window_and_records_its_start(corpus, t
     later = FakeClock("2023-01-09T10:30:00+00:00")  # a prepared cache: no waiting at all
     assert not prepare(cfg, tmp_path / "prep2", clock=later.time, sleep=later.sleep).prepared
     assert later.t == datetime(2023, 1, 9, 10, 30, tzinfo=timezone.utc).timestamp()
+
+
+def test_prepare_with_scheduler_region_records_the_chosen_region(corpus, tmp_path):
+    cfg, _ = compose_prepare([*_data(corpus), *JOB, "scheduler=region", "scheduler.candidates=[GB,DE-LU]"])
+    assert prepare(cfg, tmp_path / "prep").prepared
+    metrics = json.loads((tmp_path / "prep" / "sustainability.json").read_text())["metrics"]
+    (decision,) = json.loads(metrics["scheduler/decisions"]["value"])
+    assert decision["action"] == "choose_region" and decision["choice"]["zone"] == "GB"  # GB is the cleaner grid
+
+
+def test_long_tokenisation_prints_progress_lines(caplog):
+    from greenstack.data.lm import build_tokenizer, encode_with_progress
+
+    with caplog.at_level("INFO", logger="greenstack"):
+        ids = encode_with_progress(build_tokenizer("byte"), ["ab"] * 10, "the train split", chunk=3, every_s=0.0)
+    assert ids == [[97, 98]] * 10
+    lines = [r.getMessage() for r in caplog.records if "tokenising the train split" in r.getMessage()]
+    assert lines and lines[0].startswith("tokenising the train split: 3/10 documents")
