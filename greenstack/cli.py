@@ -554,7 +554,7 @@ def federated(argv: list[str]) -> int:
 
 
 def data(argv: list[str]) -> int:
-    from greenstack.data.prepare import run_data
+    from greenstack.prepare import run_data
 
     return run_data(argv)
 

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from greenstack.checkpoint.fingerprint import training_config
-from greenstack.data.prepare import attach_prepare_share
+from greenstack.data.cache_ledger import attach_prepare_share
 from greenstack.engine.determinism import Determinism, seed_loaders
 from greenstack.engine.groups import policy_nodes
 from greenstack.engine.loop import Trainer

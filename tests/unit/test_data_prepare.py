@@ -16,14 +16,9 @@ pytest.importorskip("datasets")  # the `hf` extra (in `dev`, so CI has it)
 
 from greenstack import cli  # noqa: E402
 from greenstack.data.builders import synthetic_text_rows  # noqa: E402
-from greenstack.data.prepare import (  # noqa: E402
-    attach_prepare_share,
-    compose_prepare,
-    ledger_path,
-    prepare,
-    read_ledger,
-)
+from greenstack.data.cache_ledger import attach_prepare_share, ledger_path, read_ledger  # noqa: E402
 from greenstack.errors import ConfigError  # noqa: E402
+from greenstack.prepare import compose_prepare, prepare  # noqa: E402
 from tests.conftest import FAST, read_jsonl  # noqa: E402
 
 JOB = ["carbon=static", "energy=tdp", "energy.tdp_w=100", "energy.interval_s=0.05"]
