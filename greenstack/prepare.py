@@ -112,9 +112,18 @@ def compose_prepare(overrides: Sequence[str]) -> tuple[DictConfig, Path]:
         raise ConfigError([p for p in problems if (p.key, str(p.value), p.reason) not in seen
                            and not seen.add((p.key, str(p.value), p.reason))])  # type: ignore[func-returns-value]
     given = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), None)
-    run_dir = Path(given) if given else \
-        Path("outputs") / "data-prepare" / datetime.now().strftime("%Y-%m-%d") / datetime.now().strftime("%H-%M-%S")
-    return body, run_dir
+    return body, Path(given) if given else _fresh_run_dir(datetime.now(timezone.utc))
+
+
+def _fresh_run_dir(now: datetime) -> Path:
+    """outputs/data-prepare/DATE/TIME, with -1, -2, ... when a job started in the same second (two jobs
+    must not share a run id)."""
+    base = Path("outputs") / "data-prepare" / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+    run_dir, n = base, 0
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
 
 
 @dataclass

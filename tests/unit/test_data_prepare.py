@@ -220,3 +220,14 @@ def test_long_tokenisation_prints_progress_lines(caplog):
     assert ids == [[97, 98]] * 10
     lines = [r.getMessage() for r in caplog.records if "tokenising the train split" in r.getMessage()]
     assert lines and lines[0].startswith("tokenising the train split: 3/10 documents")
+
+
+def test_jobs_started_in_the_same_second_get_their_own_run_dirs(tmp_path, monkeypatch):
+    from greenstack.prepare import _fresh_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    now = datetime(2026, 12, 4, 23, 0, 5, tzinfo=timezone.utc)
+    first = _fresh_run_dir(now)
+    assert first == Path("outputs/data-prepare/2026-12-04/23-00-05")
+    first.mkdir(parents=True)
+    assert _fresh_run_dir(now) == Path("outputs/data-prepare/2026-12-04/23-00-05-1")
