@@ -205,10 +205,24 @@ def load_teacher(teacher: str, *, num_classes: int, in_chans: int = 3,
         raise ConfigError(Problem(key, teacher, f"checkpoint does not fit the described architecture "
                                   f"(shapes differ for {', '.join(bad[:3])})", "check teacher_model"))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_to(model, state)]  # saved once (save_model drops ties)
     if missing or unexpected:
         raise ConfigError(Problem(key, teacher, f"checkpoint does not fit the described architecture (missing "
                                   f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]})", "check teacher_model"))
     return _freeze(model)
+
+
+def _tied_to(model: nn.Module, present: dict[str, torch.Tensor]) -> set[str]:
+    """Names of `model`'s tensors that share storage with a tensor named in `present` (a tied LM head)."""
+    owners: dict[int, list[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor) and value.numel():
+            owners.setdefault(value.untyped_storage().data_ptr(), []).append(name)
+    tied: set[str] = set()
+    for names in owners.values():
+        if len(names) > 1 and any(n in present for n in names):
+            tied.update(n for n in names if n not in present)
+    return tied
 
 
 def _freeze(model: nn.Module) -> nn.Module:

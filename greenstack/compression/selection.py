@@ -72,13 +72,14 @@ def check_patterns(patterns: str | Sequence[str] | None, key: str) -> list[Probl
 def select_weights(model: nn.Module, include: str | Sequence[str] | None = None,
                    exclude: str | Sequence[str] | None = None,
                    layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYERS) -> dict[str, nn.Parameter]:
-    """`{qualified name: weight}` of the Conv/Linear layers whose weight name matches an `include`
-    pattern (all when none given) and no `exclude` pattern (`re.search` semantics)."""
+    """`{qualified name: weight}` of the Conv/Linear layers (and GPT-2's transformers `Conv1D`, whose
+    weight is stored (in, out)) whose weight name matches an `include` pattern (all when none given)
+    and no `exclude` pattern (`re.search` semantics)."""
     inc = [re.compile(p) for p in as_patterns(include)]
     exc = [re.compile(p) for p in as_patterns(exclude)]
     selected: dict[str, nn.Parameter] = {}
     for module_name, module in model.named_modules():
-        if not isinstance(module, layer_types):
+        if not isinstance(module, layer_types) and not (layer_types is WEIGHT_LAYERS and is_conv1d(module)):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.ndim < 2:

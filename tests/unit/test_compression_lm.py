@@ -223,3 +223,49 @@ def test_validate_accepts_lm_distillation_and_says_why_not_for_regression():
                                     "data.label_kind=value", "model=bert_tiny", "compression=distill", "tracker=none"])
     problems = [p for p in validate_config(cfg) if p.key == "compression.distill"]
     assert len(problems) == 1 and "task=regression predicts a single value" in problems[0].reason
+
+
+def test_a_finished_lm_run_directory_teaches_a_smaller_decoder(tmp_path):
+    from greenstack.compression.distill import load_teacher
+    from greenstack.policies.compression import Distillation
+    from greenstack.report.summary import save_weights
+
+    teacher = decoder({**GPT2, "n_layer": 3}, seed=1)
+    save_weights(teacher, tmp_path / "model.safetensors")  # a tied LM head is saved once
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "model:\n  _target_: greenstack.models.build_causal_lm\n  path: null\n  config:\n"
+        + "".join(f"    {k}: {v}\n" for k, v in {**GPT2, "n_layer": 3}.items()))
+    loaded = load_teacher(str(tmp_path), num_classes=VOCAB)
+    x = torch.randint(0, VOCAB, (2, 8))
+    assert torch.equal(loaded(x).logits, teacher.eval()(x).logits)
+    distill = Distillation(teacher=str(tmp_path), size_ratio=0.5)
+    fit_lm(decoder(GPT2), [distill])
+    assert distill.swapped_at == 0 and distill.student_params <= 0.5 * distill.teacher_params
+
+
+def test_pruning_then_qat_on_gpt2_keeps_the_sparsity_through_the_conv1d_to_linear_swap(tmp_path):
+    need("torchao")
+    from greenstack.compression.pruning import sparsity_of
+    from greenstack.compression.selection import select_weights
+    from greenstack.policies.compression import ExportCompressed, Int8QAT, MagnitudePruning
+
+    model = decoder(GPT2)
+    assert "transformer.h.0.attn.c_attn.weight" in select_weights(model)  # Conv1D weights are prunable
+    prune = MagnitudePruning(final_sparsity=0.5, start=0, end=1, frequency=1)
+    trainer = fit_lm(model, [prune, Int8QAT(start=2), ExportCompressed(latency_repeats=1)], steps=4,
+                     run_dir=str(tmp_path))
+    weights = select_weights(trainer.state.model)
+    assert weights["transformer.h.0.attn.c_attn.weight"].shape == (96, 32)  # now a Linear
+    assert sparsity_of(weights) == pytest.approx(0.5, abs=1e-3)
+    figures = {k: f.value for p in trainer.policies for k, f in p.summary().items()}
+    assert figures["compression/sparsity"] >= 0.5 - 1e-3
+
+
+def test_channel_pruning_of_gpt2_conv1d_is_refused_with_the_reason():
+    from greenstack.errors import ConfigError
+    from greenstack.policies.compression import MagnitudePruning
+
+    with pytest.raises(ConfigError) as e:
+        fit_lm(decoder(GPT2), [MagnitudePruning(final_sparsity=0.5, structure="channels", start=0, end=1)])
+    assert e.value.problems[0].key == "compression.prune.structure" and "Conv1D" in e.value.problems[0].reason

@@ -16,7 +16,7 @@ from greenstack.compression.pruning import (
     masks_from_zeros,
     sparsity_of,
 )
-from greenstack.compression.selection import check_patterns, select_weights
+from greenstack.compression.selection import check_patterns, is_conv1d, select_weights
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
@@ -103,9 +103,10 @@ class MagnitudePruning(Policy):
         if self._model_id != id(state.model):
             self._weights = select_weights(state.model, self.include, self.exclude)
             self._model_id = id(state.model)
-            if self.masks and set(self.masks) != set(self._weights):
-                # a policy replaced the model with one whose layers are named differently: the zeros
-                # in the weights are the masks
+            if self.masks and (set(self.masks) != set(self._weights) or any(
+                    self.masks[k].shape != w.shape for k, w in self._weights.items())):
+                # a policy replaced the model with one whose layers are named or shaped differently
+                # (QAT turns GPT-2's Conv1D into Linear: transposed): the zeros in the weights are the masks
                 log.info("prune: model replaced; recovering masks from its zero weights")
                 self.masks = masks_from_zeros(self._weights)
         return self._weights
@@ -115,6 +116,12 @@ class MagnitudePruning(Policy):
             if not self._select(state):
                 raise ConfigError(Problem(f"{NAME}.include", self.include, "matches no Conv/Linear weight",
                                           "loosen include/exclude"))
+            if self.structure == "channels" and any(is_conv1d(m) for m in state.model.modules()):
+                raise ConfigError(Problem(f"{NAME}.structure", self.structure, "channel pruning ranks output "
+                                          "channels along dim 0, but GPT-2's transformers Conv1D stores its weight "
+                                          "(in, out), so it would remove input channels",
+                                          "use structure: unstructured, or a Llama-style decoder "
+                                          "(model=llama_tiny, nn.Linear throughout)"))
             if self.last_pruned_step is not None and not self.masks:  # resumed: masks are the zeros
                 self.masks = masks_from_zeros(self._weights)
             log.info("prune: %d tensors (%s parameters), %s %s, sparsity %.2f -> %.2f over steps %d..%s",
