@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from greenstack.carbon import forecast, traces
-from greenstack.plan import print_eval_table
+from greenstack.cli.plan import print_eval_table
 
 TARGET_RATIO = 0.7
 EXEMPT_MAPE = 2.0  # IN-WE and SG: exempt when the model's day-1 MAPE is already below 2 %

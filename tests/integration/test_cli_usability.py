@@ -12,7 +12,7 @@ from greenstack import cli as cli_module
 
 
 def test_help_of_every_command_exits_zero_and_top_level_lists_every_subcommand(cli):
-    from greenstack.carbon.cli import build_parser
+    from greenstack.cli.carbon import build_parser
 
     for command in ("ls", "validate"):
         result = cli(command, "--help")

@@ -103,13 +103,14 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def _check_plan_files(argv: list[str]) -> None:
-    from greenstack import plan
+    from greenstack.carbon import inputs
+    from greenstack.cli import plan
 
     args = plan.build_parser().parse_args(argv)
     for role in ("trace", "history"):
         for path in getattr(args, role, None) or []:
-            plan._load(path, args.units, role)
-    plan.load_weather(getattr(args, "weather", []) or [], [])
+            inputs.load_trace(path, args.units, role)
+    inputs.load_weather(getattr(args, "weather", []) or [], [])
 
 
 def check_line(line: str, cwd: Path, capsys, monkeypatch) -> str:
@@ -145,13 +146,13 @@ def check_line(line: str, cwd: Path, capsys, monkeypatch) -> str:
         _check_plan_files(rest)
         return "parse+load"
     if command == "plan" and rest[0] == "start":  # waits for a low-carbon window, then execs the user's script
-        from greenstack import plan
+        from greenstack.cli import plan
 
         args = plan.build_parser().parse_args(rest)
         assert args.duration and args.deadline, line
         return "parse"
     if command == "carbon" and rest[0] == "weather":
-        from greenstack.carbon.cli import build_parser
+        from greenstack.cli.carbon import build_parser
 
         build_parser().parse_args(rest)
         return "parse"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from greenstack.cli import summary_cell
+from greenstack.cli.train import summary_cell
 
 
 @pytest.mark.parametrize("value, unit, shown", [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from greenstack import doctor
+from greenstack.cli import doctor
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "providers"
 KEY = "em-doctor-secret-0123456789"

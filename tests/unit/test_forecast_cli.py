@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from greenstack.carbon import traces
+from greenstack.cli.plan import SUBCOMMANDS, parse_hours, run_plan
 from greenstack.errors import ConfigError, DataError
-from greenstack.plan import SUBCOMMANDS, parse_hours, run_plan
 
 
 def _em_export(path: Path, zone: str, start: str, end: str) -> Path:

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from greenstack.carbon import forecast as fc
-from greenstack.plan import run_plan, trace_zone, zone_from_filename
+from greenstack.carbon.inputs import trace_zone, zone_from_filename
+from greenstack.cli.plan import run_plan
 
 DACF = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "dacf"
 WEATHER = ["weather_wind_speed_ms", "weather_temperature_k", "weather_dewpoint_k", "weather_dswrf_w_m2",

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from greenstack.carbon import integrity, traces
-from greenstack.carbon.cli import run_carbon
+from greenstack.cli.carbon import run_carbon
 from greenstack.errors import ConfigError, DataError
 
 

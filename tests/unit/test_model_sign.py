@@ -8,7 +8,7 @@ from safetensors.torch import save_model
 
 from greenstack.cli import main
 from greenstack.errors import DataError
-from greenstack.model_sign import sign_model, verify_model
+from greenstack.models.signing import sign_model, verify_model
 
 
 @pytest.fixture

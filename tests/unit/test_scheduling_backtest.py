@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from greenstack.carbon import traces
+from greenstack.cli.plan import run_plan
 from greenstack.errors import ConfigError, DataError
-from greenstack.plan import run_plan
 from greenstack.scheduling.backtest import BacktestConfig, run_backtest
 
 LOW_HOURS = (2, 3, 4, 5)  # UTC hours at 100 g/kWh; every other hour 300

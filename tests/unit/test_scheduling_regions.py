@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from greenstack.cli.plan import run_plan
 from greenstack.errors import ConfigError, DataError
-from greenstack.plan import run_plan
 from greenstack.scheduling.prices import Offer, default_catalog_path, load_price_catalog
 from greenstack.scheduling.regions import Candidate, region_score, score_regions
 
@@ -138,7 +138,7 @@ def test_plan_region_and_report_tco_share_one_catalog(capsys):
 
 
 def test_report_tco_prices_the_instance_plan_region_picks(tmp_path, capsys):
-    from greenstack.report_cli import run_report
+    from greenstack.cli.report import run_report
 
     runs = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
     assert run_plan(["region", "--duration", "2h", "--candidates", "GB,DE-LU", "--kind", "cpu", "--json"]) == 0

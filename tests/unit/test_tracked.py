@@ -186,8 +186,8 @@ def test_wait_for_window_returns_at_the_low_window_and_start_now_file_skips_it(t
 
 
 def test_plan_start_waits_then_execs_with_start_now(tmp_path, trace, capsys):
-    from greenstack.plan import build_parser
-    from greenstack.scheduling.start import run_start_command
+    from greenstack.cli.plan import build_parser
+    from greenstack.cli.plan_start import run_start_command
 
     clock = FakeClock("2023-01-09T10:30:00+00:00")
     calls = []
@@ -206,7 +206,7 @@ def test_plan_start_cli_execs_and_reports_bad_input(tmp_path, cli):
                env={"GREENSTACK_START_NOW": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "child 1" and "start_now" in done.stderr
-    from greenstack.plan import run_plan
+    from greenstack.cli.plan import run_plan
 
     with pytest.raises(ConfigError, match="deadline"):
         run_plan(["start", "--zone", "GB", "--duration", "4h", "--deadline", "2h", "--exec", "--", "true"])

@@ -127,7 +127,7 @@ class ForecastWindow(SchedulerPolicy):
         self.weather = str(weather) if weather else None
         self._weather_file = None
         if self.weather and self.weather != OPENMETEO:
-            from greenstack.plan import load_weather
+            from greenstack.carbon.inputs import load_weather
 
             try:
                 self._weather_file = load_weather([self.weather], [])

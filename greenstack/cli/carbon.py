@@ -13,18 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from greenstack.cli._common import ArgParser
 from greenstack.errors import ConfigError, Problem
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(Problem(self.prog, None, message, f"see `{self.prog} --help`"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `greenstack carbon` parser."""
-    parser = _Parser(prog="greenstack carbon", description="carbon-intensity data files: signatures, checks, weather columns")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = ArgParser(prog="greenstack carbon", description="carbon-intensity data files: signatures, checks, weather columns")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
     p = sub.add_parser("keygen", help="create an Ed25519 key pair (KEY and KEY.pub)")
     p.add_argument("key", metavar="KEY", help="private key path to write (public key: KEY.pub unless --pub)")
     p.add_argument("--pub", default=None, help="public key path")

@@ -1,4 +1,4 @@
-"""Signed model artifacts and an ownership fingerprint: `greenstack model keygen|sign|verify`.
+"""Signed model artifacts and an ownership fingerprint (the library behind `greenstack model keygen|sign|verify`).
 
 `sign` writes `model.manifest.json` (sha256 of the weights, run id, owner) and an Ed25519 signature of
 that manifest (`model.manifest.json.sig`), so anyone with the public key can check that the weights
@@ -9,7 +9,6 @@ does not survive fine-tuning or re-quantisation, which produce different weights
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -18,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from greenstack.carbon.integrity import generate_keypair, sign_file, verify_file
+from greenstack.carbon.integrity import sign_file, verify_file
 from greenstack.errors import ConfigError, DataError, Problem
 from greenstack.io import atomic_write_json
 
@@ -93,30 +92,3 @@ def verify_model(path: str | Path, pub: str | Path, owner_key_env: str | None = 
             raise DataError(Problem("fingerprint", manifest["owner"], "ownership fingerprint does not match",
                                     "wrong owner secret, or not this owner's model"))
     return manifest
-
-
-def run_model(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="greenstack model", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    keygen = sub.add_parser("keygen", help="create an Ed25519 key pair")
-    keygen.add_argument("key", help="private key path (public key: KEY.pub)")
-    sign = sub.add_parser("sign", help="sign a run dir's model.safetensors")
-    sign.add_argument("path")
-    sign.add_argument("--key", required=True)
-    sign.add_argument("--owner")
-    sign.add_argument("--owner-key-env", help="env var holding the owner's fingerprint secret")
-    verify = sub.add_parser("verify", help="check a signed model")
-    verify.add_argument("path")
-    verify.add_argument("--pub", required=True)
-    verify.add_argument("--owner-key-env")
-    args = parser.parse_args(argv)
-    if args.cmd == "keygen":
-        priv, pub = generate_keypair(args.key)
-        print(f"private key {priv} (keep secret), public key {pub}")
-    elif args.cmd == "sign":
-        print(f"signed {sign_model(args.path, args.key, args.owner, args.owner_key_env)}")
-    else:
-        manifest = verify_model(args.path, args.pub, args.owner_key_env)
-        owner = f", owner {manifest['owner']} (fingerprint ok)" if args.owner_key_env else ""
-        print(f"OK: {manifest['weights']} sha256 {manifest['sha256'][:16]}… signature valid{owner}")
-    return 0

@@ -1,4 +1,4 @@
-"""`greenstack plan backtest` and `greenstack plan region` (registered in greenstack.plan)."""
+"""`greenstack plan backtest` and `greenstack plan region` (registered in greenstack.cli.plan)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from greenstack.cli._common import add_trace_arguments, add_weather_argument
+from greenstack.cli._common import progress as progress_bar
 from greenstack.errors import ConfigError, DataError, Problem
 from greenstack.scheduling.timeparse import parse_hours, parse_time
 
@@ -21,8 +23,6 @@ REGION_HELP = "where and when should a job run: candidate zones scored by carbon
 # --- backtest ----------------------------------------------------------------------------------------
 
 def configure_backtest(p: argparse.ArgumentParser) -> None:
-    from greenstack.plan import add_trace_arguments
-
     add_trace_arguments(p, "backtest on")
     p.add_argument("--duration", required=True, help="job length, e.g. 4h or 90m")
     p.add_argument("--slack", required=True, help="how long a job may wait to start, whole hours, e.g. 24h")
@@ -40,8 +40,6 @@ def configure_backtest(p: argparse.ArgumentParser) -> None:
                    help="interruptible: extra run time per resume, e.g. 6m (default 0h)")
     p.add_argument("--threshold-pct", type=float, default=25.0,
                    help="threshold baseline: percentile of the week before arrival (default 25)")
-    from greenstack.plan import add_weather_argument
-
     add_weather_argument(p)
     p.add_argument("--zone", default=None, help="zone id for solar/calendar features if the CSV has none")
     p.add_argument("--units", choices=("g_per_kwh", "lbs_per_mwh"), default="g_per_kwh",
@@ -83,7 +81,7 @@ def backtest_config(args: argparse.Namespace) -> Any:
 
 
 def run_backtest_command(args: argparse.Namespace) -> int:
-    from greenstack import plan
+    from greenstack.carbon import inputs
     from greenstack.carbon.forecast import zone_context
     from greenstack.scheduling.backtest import aggregate, run_backtest
 
@@ -93,26 +91,26 @@ def run_backtest_command(args: argparse.Namespace) -> int:
     for role, paths, bucket in (("trace", args.trace, traces_in), ("history", args.history, history)):
         for path in paths:
             try:
-                bucket.append(plan._load(path, args.units, role))
+                bucket.append(inputs.load_trace(path, args.units, role))
             except ConfigError as err:  # every file's problems before failing
                 problems += err.problems
     if problems:
         raise DataError(problems)
-    weather = plan.load_weather(args.weather, traces_in)
+    weather = inputs.load_weather(args.weather, traces_in)
     note = cfg.horizon_note()
     if note:
         print(f"note: {note}", file=sys.stderr)
     results, used = [], []
-    progress = plan._progress(enabled=not args.json)
+    progress = progress_bar(enabled=not args.json)
     with progress:
         for df in traces_in:
             name = Path(df.attrs["path"]).name
-            own_history = plan._history_for(df, history, len(traces_in))
-            series, exog = plan._combine(df, own_history, name, weather)
-            used.append(plan.weather_columns(exog) if cfg.forecaster == "greenstack" else [])
+            own_history = inputs.history_for(df, history, len(traces_in))
+            series, exog = inputs.combine_history(df, own_history, name, weather)
+            used.append(inputs.weather_columns(exog) if cfg.forecaster == "greenstack" else [])
             first = int(round((df["timestamp"].iloc[0].floor("h") - series.index[0]).total_seconds() / 3600))
             task = progress.add_task(name, total=None)
-            ctx = zone_context(args.zone or plan.trace_zone(df, own_history))
+            ctx = zone_context(args.zone or inputs.trace_zone(df, own_history))
             results.append(run_backtest(series.to_numpy(), int(series.index[0].timestamp()), first, cfg,
                                         name=str(df.attrs["path"]), context=ctx, exog=exog,
                                         progress=lambda i, n, task=task: progress.update(task, completed=i, total=n)))
