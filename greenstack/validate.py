@@ -15,15 +15,16 @@ import math
 import types
 import typing
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from greenstack.engine.groups import policy_groups
 from greenstack.engine.policy import Policy
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, Problem, declared_problems
 
+V = TypeVar("V")
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 #: arguments the runner passes itself, per top-level group
 RUNNER_SUPPLIED: dict[str, set[str]] = {"model": {"num_classes", "in_chans"}, "data": {"seed"}}
@@ -64,10 +65,8 @@ def _domain_checks() -> dict[str, Callable[[dict[str, Any], str], list[Problem]]
 
     return {
         "greenstack.models.build_timm": timm,
-        "greenstack.models.builders.build_timm": timm,
         "greenstack.models.build_transformers": transformers,
         "greenstack.models.build_causal_lm": transformers,
-        "greenstack.models.builders.build_transformers": transformers,
         "greenstack.data.image_folder": folder,
         "greenstack.data.text_csv": text,
         "greenstack.data.synthetic_text": lambda n, p: (data.check_data_options(n, p)
@@ -93,16 +92,43 @@ MODEL_KINDS: dict[str, tuple[str, frozenset[str]]] = {
     "greenstack.models.build_transformers": ("text", frozenset({"class", "value"})),
     "greenstack.models.build_causal_lm": ("text", frozenset({"next_token"})),
 }
+DISTILLATION = {"greenstack.policies.compression.distill.Distillation": True}
 _LABELS = {"class": "class labels", "value": "real-valued labels", "next_token": "next-token (language-model) text"}
 
 
+def _canonical(path: str) -> str:
+    """Where the object a `_target_` names is defined (`greenstack.data.builders.digits` for
+    `greenstack.data.digits`), or `path` itself when it does not import."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), attr) if module_name else None
+    except (ImportError, AttributeError):
+        return path
+    return f"{getattr(found, '__module__', module_name)}.{getattr(found, '__qualname__', attr)}"
+
+
+def lookup(table: dict[str, V], target: Any) -> V | None:
+    """`table`'s entry for a `_target_`, however it is spelled: the tables use the public names
+    (`greenstack.data.digits`); a node may name the defining module (`greenstack.data.builders.digits`).
+    Only keys with the same final name are imported, so validating a carbon node imports no model code."""
+    path = str(target or "")
+    if path in table:
+        return table[path]
+    attr = path.rpartition(".")[2]
+    same = [key for key in table if key.rpartition(".")[2] == attr]
+    if not same:
+        return None
+    canonical = _canonical(path)
+    return next((table[key] for key in same if _canonical(key) == canonical), None)
+
+
 def _data_kind(node: dict[str, Any]) -> tuple[str, str] | None:
-    target = str(node.get("_target_", "")).replace(".builders.", ".").replace(".lm.", ".").replace(".hf.", ".").replace(".streaming.", ".")
-    if target in LABELLED_TEXT:
+    target = node.get("_target_")
+    if lookup(dict.fromkeys(LABELLED_TEXT, True), target):
         if node.get("label_column") is None:
             return "text", "next_token"
         return "text", "value" if node.get("label_kind") == "value" else "class"
-    return DATA_KINDS.get(target)
+    return lookup(DATA_KINDS, target)
 
 
 def check_task_fit(body: dict[str, Any]) -> list[Problem]:
@@ -116,8 +142,7 @@ def check_task_fit(body: dict[str, Any]) -> list[Problem]:
     wanted = getattr(task_cls, "target", "class") if task_cls is not None else "class"
     task_name = getattr(task_cls, "name", "classification")
     data = _data_kind(data_node)
-    model_target = str(model_node.get("_target_", "")).replace(".builders.", ".")
-    model = MODEL_KINDS.get(model_target)
+    model = lookup(MODEL_KINDS, model_node.get("_target_"))
     problems = []
     if data is not None and data[1] != wanted:
         problems.append(Problem("data._target_", data_node.get("_target_"),
@@ -134,7 +159,7 @@ def check_task_fit(body: dict[str, Any]) -> list[Problem]:
                                 "minilm otherwise"))
     compression = body.get("compression") if isinstance(body.get("compression"), dict) else {}
     for name, spec in compression.items():
-        if wanted == "value" and isinstance(spec, dict) and str(spec.get("_target_", "")).endswith(".Distillation"):
+        if wanted == "value" and isinstance(spec, dict) and lookup(DISTILLATION, spec.get("_target_")):
             problems.append(Problem(f"compression.{name}", spec.get("_target_"),
                                     f"distillation matches the teacher's predicted distributions (classes for "
                                     f"classification, next tokens for causal_lm); task={task_name} predicts a single "
@@ -216,7 +241,7 @@ def matches_type(value: Any, tp: Any) -> bool:
 
 
 def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
-    fn = target.__init__ if inspect.isclass(target) else target
+    fn = inspect.unwrap(target.__init__ if inspect.isclass(target) else target)  # under `errors.checked`
     sig = inspect.signature(target)
     try:
         hints = typing.get_type_hints(fn)
@@ -249,6 +274,7 @@ def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks
         problems.append(Problem(f"{path}.{key}", node[key], f"not an argument of {target_path}",
                                 f"did you mean {', '.join(close)}?" if close else
                                 f"valid keys: {', '.join(sorted(params))}"))
+    typed: dict[str, Any] = {}
     for name, param in params.items():
         if name in given:
             value = node[name]
@@ -258,10 +284,16 @@ def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks
             if not matches_type(value, tp):
                 problems.append(Problem(f"{path}.{name}", value, f"expected {_type_name(tp)}",
                                         f"got {type(value).__name__}"))
+            else:
+                typed[name] = value
         elif param.default is inspect.Parameter.empty and name not in supplied:
             problems.append(Problem(f"{path}.{name}", "<missing>", f"{target_path} requires it",
                                     f"add {path}.{name}=..."))
-    check = checks.get(str(target_path))
+    try:  # the constraints declared on the parameters (errors.checked), every one, even beside a type error
+        problems += declared_problems(target.__init__ if inspect.isclass(target) else target, typed, path)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: construction still checks
+        pass
+    check = lookup(checks, target_path)
     if check:
         problems.extend(check(node, path))
     if len(problems) == before and inspect.isclass(target) and (group in construct or issubclass(target, Policy)):

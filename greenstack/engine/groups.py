@@ -39,7 +39,7 @@ class PolicyNode:
         return self.cls.placement
 
 
-def _target_class(node: Any) -> type | None:
+def target_class(node: Any) -> type | None:
     """The class a config node's `_target_` names, or None (no target, not a class, not importable:
     validate reports an unimportable target, with close names)."""
     if not isinstance(node, Mapping) or "_target_" not in node:
@@ -53,7 +53,7 @@ def _target_class(node: Any) -> type | None:
 
 
 def _is_policy(node: Any) -> bool:
-    cls = _target_class(node)
+    cls = target_class(node)
     return cls is not None and issubclass(cls, Policy)
 
 
@@ -85,6 +85,6 @@ def policy_nodes(cfg: Mapping[str, Any], groups: Iterable[str] | None = None) ->
     found = []
     for group in policy_groups(cfg) if groups is None else groups:
         for key, spec in group_nodes(cfg, group):
-            cls = _target_class(spec)
+            cls = target_class(spec)
             found.append(PolicyNode(key, group, spec, cls if cls is not None and issubclass(cls, Policy) else Policy))
     return sorted(found, key=lambda p: PLACEMENTS.index(p.placement))  # stable: config order otherwise

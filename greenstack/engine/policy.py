@@ -46,6 +46,8 @@ class Policy:
     placement: ClassVar[str] = "any"
     #: whether its config is part of the training config a checkpoint must match on resume (fingerprint)
     changes_training: ClassVar[bool] = True
+    #: a start-time scheduler whose start window a batch launcher can plan at submit time (sbatch --begin)
+    plans_at_submit: ClassVar[bool] = False
 
     def __init__(self, start: str | int | None = None, end: str | int | None = None,
                  name: str | None = None) -> None:

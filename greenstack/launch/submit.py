@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from greenstack.engine.groups import target_class
+from greenstack.engine.policy import Policy
 from greenstack.scheduling.slurm import PLANNED_SAVING_ENV, PLANNED_START_ENV, slurm_begin
 
 log = logging.getLogger("greenstack")
-FORECAST_WINDOW_TARGET = "greenstack.policies.scheduler.forecast_window.ForecastWindow"
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,11 @@ class BeginPlan:
 
 
 def plan_begin(cfg: Any, now: datetime | None = None) -> BeginPlan | None:
-    """The submit-time plan for one job's composed config; None unless its scheduler is forecast_window
-    (with `slurm: begin` and no start-now request)."""
+    """The submit-time plan for one job's composed config; None unless its scheduler plans at submit time
+    (`Policy.plans_at_submit`: forecast_window, with `slurm: begin` and no start-now request)."""
     node = cfg.get("scheduler") if hasattr(cfg, "get") else None
-    if node is None or not hasattr(node, "get") or node.get("_target_") != FORECAST_WINDOW_TARGET:
+    cls = target_class(node)
+    if cls is None or not issubclass(cls, Policy) or not cls.plans_at_submit:
         return None
     from hydra.utils import instantiate
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import at_least, checked
 
 log = logging.getLogger("greenstack")
 
@@ -27,18 +27,11 @@ class EarlyStopping(Policy):
 
     events = frozenset({Event.EVAL_END})
 
-    def __init__(self, monitor: str = "val/loss", mode: Literal["min", "max"] = "min", patience: int = 3,
-                 min_delta: float = 0.0, start: str | None = None, end: str | None = None) -> None:
+    @checked("policies.early_stopping")
+    def __init__(self, monitor: str = "val/loss", mode: Literal["min", "max"] = "min",
+                 patience: Annotated[int, at_least(1, integer=True)] = 3, min_delta: Annotated[float, at_least(0)] = 0.0,
+                 start: str | None = None, end: str | None = None) -> None:
         super().__init__(start=start, end=end, name="early_stopping")
-        problems = []
-        if mode not in ("min", "max"):
-            problems.append(Problem("policies.early_stopping.mode", mode, "must be 'min' or 'max'"))
-        if patience < 1:
-            problems.append(Problem("policies.early_stopping.patience", patience, "must be >= 1"))
-        if min_delta < 0:
-            problems.append(Problem("policies.early_stopping.min_delta", min_delta, "must be >= 0"))
-        if problems:
-            raise ConfigError(problems)
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
         self.best = math.nan
         self.bad_evals = 0

@@ -8,7 +8,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
+from greenstack.paths import conf_dir
 from tests.conftest import FAST
 
 MODULE = '''
@@ -90,3 +92,65 @@ def test_policies_group_options_are_maps_of_named_policies():
     assert stopper.patience == 5
     cfg, _ = compose_with_problems(["recipe=digits_vit"])
     assert cfg.policies.early_stopping.mode == "max"
+def _blocks(path: Path) -> list[str]:
+    """Top-level keys of a conf file, with their values, one text per key (comments dropped)."""
+    body = yaml.safe_load(path.read_text()) or {}
+    return [json.dumps({k: v}, sort_keys=True) for k, v in body.items() if k not in ("defaults", "_target_")]
+
+
+def test_no_two_conf_files_repeat_a_block():
+    """The accounting settings live in one node (conf/carbon/accounting), compression stages in one file
+    each: no key with a nested block, or group of 4+ leaves, is pasted into two files."""
+    seen: dict[str, Path] = {}
+    repeated = []
+    for path in sorted(conf_dir().rglob("*.yaml")):
+        for block in _blocks(path):
+            value = json.loads(block)
+            (key, inner), = value.items()
+            if not isinstance(inner, dict) or len(json.dumps(inner)) < 60:
+                continue
+            if block in seen:
+                repeated.append(f"{key}: {seen[block].relative_to(conf_dir())} and {path.relative_to(conf_dir())}")
+            seen.setdefault(block, path)
+    assert not repeated, repeated
+    carbon = sorted(p.name for p in (conf_dir() / "carbon").glob("*.yaml"))
+    for name in carbon:  # each carbon option composes the one accounting node
+        text = (conf_dir() / "carbon" / name).read_text()
+        assert "pool:" not in text and "carbon_price_usd_per_t" not in text, name
+
+
+@pytest.mark.parametrize("module", ["greenstack.models", "greenstack.models.builders"])
+def test_checks_follow_the_target_not_its_spelling(module):
+    """A node naming the defining module (`models.builders.build_timm`) gets the same domain and task-fit
+    checks as the public name: validate resolves the target instead of keeping an alias table."""
+    from greenstack.compose import compose_with_problems
+    from greenstack.validate import validate_config
+
+    data = module.replace("models", "data")
+    cfg, problems = compose_with_problems([f"model._target_={module}.build_timm", "model.name=resnet_typo",
+                                           "task=causal_lm", f"data._target_={data}.digits"])
+    assert not problems, problems
+    keys = {p.key for p in validate_config(cfg)}
+    assert {"model.name", "data._target_", "model._target_"} <= keys, keys
+
+
+def test_declared_constraints_are_all_reported_under_their_config_keys():
+    """Constraints live on the parameters (errors.checked); validate lists every broken one with its key,
+    also beside a type error in the same node (which stops construction), and construction says the same."""
+    from greenstack.compose import compose_with_problems
+    from greenstack.errors import ConfigError
+    from greenstack.policies.compression.prune import MagnitudePruning
+    from greenstack.validate import validate_config
+
+    cfg, problems = compose_with_problems(["compression=l2_prune_qat", "compression.prune.final_sparsity=1.5",
+                                           "compression.prune.scope=world", "compression.l2.coefficient=-1",
+                                           "compression.export.latency_repeats=0"])
+    assert not problems, problems
+    found = {p.key: p for p in validate_config(cfg)}
+    assert set(found) == {"compression.prune.final_sparsity", "compression.prune.scope", "compression.l2.coefficient",
+                          "compression.export.latency_repeats"}, found
+    assert "[0, 1)" in found["compression.prune.final_sparsity"].reason
+    with pytest.raises(ConfigError) as e:
+        MagnitudePruning(final_sparsity=1.5, initial_sparsity=-0.1, scope="world")  # type: ignore[arg-type]
+    assert {p.key for p in e.value.problems} == {"compression.prune.final_sparsity",
+                                                 "compression.prune.initial_sparsity", "compression.prune.scope"}

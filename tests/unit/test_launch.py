@@ -16,7 +16,7 @@ from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
 from greenstack.launch import jobs as jobtable
 from greenstack.launch import preemption
-from greenstack.launch.submit import FORECAST_WINDOW_TARGET, plan_begin
+from greenstack.launch.submit import plan_begin
 from greenstack.policies.checkpointing.hierarchical import HierarchicalCheckpointing, Preempted
 from greenstack.scheduling.slurm import PLANNED_SAVING_ENV, PLANNED_START_ENV
 from tests.helpers.hooks import fire
@@ -38,7 +38,7 @@ def _trace(tmp_path, clean_hours):
 
 
 def _cfg(trace, **extra):
-    return OmegaConf.create({"scheduler": {"_target_": FORECAST_WINDOW_TARGET, "duration": "1h",
+    return OmegaConf.create({"scheduler": {"_target_": "greenstack.policies.scheduler.forecast_window.ForecastWindow", "duration": "1h",
                                            "deadline": "24h", "trace": str(trace), "carbon": None,
                                            **extra}})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from greenstack.engine.loop import forward
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, Problem, above, between, checked
 from greenstack.policies.compression._common import init_window, replace_model
 from greenstack.provenance import Figure
 
@@ -55,22 +55,17 @@ class Distillation(Policy):
 
     events = frozenset({Event.INIT, Event.BATCH_START, Event.AFTER_FORWARD, Event.FIT_END})
 
+    @checked(NAME)
     def __init__(self, teacher: str | None = None, teacher_model: dict[str, Any] | None = None,
-                 size_ratio: float = 0.3, student: dict[str, Any] | None = None, temperature: float = 4.0,
-                 alpha: float = 0.5, student_lr_scale: float = 1.0, init_from_teacher: bool = True,
+                 size_ratio: Annotated[float, between(0, 1, low_open=True, fix="the student's share of the teacher's "
+                                                                                "parameters, e.g. 0.3")] = 0.3,
+                 student: dict[str, Any] | None = None, temperature: Annotated[float, above(0)] = 4.0,
+                 alpha: Annotated[float, between(0, 1, fix="weight of the soft-target term (1 - alpha goes to the "
+                                                           "labels)")] = 0.5,
+                 student_lr_scale: Annotated[float, above(0)] = 1.0, init_from_teacher: bool = True,
                  start: str | int | None = None, end: str | int | None = None) -> None:
         problems: list[Problem] = []
         init_window(self, NAME, start, end, problems)
-        if not _number(size_ratio) or not 0.0 < size_ratio <= 1.0:
-            problems.append(Problem(f"{NAME}.size_ratio", size_ratio, "must be within (0, 1]",
-                                    "the student's share of the teacher's parameters, e.g. 0.3"))
-        if not _number(temperature) or temperature <= 0:
-            problems.append(Problem(f"{NAME}.temperature", temperature, "must be > 0"))
-        if not _number(alpha) or not 0.0 <= alpha <= 1.0:
-            problems.append(Problem(f"{NAME}.alpha", alpha, "must be within [0, 1]",
-                                    "weight of the soft-target term (1 - alpha goes to the labels)"))
-        if not _number(student_lr_scale) or student_lr_scale <= 0:
-            problems.append(Problem(f"{NAME}.student_lr_scale", student_lr_scale, "must be > 0"))
         if teacher is None:
             if self.start is None or self.start.value == 0:
                 problems.append(Problem(f"{NAME}.start", start, "with teacher: null the run's own model is the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
@@ -26,11 +26,13 @@ from greenstack.engine.loop import forward, move_to
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import Check, at_least, checked, is_bool
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
 NAME = "compression.export"
+INSIDE_RUN_DIR = Check(lambda d: isinstance(d, str) and bool(d) and not Path(d).is_absolute() and ".." not in Path(d).parts,
+                       "must be a relative path inside the run directory", "e.g. compressed")
 
 
 class _OnCPU(nn.Module):
@@ -59,16 +61,11 @@ class ExportCompressed(Policy):
 
     events = frozenset({Event.INIT, Event.FIT_END})
 
-    def __init__(self, directory: str = "compressed", latency_repeats: int = 10, evaluate: bool = True) -> None:
+    @checked(NAME)
+    def __init__(self, directory: Annotated[str, INSIDE_RUN_DIR] = "compressed",
+                 latency_repeats: Annotated[int, at_least(1, integer=True)] = 10,
+                 evaluate: Annotated[bool, is_bool()] = True) -> None:
         super().__init__(name=NAME)
-        problems = []
-        if not isinstance(directory, str) or not directory or Path(directory).is_absolute() \
-                or ".." in Path(directory).parts:
-            problems.append(Problem(f"{NAME}.directory", directory, "must be a relative path inside the run directory"))
-        if not isinstance(latency_repeats, int) or isinstance(latency_repeats, bool) or latency_repeats < 1:
-            problems.append(Problem(f"{NAME}.latency_repeats", latency_repeats, "must be an integer >= 1"))
-        if problems:
-            raise ConfigError(problems)
         self.directory, self.latency_repeats, self.evaluate = directory, latency_repeats, evaluate
         self.figures: dict[str, Figure] = {}
         self.path: Path | None = None

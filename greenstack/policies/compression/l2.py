@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from greenstack.compression.l2 import decay_, l2_penalty
 from greenstack.compression.selection import check_patterns, select_weights
@@ -11,7 +11,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, Problem, at_least, checked
 from greenstack.policies.compression._common import init_window
 from greenstack.provenance import Figure
 
@@ -31,15 +31,12 @@ class L2Regularization(Policy):
 
     events = frozenset({Event.INIT, Event.AFTER_FORWARD, Event.STEP_END})
 
-    def __init__(self, coefficient: float = 1e-4, mode: Literal["loss", "decoupled"] = "loss",
+    @checked(NAME)
+    def __init__(self, coefficient: Annotated[float, at_least(0)] = 1e-4, mode: Literal["loss", "decoupled"] = "loss",
                  include: list[str] | str | None = None, exclude: list[str] | str | None = None,
                  start: str | int | None = None, end: str | int | None = None) -> None:
         problems: list[Problem] = []
         init_window(self, NAME, start, end, problems)
-        if not isinstance(coefficient, (int, float)) or isinstance(coefficient, bool) or coefficient < 0:
-            problems.append(Problem(f"{NAME}.coefficient", coefficient, "must be a number >= 0"))
-        if mode not in ("loss", "decoupled"):
-            problems.append(Problem(f"{NAME}.mode", mode, "unknown mode", "use 'loss' or 'decoupled'"))
         problems += check_patterns(include, f"{NAME}.include") + check_patterns(exclude, f"{NAME}.exclude")
         if problems:
             raise ConfigError(problems)

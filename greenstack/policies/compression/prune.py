@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -22,12 +22,13 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, Problem, between, checked
 from greenstack.policies.compression._common import duration_steps, init_window
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
 NAME = "compression.prune"
+FRACTION = between(0, 1, high_open=True, fix="a fraction of weights to remove, e.g. 0.8")
 
 
 class MagnitudePruning(Policy):
@@ -44,20 +45,16 @@ class MagnitudePruning(Policy):
 
     events = frozenset({Event.INIT, Event.BATCH_START, Event.AFTER_BACKWARD, Event.STEP_END, Event.FIT_END})
 
-    def __init__(self, final_sparsity: float = 0.8, initial_sparsity: float = 0.0, start: str | int = "0ba",
+    @checked(NAME)
+    def __init__(self, final_sparsity: Annotated[float, FRACTION] = 0.8, initial_sparsity: Annotated[float, FRACTION] = 0.0,
+                 start: str | int = "0ba",
                  end: str | int = "0.5dur", frequency: str | int = "0.05dur",
                  scope: Literal["global", "layer"] = "global",
                  structure: Literal["unstructured", "channels"] = "unstructured",
                  include: list[str] | str | None = None, exclude: list[str] | str | None = None) -> None:
         problems: list[Problem] = []
         init_window(self, NAME, start, end, problems)
-        valid = True
-        for key, value in (("final_sparsity", final_sparsity), ("initial_sparsity", initial_sparsity)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-                valid = False
-                problems.append(Problem(f"{NAME}.{key}", value, "must be within [0, 1)",
-                                        "a fraction of weights to remove, e.g. 0.8"))
-        if valid and initial_sparsity > final_sparsity:
+        if initial_sparsity > final_sparsity:
             problems.append(Problem(f"{NAME}.initial_sparsity", initial_sparsity,
                                     f"larger than final_sparsity ({final_sparsity})", "sparsity only grows"))
         self.frequency: Duration | None = None
@@ -67,11 +64,6 @@ class MagnitudePruning(Policy):
                 problems.append(Problem(f"{NAME}.frequency", frequency, "must be positive"))
         except ConfigError as e:
             problems.extend(e.problems)
-        if scope not in ("global", "layer"):
-            problems.append(Problem(f"{NAME}.scope", scope, "unknown scope", "use 'global' or 'layer'"))
-        if structure not in ("unstructured", "channels"):
-            problems.append(Problem(f"{NAME}.structure", structure, "unknown structure",
-                                    "use 'unstructured' or 'channels'"))
         problems += check_patterns(include, f"{NAME}.include") + check_patterns(exclude, f"{NAME}.exclude")
         if problems:
             raise ConfigError(problems)

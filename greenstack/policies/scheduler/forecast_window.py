@@ -91,6 +91,8 @@ def plan_window(source: Any, now: datetime, deadline: datetime, duration_h: floa
 class ForecastWindow(SchedulerPolicy):
     """Wait for the lowest-carbon window of `duration` before `deadline` (see module docstring)."""
 
+    plans_at_submit = True  # launch/submit.py plans its window when a Slurm job is submitted
+
     events = frozenset({Event.INIT})
 
     def __init__(self, duration: str | float = "1h", deadline: str | float = "24h", objective: str | float = "mean",
