@@ -286,7 +286,7 @@ def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks
                                         f"got {type(value).__name__}"))
             else:
                 typed[name] = value
-        elif param.default is inspect.Parameter.empty and name not in supplied:
+        elif param.default is inspect.Parameter.empty and name not in supplied and not node.get("_partial_"):
             problems.append(Problem(f"{path}.{name}", "<missing>", f"{target_path} requires it",
                                     f"add {path}.{name}=..."))
     try:  # the constraints declared on the parameters (errors.checked), every one, even beside a type error

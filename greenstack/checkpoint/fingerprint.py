@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from greenstack.engine.groups import policy_nodes
 
-#: config groups whose values determine the computation (model, data, optimiser and schedule, run length)
-#: and top-level keys (the seed); the policy groups whose policies change the maths (`Policy.changes_training`:
+#: config groups whose values determine the computation (task and its loss, model, data, optimiser and
+#: schedule, run length) and top-level keys (the seed); the policy groups whose policies change the maths (`Policy.changes_training`:
 #: all but the schedulers and checkpointing) are found in the config itself (engine/groups.py)
-TRAINING_GROUPS = ("model", "data", "optim", "trainer")
+TRAINING_GROUPS = ("task", "model", "data", "optim", "trainer")
 TRAINING_KEYS = ("seed",)
 #: of the trainer group only these change what is computed (the rest: progress, logging, evaluation, device)
 TRAINER_KEYS = ("trainer._target_", "trainer.max_duration", "trainer.grad_accum", "trainer.max_grad_norm",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -38,6 +39,11 @@ class Task:
     name: ClassVar[str] = "task"
     target: ClassVar[Target] = "class"
     report: ClassVar[dict[str, str]] = {}
+    #: the training loss when the config gives none (`task.loss`: a `_target_` component, `_partial_: true`)
+    default_loss: ClassVar[Callable[..., torch.Tensor] | None] = None
+
+    def __init__(self, loss: Callable[..., torch.Tensor] | None = None) -> None:
+        self.criterion = loss if loss is not None else type(self).default_loss
 
     def outputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Model outputs for a batch already on the device."""

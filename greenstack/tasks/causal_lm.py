@@ -9,6 +9,7 @@ is a target exactly once, with no padding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -49,15 +50,18 @@ class CausalLM(Task):
     report: ClassVar[dict[str, str]] = {"val/perplexity": "perplexity", "test/perplexity": "perplexity",
                                         "val/loss": "nats/token", "test/loss": "nats/token"}
 
-    def __init__(self, ignore_index: int = -100) -> None:
+    default_loss = staticmethod(F.cross_entropy)
+
+    def __init__(self, ignore_index: int = -100, loss: Callable[..., torch.Tensor] | None = None) -> None:
+        super().__init__(loss)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool) or ignore_index >= 0:
             raise ConfigError("must be a negative integer (token ids are >= 0)", key="task.ignore_index",
                               value=ignore_index, fix="use -100, the PyTorch/transformers convention")
         self.ignore_index = ignore_index
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return F.cross_entropy(outputs.flatten(0, -2).float(), batch["labels"].flatten(),
-                               ignore_index=self.ignore_index)
+        return self.criterion(outputs.flatten(0, -2).float(), batch["labels"].flatten(),
+                              ignore_index=self.ignore_index)
 
     def tokens(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != self.ignore_index).sum())

@@ -35,9 +35,10 @@ class Classification(Task):
     name: ClassVar[str] = "classification"
     target: ClassVar[Target] = "class"
     report: ClassVar[dict[str, str]] = {"val/accuracy": "fraction", "test/accuracy": "fraction", "test/loss": "nats"}
+    default_loss = staticmethod(F.cross_entropy)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return F.cross_entropy(outputs.float(), batch["labels"])
+        return self.criterion(outputs.float(), batch["labels"])
 
     def evaluator(self, device: torch.device) -> _ClassificationEval:
         return _ClassificationEval(device)

@@ -43,8 +43,10 @@ class Regression(Task):
     report: ClassVar[dict[str, str]] = {"val/mse": "label unit^2", "test/mse": "label unit^2",
                                         "val/mae": "label unit", "test/mae": "label unit", "test/loss": "label unit^2"}
 
+    default_loss = staticmethod(F.mse_loss)
+
     def loss(self, outputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return F.mse_loss(_values(outputs).float(), batch["labels"].float())
+        return self.criterion(_values(outputs).float(), batch["labels"].float())
 
     def evaluator(self, device: torch.device) -> _RegressionEval:
         return _RegressionEval(device)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from greenstack.checkpoint.codec import CheckpointError, encode
 from greenstack.checkpoint.crypto import KEY_ENV, LocalKey
@@ -32,7 +32,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, GreenstackError, Problem
+from greenstack.errors import Check, ConfigError, GreenstackError, Problem, above, at_least, checked
 from greenstack.launch import preemption
 from greenstack.provenance import Figure
 
@@ -116,6 +116,15 @@ class _TierWriter:
             pass
 
 
+#: constraints on the settings (errors.checked)
+Every = Annotated[int, at_least(0, integer=True, fix="0 = off")]
+Keep = Annotated[int, at_least(1, integer=True)]
+RESUME = Check(lambda r: r in ("never", "auto", "required"), "must be never, auto or required",
+               "auto: continue from the newest valid checkpoint if there is one")
+KNOWN_SIGNALS = Check(lambda names: all(n in SIGNALS for n in names or []), "unknown signal names",
+                      f"use {', '.join(SIGNALS)}")
+
+
 class HierarchicalCheckpointing(Policy):
     """Memory / local / durable checkpoint tiers with async writes, exact resume and preemption handling."""
 
@@ -126,35 +135,16 @@ class HierarchicalCheckpointing(Policy):
     events = frozenset({Event.INIT, Event.FIT_START, Event.AFTER_BACKWARD, Event.STEP_END, Event.FIT_END,
                         Event.EXCEPTION})
 
-    def __init__(self, memory_every: int = 10, memory_keep: int = 2, local_every: int = 100, local_keep: int = 3,
-                 local_dir: str | None = None, durable_every: int = 1000, durable_keep: int = 2,
+    @checked("checkpointing")
+    def __init__(self, memory_every: Every = 10, memory_keep: Keep = 2, local_every: Every = 100, local_keep: Keep = 3,
+                 local_dir: str | None = None, durable_every: Every = 1000, durable_keep: Keep = 2,
                  durable_url: str | None = None, storage_options: dict[str, Any] | None = None,
-                 resume: str = "never", signals: list[str] | None = None, preempt_budget_s: float = 25.0,
+                 resume: Annotated[str, RESUME] = "never", signals: Annotated[list[str] | None, KNOWN_SIGNALS] = None,
+                 preempt_budget_s: Annotated[float, above(0)] = 25.0,
                  encryption: bool = False, key_env: str = KEY_ENV, key_file: str | None = None,
                  spot_notice: bool = False, spot_endpoint: str = "http://169.254.169.254",
-                 spot_interval_s: float = 5.0, resume_allow_changes: list[str] | None = None) -> None:
+                 spot_interval_s: Annotated[float, above(0)] = 5.0, resume_allow_changes: list[str] | None = None) -> None:
         super().__init__(name="checkpointing")
-        problems = []
-        for key, value in (("memory_every", memory_every), ("local_every", local_every),
-                           ("durable_every", durable_every)):
-            if value < 0:
-                problems.append(Problem(f"checkpointing.{key}", value, "must be >= 0 (0 = off)"))
-        for key, value in (("memory_keep", memory_keep), ("local_keep", local_keep), ("durable_keep", durable_keep)):
-            if value < 1:
-                problems.append(Problem(f"checkpointing.{key}", value, "must be >= 1"))
-        if resume not in ("never", "auto", "required"):
-            problems.append(Problem("checkpointing.resume", resume, "must be never, auto or required",
-                                    "auto: continue from the newest valid checkpoint if there is one"))
-        unknown = [s for s in signals or [] if s not in SIGNALS]
-        if unknown:
-            problems.append(Problem("checkpointing.signals", unknown, "unknown signal names",
-                                    f"use {', '.join(SIGNALS)}"))
-        if spot_interval_s <= 0:
-            problems.append(Problem("checkpointing.spot_interval_s", spot_interval_s, "must be > 0"))
-        if preempt_budget_s <= 0:
-            problems.append(Problem("checkpointing.preempt_budget_s", preempt_budget_s, "must be > 0"))
-        if problems:
-            raise ConfigError(problems)
         self.memory_every, self.local_every, self.durable_every = memory_every, local_every, durable_every
         self.memory: deque[Snapshot] = deque(maxlen=memory_keep)
         self.local_keep, self.durable_keep = local_keep, durable_keep

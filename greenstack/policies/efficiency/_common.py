@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 
@@ -19,11 +19,21 @@ from greenstack.efficiency.probe import Comparison, Variant, compare, energy_rea
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy
 from greenstack.engine.state import State
-from greenstack.errors import Problem
+from greenstack.errors import Problem, at_least, is_bool
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
 MODES = ("auto", "on", "off")
+#: constraints shared by the efficiency policies' parameters (declared on each signature, errors.checked)
+Enabled = Annotated[bool, is_bool()]
+Speedup = Annotated[float, at_least(1.0, fix="the gain a probe must show to switch")]
+Count = Annotated[int, at_least(1, integer=True)]
+Steps = Annotated[int, at_least(0, integer=True)]
+
+
+def config_key(policy: EfficiencyPolicy) -> str:
+    """`efficiency.<key>`: where a policy's settings are (errors.checked prefixes its problems with it)."""
+    return f"efficiency.{policy.key}"
 #: why an `auto` policy of a deterministic run did not measure (timings differ from run to run)
 FROZEN_WHY = ("trainer.deterministic: timing-based choice frozen, kept the current configuration "
               "(replay a measured run's choices with efficiency.decisions_from=RUN_DIR)")
@@ -154,18 +164,12 @@ class ProbingPolicy(EfficiencyPolicy):
 
     events = frozenset({Event.BATCH_START})
 
-    def __init__(self, enabled: bool, mode: str, problems: list[Problem], *, modes: tuple[str, ...] = MODES,
-                 min_speedup: float = 1.05, probe_steps: int = 1, probe_rounds: int = 3) -> None:
+    def __init__(self, enabled: bool, mode: str, problems: list[Problem], *, min_speedup: float = 1.05,
+                 probe_steps: int = 1, probe_rounds: int = 3) -> None:
+        """Subclasses declare the constraints on their own signatures (`Enabled`, `Speedup`, `Count`,
+        a `Literal` of modes) under `errors.checked(config_key)`."""
         super().__init__(enabled, problems)
-        if mode not in modes:
-            problems.append(Problem(self.param("mode"), mode, "unknown mode", f"use one of {', '.join(modes)}"))
-        if not is_number(min_speedup) or min_speedup < 1.0:
-            problems.append(Problem(self.param("min_speedup"), min_speedup,
-                                    "must be a number >= 1.0 (the gain a probe must show to switch)"))
-        for name, value in (("probe_steps", probe_steps), ("probe_rounds", probe_rounds)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(Problem(self.param(name), value, "must be an integer >= 1"))
-        self.mode, self.min_speedup = mode, float(min_speedup) if is_number(min_speedup) else 1.05
+        self.mode, self.min_speedup = mode, float(min_speedup)
         self.probe_steps, self.probe_rounds = probe_steps, probe_rounds
 
     def probe(self, state: State, baseline: Variant, candidate: Variant, *, measure_memory: bool = False) -> Comparison:

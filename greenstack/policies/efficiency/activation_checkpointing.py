@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from greenstack.efficiency.checkpointing import (
     Unsupported,
@@ -14,8 +14,14 @@ from greenstack.efficiency.probe import Variant, device_memory_bytes, memory_in_
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import ProbeOutOfMemory, ProbingPolicy, is_number
+from greenstack.errors import between, checked
+from greenstack.policies.efficiency._common import (
+    Count,
+    Enabled,
+    ProbeOutOfMemory,
+    ProbingPolicy,
+    config_key,
+)
 from greenstack.provenance import Figure
 
 
@@ -31,15 +37,11 @@ class ActivationCheckpointing(ProbingPolicy):
     key = "activation_checkpointing"
     events = frozenset({Event.BATCH_START})
 
-    def __init__(self, enabled: bool = True, mode: Literal["auto", "on", "off"] = "auto",
-                 memory_threshold: float = 0.8, probe_steps: int = 1, probe_rounds: int = 2) -> None:
-        problems: list[Problem] = []
-        super().__init__(enabled, mode, problems, probe_steps=probe_steps, probe_rounds=probe_rounds)
-        if not is_number(memory_threshold) or not 0.0 < memory_threshold <= 1.0:
-            problems.append(Problem(self.param("memory_threshold"), memory_threshold,
-                                    "must be a fraction of device memory in (0, 1]"))
-        if problems:
-            raise ConfigError(problems)
+    @checked(config_key)
+    def __init__(self, enabled: Enabled = True, mode: Literal["auto", "on", "off"] = "auto",
+                 memory_threshold: Annotated[float, between(0, 1, low_open=True, fix="a fraction of device memory")]
+                 = 0.8, probe_steps: Count = 1, probe_rounds: Count = 2) -> None:
+        super().__init__(enabled, mode, [], probe_steps=probe_steps, probe_rounds=probe_rounds)
         self.memory_threshold = float(memory_threshold)
         self.method = ""
 

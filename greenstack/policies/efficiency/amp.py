@@ -16,8 +16,17 @@ from greenstack.efficiency.probe import Variant
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import FROZEN_WHY, ProbeOutOfMemory, ProbingPolicy, device_words
+from greenstack.errors import ConfigError, checked
+from greenstack.policies.efficiency._common import (
+    FROZEN_WHY,
+    Count,
+    Enabled,
+    ProbeOutOfMemory,
+    ProbingPolicy,
+    Speedup,
+    config_key,
+    device_words,
+)
 from greenstack.provenance import Figure
 
 
@@ -32,13 +41,11 @@ class MixedPrecision(ProbingPolicy):
     key = "amp"
     events = frozenset({Event.BATCH_START})
 
-    def __init__(self, enabled: bool = True, mode: Literal["auto", "bf16", "fp16", "off"] = "auto",
-                 min_speedup: float = 1.05, probe_steps: int = 1, probe_rounds: int = 3) -> None:
-        problems: list[Problem] = []
-        super().__init__(enabled, mode, problems, modes=("auto", "bf16", "fp16", "off"), min_speedup=min_speedup,
-                         probe_steps=probe_steps, probe_rounds=probe_rounds)
-        if problems:
-            raise ConfigError(problems)
+    @checked(config_key)
+    def __init__(self, enabled: Enabled = True, mode: Literal["auto", "bf16", "fp16", "off"] = "auto",
+                 min_speedup: Speedup = 1.05, probe_steps: Count = 1, probe_rounds: Count = 3) -> None:
+        super().__init__(enabled, mode, [], min_speedup=min_speedup, probe_steps=probe_steps,
+                         probe_rounds=probe_rounds)
         self.dtype_name = "fp32"
         self._scaler_state: dict[str, Any] | None = None
         self._scaler: Any = None

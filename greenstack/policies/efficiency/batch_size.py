@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import torch
 
@@ -18,10 +18,14 @@ from greenstack.efficiency.probe import energy_reader_from, isolated, synchroniz
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import between, checked
 from greenstack.policies.efficiency._common import (
     FROZEN_WHY,
+    Count,
     EfficiencyPolicy,
+    Enabled,
+    Speedup,
+    config_key,
     is_number,
     sample_batch,
     train_loader_of,
@@ -83,24 +87,13 @@ class BatchSizeSearch(EfficiencyPolicy):
     key = "batch_size"
     events = frozenset({Event.FIT_START})
 
-    def __init__(self, enabled: bool = True, memory_fraction: float = 0.8, max_batch_size: int = 1024,
-                 min_gain: float = 1.05, lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt",
-                 probe_steps: int = 1, probe_rounds: int = 3, memory_probe: Any = None) -> None:
-        problems: list[Problem] = []
-        super().__init__(enabled, problems)
-        if not is_number(memory_fraction) or not 0.0 < memory_fraction <= 1.0:
-            problems.append(Problem(self.param("memory_fraction"), memory_fraction, "must be a fraction in (0, 1]"))
-        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
-            problems.append(Problem(self.param("max_batch_size"), max_batch_size, "must be an integer >= 1"))
-        if not is_number(min_gain) or min_gain < 1.0:
-            problems.append(Problem(self.param("min_gain"), min_gain, "must be a number >= 1.0"))
-        if lr_scaling not in ("linear", "sqrt", "none"):
-            problems.append(Problem(self.param("lr_scaling"), lr_scaling, "unknown rule", "use linear, sqrt or none"))
-        for name, value in (("probe_steps", probe_steps), ("probe_rounds", probe_rounds)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(Problem(self.param(name), value, "must be an integer >= 1"))
-        if problems:
-            raise ConfigError(problems)
+    @checked(config_key)
+    def __init__(self, enabled: Enabled = True,
+                 memory_fraction: Annotated[float, between(0, 1, low_open=True)] = 0.8,
+                 max_batch_size: Count = 1024, min_gain: Speedup = 1.05,
+                 lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt",
+                 probe_steps: Count = 1, probe_rounds: Count = 3, memory_probe: Any = None) -> None:
+        super().__init__(enabled, [])
         self.memory_fraction, self.max_batch_size, self.min_gain = float(memory_fraction), max_batch_size, float(min_gain)
         self.lr_scaling, self.probe_steps, self.probe_rounds = lr_scaling, probe_steps, probe_rounds
         self.memory_probe = memory_probe

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from greenstack.efficiency.compile import is_compiled, time_compiled_vs_eager, try_compile, uncompile
 from greenstack.efficiency.probe import Comparison, energy_reader_from
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import FROZEN_WHY, ProbingPolicy, device_words
+from greenstack.errors import Check, checked
+from greenstack.policies.efficiency._common import (
+    FROZEN_WHY,
+    Count,
+    Enabled,
+    ProbingPolicy,
+    Speedup,
+    config_key,
+    device_words,
+)
 from greenstack.provenance import Figure
+
+BACKEND = Check(lambda b: isinstance(b, str) and bool(b), "must be a torch.compile backend name",
+                "e.g. inductor, aot_eager, eager")
 
 
 class Compile(ProbingPolicy):
@@ -26,20 +37,14 @@ class Compile(ProbingPolicy):
     key = "compile"
     events = frozenset({Event.BATCH_START})
 
-    def __init__(self, enabled: bool = True, mode: Literal["auto", "on", "off"] = "auto", backend: str = "inductor",
-                 compile_mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False,
-                 min_speedup: float = 1.05, probe_steps: int = 1, probe_rounds: int = 3) -> None:
-        problems: list[Problem] = []
-        super().__init__(enabled, mode, problems, min_speedup=min_speedup, probe_steps=probe_steps,
+    @checked(config_key)
+    def __init__(self, enabled: Enabled = True, mode: Literal["auto", "on", "off"] = "auto",
+                 backend: Annotated[str, BACKEND] = "inductor",
+                 compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+                 | None = None, dynamic: bool | None = None, fullgraph: bool = False,
+                 min_speedup: Speedup = 1.05, probe_steps: Count = 1, probe_rounds: Count = 3) -> None:
+        super().__init__(enabled, mode, [], min_speedup=min_speedup, probe_steps=probe_steps,
                          probe_rounds=probe_rounds)
-        if not isinstance(backend, str) or not backend:
-            problems.append(Problem(self.param("backend"), backend, "must be a torch.compile backend name",
-                                    "e.g. inductor, aot_eager, eager"))
-        if compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-            problems.append(Problem(self.param("compile_mode"), compile_mode, "unknown torch.compile mode",
-                                    "null, default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs"))
-        if problems:
-            raise ConfigError(problems)
         self.backend, self.compile_mode, self.dynamic, self.fullgraph = backend, compile_mode, dynamic, fullgraph
 
     def __call__(self, event: Event, state: State, reporter: Reporter) -> None:

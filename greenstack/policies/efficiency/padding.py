@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 
@@ -10,8 +10,13 @@ from greenstack.efficiency.sampler import LengthGroupedSampler, plan_padding
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import MODES, EfficiencyPolicy, is_number, train_loader_of
+from greenstack.errors import between, checked
+from greenstack.policies.efficiency._common import (
+    EfficiencyPolicy,
+    Enabled,
+    config_key,
+    train_loader_of,
+)
 from greenstack.provenance import Figure
 
 
@@ -28,16 +33,10 @@ class DynamicPadding(EfficiencyPolicy):
     key = "padding"
     events = frozenset({Event.FIT_START, Event.BATCH_START})
 
-    def __init__(self, enabled: bool = True, mode: Literal["auto", "on", "off"] = "auto",
-                 min_saving: float = 0.1) -> None:
-        problems: list[Problem] = []
-        super().__init__(enabled, problems)
-        if mode not in MODES:
-            problems.append(Problem(self.param("mode"), mode, "unknown mode", "use auto, on or off"))
-        if not is_number(min_saving) or not 0.0 <= min_saving < 1.0:
-            problems.append(Problem(self.param("min_saving"), min_saving, "must be a fraction in [0, 1)"))
-        if problems:
-            raise ConfigError(problems)
+    @checked(config_key)
+    def __init__(self, enabled: Enabled = True, mode: Literal["auto", "on", "off"] = "auto",
+                 min_saving: Annotated[float, between(0, 1, high_open=True)] = 0.1) -> None:
+        super().__init__(enabled, [])
         self.mode, self.min_saving = mode, float(min_saving)
         self._real: torch.Tensor | None = None
         self._total = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
@@ -13,8 +13,14 @@ from greenstack.efficiency.probe import synchronize
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import EfficiencyPolicy, is_number
+from greenstack.errors import above, between, checked
+from greenstack.policies.efficiency._common import (
+    Count,
+    EfficiencyPolicy,
+    Enabled,
+    Steps,
+    config_key,
+)
 from greenstack.provenance import Figure
 
 
@@ -28,21 +34,13 @@ class PowerLimitSearch(EfficiencyPolicy):
     key = "power_limit"
     events = frozenset({Event.FIT_START, Event.STEP_END, Event.FIT_END, Event.EXCEPTION})
 
-    def __init__(self, enabled: bool = True, eta: float = 0.5, step_w: float = 25.0, warmup_steps: int = 5,
-                 settle_steps: int = 2, profile_steps: int = 10, nvml: Any = None,
+    @checked(config_key)
+    def __init__(self, enabled: Enabled = True,
+                 eta: Annotated[float, between(0, 1, fix="1 = energy only, 0 = time only")] = 0.5,
+                 step_w: Annotated[float, above(0, fix="watts")] = 25.0, warmup_steps: Steps = 5,
+                 settle_steps: Steps = 2, profile_steps: Count = 10, nvml: Any = None,
                  clock: Callable[[], float] | None = None) -> None:
-        problems: list[Problem] = []
-        super().__init__(enabled, problems)
-        if not is_number(eta) or not 0.0 <= eta <= 1.0:
-            problems.append(Problem(self.param("eta"), eta, "must be within [0, 1] (1 = energy only, 0 = time only)"))
-        if not is_number(step_w) or step_w <= 0:
-            problems.append(Problem(self.param("step_w"), step_w, "must be > 0 watts"))
-        for name, value, low in (("warmup_steps", warmup_steps, 0), ("settle_steps", settle_steps, 0),
-                                 ("profile_steps", profile_steps, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                problems.append(Problem(self.param(name), value, f"must be an integer >= {low}"))
-        if problems:
-            raise ConfigError(problems)
+        super().__init__(enabled, [])
         self.eta, self.step_w = float(eta), float(step_w)
         self.warmup_steps, self.settle_steps, self.profile_steps = warmup_steps, settle_steps, profile_steps
         self.nvml, self.clock = nvml, clock or time.perf_counter

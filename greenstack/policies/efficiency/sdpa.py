@@ -10,8 +10,17 @@ from greenstack.efficiency.probe import Variant, module_of
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem
-from greenstack.policies.efficiency._common import FROZEN_WHY, ProbeOutOfMemory, ProbingPolicy, device_words
+from greenstack.errors import checked
+from greenstack.policies.efficiency._common import (
+    FROZEN_WHY,
+    Count,
+    Enabled,
+    ProbeOutOfMemory,
+    ProbingPolicy,
+    Speedup,
+    config_key,
+    device_words,
+)
 
 
 class SdpaAttention(ProbingPolicy):
@@ -25,13 +34,11 @@ class SdpaAttention(ProbingPolicy):
     key = "sdpa"
     events = frozenset({Event.BATCH_START})
 
-    def __init__(self, enabled: bool = True, mode: Literal["auto", "on", "off"] = "auto", min_speedup: float = 1.05,
-                 probe_steps: int = 1, probe_rounds: int = 3) -> None:
-        problems: list[Problem] = []
-        super().__init__(enabled, mode, problems, min_speedup=min_speedup, probe_steps=probe_steps,
+    @checked(config_key)
+    def __init__(self, enabled: Enabled = True, mode: Literal["auto", "on", "off"] = "auto", min_speedup: Speedup = 1.05,
+                 probe_steps: Count = 1, probe_rounds: Count = 3) -> None:
+        super().__init__(enabled, mode, [], min_speedup=min_speedup, probe_steps=probe_steps,
                          probe_rounds=probe_rounds)
-        if problems:
-            raise ConfigError(problems)
         self.implementation: str | None = None
 
     def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
