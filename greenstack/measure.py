@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
@@ -176,6 +176,8 @@ class Measurement(Policy):
     The loop only pays for `monitor.sample()` (a timestamp append) at each step; energy is read by the
     monitor's thread, and emissions are accounted incrementally at log steps and epoch ends.
     """
+
+    role = Role.OBSERVER
 
     events = frozenset({Event.FIT_START, Event.BATCH_START, Event.AFTER_BACKWARD, Event.STEP_END,
                         Event.EPOCH_END, Event.FIT_END, Event.EXCEPTION})

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import Problem
@@ -86,6 +86,8 @@ def seed_loaders(loaders: Iterable[Any], seed: int) -> int:
 
 class Determinism(Policy):
     """Applies the mode around a run (`with determinism.applied():`) and reports it in the summary."""
+
+    role = Role.OBSERVER
 
     events = frozenset({Event.FIT_START})
 

@@ -20,7 +20,7 @@ import torch
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
 from greenstack.engine.optim import Optim
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, dispatch_order
 from greenstack.engine.reporter import DecisionLog, Reporter
 from greenstack.engine.resize import BatchResize
 from greenstack.engine.state import State
@@ -127,8 +127,14 @@ def _limited(loader: Iterable, limit: int | None) -> Iterable:
 
 
 class Trainer:
-    """Runs one fit: dispatches events to policies (in order) and writes metrics to sinks.
+    """Runs one fit: dispatches events to policies and writes metrics to sinks.
 
+    The engine contract (ARCHITECTURE.md "Engine contract"): every hook is called
+    `policy(event, state, reporter)`; the Trainer owns the order (`engine.policy.dispatch_order`:
+    observers open before modifiers and close after them, checkpointing last, declared order within a
+    role); a policy changes the run only through `State` and its typed requests (`state.requests`,
+    `state.set_batch_size` before the first step, `state.request_stop`) and reports through its
+    `Reporter` (metrics for the next metrics line, decisions with an audit kind into `self.decisions`).
     The `task` (default: classification) supplies the loss, the evaluation metrics and the counts.
     """
 
@@ -158,6 +164,8 @@ class Trainer:
         #: the run's decisions, in the order policies took them (audit.jsonl is written from it)
         self.decisions = DecisionLog()
         self._reporters: dict[int, Reporter] = {}
+        self._orders_for: list[Policy] | None = None
+        self._orders: dict[Event, list[Policy]] = {}
         self.state.set_batch_size = self.set_batch_size
         self.state.evaluate = self.evaluate_split
         self.state.check_finite = self.check_finite
@@ -251,9 +259,17 @@ class Trainer:
             reporter = self._reporters[id(policy)] = Reporter(self.state.metrics, policy.name, self.decisions)
         return reporter
 
+    def _order(self, event: Event) -> list[Policy]:
+        """`dispatch_order` of the current policies for `event` (cached until the policy list changes)."""
+        if self._orders_for != self.policies:
+            self._orders_for = list(self.policies)
+            self._orders = {e: dispatch_order(self._orders_for, e) for e in Event}
+        return self._orders[event]
+
     def dispatch(self, event: Event) -> None:
+        """Call every policy that handles `event`, in the engine's order (`engine.policy.dispatch_order`)."""
         state = self.state
-        for policy in self.policies:
+        for policy in self._order(event):
             if policy.handles(event, state):
                 policy(event, state, self.reporter(policy))
 

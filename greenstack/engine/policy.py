@@ -4,11 +4,19 @@ A policy declares the events it handles (`events`), may limit itself to an activ
 (`start`/`end` as duration strings), validates its arguments when constructed (raising
 ConfigError), and round-trips its own state through `state_dict`/`load_state_dict` so a resumed
 run resumes the policy too. Policies never know about one another.
+
+Each policy class declares its `role`: a MODIFIER changes training (AMP, pruning, QAT, distillation,
+federated averaging, batch-size search, schedulers that pause or delay, checkpoint restore); an
+OBSERVER measures and records (the report clock, the meters, determinism, pool allocation, alerts,
+early stopping) and asks for changes only through typed requests (`state.requests`, `request_stop`).
+The Trainer owns the order (`dispatch_order`, see greenstack/engine/loop.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from greenstack.engine.duration import Duration
@@ -24,6 +32,18 @@ log = logging.getLogger("greenstack")
 #: where a policy goes in dispatch order (engine/groups.py): `start` = start-time schedulers, built and run
 #: before anything else; `any` = config order; `last` = after every other policy (checkpointing)
 PLACEMENTS = ("start", "any", "last")
+
+
+class Role(str, Enum):
+    """What a policy does to a run: change training, or only measure and record it."""
+
+    MODIFIER = "modifier"
+    OBSERVER = "observer"
+
+
+#: events that open a phase (observers go first so they see every modifier's set-up work); on every
+#: other event (after_*, *_end, checkpoint, exception) modifiers go first and observers see their result
+OPENING_EVENTS = frozenset({Event.INIT, Event.FIT_START, Event.EPOCH_START, Event.BATCH_START})
 
 
 class Policy:
@@ -44,6 +64,8 @@ class Policy:
                                                     Event.EXCEPTION})
     #: one of PLACEMENTS
     placement: ClassVar[str] = "any"
+    #: MODIFIER or OBSERVER (every policy class declares it; an undeclared one counts as a modifier)
+    role: ClassVar[Role] = Role.MODIFIER
     #: whether its config is part of the training config a checkpoint must match on resume (fingerprint)
     changes_training: ClassVar[bool] = True
     #: a start-time scheduler whose start window a batch launcher can plan at submit time (sbatch --begin)
@@ -126,3 +148,23 @@ class Policy:
     def decision_recorder(self) -> DecisionRecorder | None:
         """A recorder that forwards each decision as it is taken (the audit log listens to it), else None."""
         return None
+
+
+def dispatch_order(policies: Sequence[Policy], event: Event) -> list[Policy]:
+    """The order policies see `event` (Composer's rule, adapted; the engine applies it, configs cannot):
+
+    1. on an opening event (INIT, FIT_START, EPOCH_START, BATCH_START) observers, then modifiers; on every
+       other event modifiers, then observers: observers wrap modifiers (the clock and the meters start
+       before a modifier's set-up work and stop after its tear-down; alerts read the meters' figures of
+       the same step);
+    2. policies placed `last` (checkpointing) after both, on every event: a snapshot sees the state
+       after every other policy's STEP_END, and a restore at INIT comes after every modifier set up;
+    3. within a tier, the declared (config) order, also on after_*/end events: reversing it would run
+       checkpointing's STEP_END before the policies it must see, so the nesting is by role, not by index.
+    """
+    last = [p for p in policies if p.placement == "last"]
+    rest = [p for p in policies if p.placement != "last"]
+    modifiers = [p for p in rest if p.role is not Role.OBSERVER]
+    observers = [p for p in rest if p.role is Role.OBSERVER]
+    first, then = (observers, modifiers) if event in OPENING_EVENTS else (modifiers, observers)
+    return [*first, *then, *last]

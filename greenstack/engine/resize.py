@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.requests import BatchSizeRequest
 from greenstack.engine.state import State
@@ -62,6 +62,8 @@ def virtual_step(step: int, segments: list[tuple[int, float, float]]) -> float:
 
 class BatchResize(Policy):
     """The loop's own policy that applies batch-size requests at epoch starts (see module doc)."""
+
+    role = Role.MODIFIER
 
     events = frozenset({Event.EPOCH_START})
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
@@ -88,6 +88,8 @@ class DataParallel(Policy):
     resumed run bit-identical to an uninterrupted one, at one autograd-graph traversal per step
     (DDP's `find_unused_parameters`).
     """
+
+    role = Role.MODIFIER
 
     events = frozenset({Event.INIT, Event.FIT_END, Event.EXCEPTION})
 
@@ -226,6 +228,8 @@ class GeoTraining(Policy):
     process_group (gloo/NCCL, in the clear) or tls (every geo message over mutual TLS 1.3 with the
     run's certificates, `tls: {dir, host, port}`; see `greenstack.federated.transport`).
     """
+
+    role = Role.MODIFIER
 
     events = frozenset({Event.INIT, Event.FIT_START, Event.STEP_END, Event.FIT_END, Event.EXCEPTION})
     always = frozenset({Event.INIT, Event.FIT_START, Event.STEP_END, Event.FIT_END, Event.EXCEPTION})

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
@@ -108,6 +108,8 @@ def _rank0() -> bool:
 
 class PoolAllocation(Policy):
     """Holds a run's reservation in a carbon pool; the runner settles it with the measured emissions."""
+
+    role = Role.OBSERVER
 
     events = frozenset({Event.FIT_START, Event.EPOCH_END, Event.FIT_END, Event.EXCEPTION})
 

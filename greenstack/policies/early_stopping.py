@@ -7,7 +7,7 @@ import math
 from typing import Annotated, Any, Literal
 
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import at_least, checked
@@ -24,6 +24,8 @@ def has_improved(current: float, best: float, *, mode: Literal["min", "max"], mi
 
 class EarlyStopping(Policy):
     """Requests a stop after `patience` evaluations without improvement of `monitor`."""
+
+    role = Role.OBSERVER
 
     events = frozenset({Event.EVAL_END})
 

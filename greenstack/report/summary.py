@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from greenstack import __version__
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.io import atomic_write_json, publish
@@ -48,6 +48,8 @@ def _spent(metrics: dict[str, Figure]) -> str:
 
 class _Clock(Policy):
     """Wall-clock of the fit, measured."""
+
+    role = Role.OBSERVER
 
     events = frozenset({Event.FIT_START, Event.FIT_END})
 

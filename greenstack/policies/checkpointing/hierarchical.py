@@ -29,7 +29,7 @@ from greenstack.checkpoint.fingerprint import allowed, differences, fingerprint
 from greenstack.checkpoint.snapshot import PendingSnapshot, Snapshot, apply_snapshot, capture, capture_async
 from greenstack.checkpoint.store import Store
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import Check, ConfigError, GreenstackError, Problem, above, at_least, checked
@@ -127,6 +127,8 @@ KNOWN_SIGNALS = Check(lambda names: all(n in SIGNALS for n in names or []), "unk
 
 class HierarchicalCheckpointing(Policy):
     """Memory / local / durable checkpoint tiers with async writes, exact resume and preemption handling."""
+
+    role = Role.MODIFIER
 
     placement = "last"  # a snapshot sees the state after every other policy's STEP_END
     changes_training = False

@@ -23,7 +23,7 @@ from greenstack.compression.selection import count_parameters
 from greenstack.compression.spec import num_labels
 from greenstack.engine.events import Event
 from greenstack.engine.loop import forward
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, above, between, checked
@@ -50,6 +50,8 @@ class Distillation(Policy):
     the learning rate for the new model (a freshly initialised student usually wants more than a
     fine-tuning rate). Label spaces are compared at INIT, before any step.
     """
+
+    role = Role.MODIFIER
 
     audit_kind = "compression"
 

@@ -23,7 +23,7 @@ from greenstack.compression.selection import select_weights, zero_fraction
 from greenstack.compression.spec import model_spec, verify_spec
 from greenstack.engine.events import Event
 from greenstack.engine.loop import forward, move_to
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import Check, at_least, checked, is_bool
@@ -56,6 +56,8 @@ class ExportCompressed(Policy):
     and test accuracy (language models: perplexity) of the model at the end of training vs the reloaded
     artifact.
     """
+
+    role = Role.MODIFIER
 
     audit_kind = "compression"
 

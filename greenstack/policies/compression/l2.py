@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from greenstack.compression.l2 import decay_, l2_penalty
 from greenstack.compression.selection import check_patterns, select_weights
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, at_least, checked
@@ -26,6 +26,8 @@ class L2Regularization(Policy):
     Unlike the optimizer's weight decay it leaves norms, biases and embeddings alone, and can be
     limited to a window (e.g. before pruning starts) and to layers matched by `include`/`exclude`.
     """
+
+    role = Role.MODIFIER
 
     audit_kind = "compression"
 

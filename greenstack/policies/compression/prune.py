@@ -19,7 +19,7 @@ from greenstack.compression.pruning import (
 from greenstack.compression.selection import check_patterns, is_conv1d, select_weights
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, between, checked
@@ -40,6 +40,8 @@ class MagnitudePruning(Policy):
     `structure`: "unstructured" (single weights) or "channels" (whole output channels).
     `include`/`exclude`: regexes on weight names (e.g. exclude: ["^fc\\\\.", "conv1\\\\.0"]).
     """
+
+    role = Role.MODIFIER
 
     audit_kind = "compression"
 

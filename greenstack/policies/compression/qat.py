@@ -18,7 +18,7 @@ from greenstack.compression.qat import (
 from greenstack.compression.selection import check_patterns
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
@@ -39,6 +39,8 @@ class Int8QAT(Policy):
     `exclude`: regexes on module names kept in float (e.g. the first conv or the classifier).
     Whether the model has anything to quantize is checked at INIT, before the first step.
     """
+
+    role = Role.MODIFIER
 
     audit_kind = "compression"
 

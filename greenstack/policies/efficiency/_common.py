@@ -17,7 +17,7 @@ import torch
 
 from greenstack.efficiency.probe import Comparison, Variant, compare, energy_reader_from
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.state import State
 from greenstack.errors import Problem, at_least, is_bool
 from greenstack.provenance import Figure
@@ -89,6 +89,8 @@ class ProbeOutOfMemory(Exception):
 
 class EfficiencyPolicy(Policy):
     """Base: `enabled` switch, a decision record, resume of the decision, and the standard figures."""
+
+    role = Role.MODIFIER
 
     audit_kind = "efficiency"
 

@@ -38,6 +38,7 @@ from greenstack.efficiency.batch_size import is_out_of_memory, lr_scale_factor, 
 from greenstack.efficiency.checkpointing import Unsupported, apply_activation_checkpointing
 from greenstack.efficiency.probe import device_memory_bytes, isolated, synchronize, train_step
 from greenstack.engine.events import Event
+from greenstack.engine.policy import Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.requests import BatchSizeRequest, PauseRequest
 from greenstack.engine.state import State
@@ -133,6 +134,8 @@ def default_memory_reader(device: torch.device) -> Callable[[], float]:
 
 class Alerts(EfficiencyPolicy):
     """Watches the metric stream and acts (or warns) when an alert fires; see the module docstring."""
+
+    role = Role.OBSERVER
 
     audit_kind = "alert"
 

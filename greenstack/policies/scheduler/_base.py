@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
@@ -55,6 +55,8 @@ def build_source(zone: str | None, trace: str | None, carbon: Any, key: str) -> 
 
 class SchedulerPolicy(Policy):
     """Base of the scheduler policies (see the module docstring)."""
+
+    role = Role.MODIFIER
 
     placement = "start"  # decides when the run starts: built and consulted before the model or data
     changes_training = False
@@ -224,6 +226,8 @@ class SchedulerPolicy(Policy):
 
 class _CarriedMetrics(Policy):
     """Hands the start-time decisions (metrics, chosen region) to the run's State at INIT."""
+
+    role = Role.OBSERVER
 
     audit_kind = "schedule"
 
