@@ -9,7 +9,7 @@ import torch
 
 from greenstack.data import digits
 from greenstack.engine.events import Event
-from greenstack.engine.policy import Policy
+from greenstack.engine.policy import Policy, Role
 from greenstack.models import build_timm
 
 MODEL, IMAGE_SIZE, BATCH, SEED = "resnet10t", 32, 64, 0
@@ -27,6 +27,7 @@ class IterationTimer(Policy):
     """Timestamps at every STEP_END: consecutive deltas are full iterations (data, step, dispatch, logging)."""
 
     events = frozenset({Event.FIT_START, Event.STEP_END})
+    role = Role.OBSERVER
 
     def __init__(self) -> None:
         super().__init__(name="timer")

@@ -196,7 +196,8 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None,
             e.reported = True  # type: ignore[attr-defined] # the CLI's "interrupted" line is said already
         raise
     finally:
-        record_policy_decisions(audit, policies)  # efficiency/alert/compression decisions, also of a failed run
+        record_policy_decisions(audit, policies,  # efficiency/alert/compression decisions, also of a failed run
+                                reported=trainer.decisions if trainer is not None else None)
         if pool is not None:
             pool.close()  # a failed run settles what it logged so far
         try:  # the final head, copied where cutting the log's tail shows (`greenstack audit verify`)

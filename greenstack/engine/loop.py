@@ -175,7 +175,8 @@ class Trainer:
         self.eval_steps = eval_every.to_steps(steps_per_epoch=steps_per_epoch, batch_size=batch_size)
         self.eval_at_epoch_end = eval_every.unit == "ep" and eval_every.value == 1
         # the loop's own policy, last: applies batch-size requests between epochs (see engine/resize.py)
-        self.policies.append(BatchResize(self))
+        self.state.loop = self
+        self.policies.append(BatchResize())
         self._progress: _Progress | None = None
         self.step_times_s: list[float] = []
         #: the most recent figures of each evaluation split ("val/accuracy", "test/loss", ...)
@@ -249,6 +250,14 @@ class Trainer:
             policy.resolve_window(state)
         if self._progress is not None:
             self._progress.total = state.max_steps
+
+    def samples_per_step(self, batch_size: int) -> int:
+        """Samples one optimizer step takes at `batch_size` (LoopControl)."""
+        return batch_size * self.config.grad_accum
+
+    def lr_factor_fn(self) -> Any:
+        """The LR schedule's factor by step for the planned run length (LoopControl)."""
+        return self.optim.lr_factor_fn(self.planned_steps)
 
     # -- events -----------------------------------------------------------------------------------
     def reporter(self, policy: Policy) -> Reporter:

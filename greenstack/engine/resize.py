@@ -27,7 +27,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.requests import BatchSizeRequest
-from greenstack.engine.state import State
+from greenstack.engine.state import LoopControl, State
 
 log = logging.getLogger("greenstack")
 
@@ -67,9 +67,8 @@ class BatchResize(Policy):
 
     events = frozenset({Event.EPOCH_START})
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self) -> None:
         super().__init__(name="batch_resize")
-        self.trainer = trainer
         self.batch_size: int | None = None  # None = never changed
         self.max_steps: int | None = None
         self.segments: list[tuple[int, float, float]] = []
@@ -77,21 +76,24 @@ class BatchResize(Policy):
         self._restored = False
 
     def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
+        loop = state.loop
+        if loop is None:
+            return  # not run by a Trainer: nothing to re-plan
         if self._restored:  # a resumed run: rebuild the loader and schedule the checkpoint was taken with
             self._restored = False
-            self.trainer.rebuild_loader(int(self.batch_size or state.batch_size))
+            loop.rebuild_loader(int(self.batch_size or state.batch_size))
             state.max_steps = int(self.max_steps or state.max_steps)
-            self.trainer.refresh_plan()
-            self._install_schedule(state)
+            loop.refresh_plan()
+            self._install_schedule(state, loop)
         request = state.requests.batch_size
         if request is None or state.step == 0:
             return  # before the first step, requesters call state.set_batch_size themselves
         if state.batch_in_epoch:  # resumed mid-epoch: wait for a clean boundary
             return
         state.requests.batch_size = None
-        self.apply(state, request)
+        self.apply(state, request, loop, reporter)
 
-    def apply(self, state: State, request: BatchSizeRequest) -> None:
+    def apply(self, state: State, request: BatchSizeRequest, loop: LoopControl, reporter: Reporter) -> None:
         from greenstack.efficiency.batch_size import lr_scale_factor, scale_learning_rate_
 
         old, new = int(state.batch_size), int(request.batch_size)
@@ -99,18 +101,18 @@ class BatchResize(Policy):
             return
         old_max, step = state.max_steps, state.step
         v0 = virtual_step(step, self.segments)
-        self.trainer.rebuild_loader(new)
-        total = self.trainer.duration
+        loop.rebuild_loader(new)
+        total = loop.duration
         state.max_steps = max(step + 1, remaining_steps(
             total.unit, total.value, step=step, epoch=state.epoch, samples_seen=state.samples_seen,
-            steps_per_epoch=state.steps_per_epoch, samples_per_step=new * self.trainer.config.grad_accum,
+            steps_per_epoch=state.steps_per_epoch, samples_per_step=loop.samples_per_step(new),
             planned_max=old_max))
         self.max_steps = state.max_steps
-        self.trainer.refresh_plan()
+        loop.refresh_plan()
         remaining = max(1, state.max_steps - step)
-        self.segments.append((step, v0, (self.trainer.planned_steps - v0) / remaining))
+        self.segments.append((step, v0, (loop.planned_steps - v0) / remaining))
         self.batch_size = new
-        self._install_schedule(state)
+        self._install_schedule(state, loop)
         rule = str(request.lr_scaling)
         lr_factor = lr_scale_factor(old, new, rule)
         scale_learning_rate_(state.optimizer, state.lr_scheduler, lr_factor)
@@ -119,16 +121,16 @@ class BatchResize(Policy):
                   "by": request.by, "reason": request.reason}
         self.changes.append(change)
         state.batch_size_changes.append(change)
-        state.metrics["train/batch_size"] = new
+        reporter.metric("train/batch_size", new)
         log.info("batch size %d → %d at step %d (epoch %d, requested by %s: %s); LR ×%.3g (%s rule); "
                  "run re-planned %d → %d steps", old, new, step, state.epoch, request.by,
                  request.reason, lr_factor, rule, old_max, state.max_steps)
 
-    def _install_schedule(self, state: State) -> None:
+    def _install_schedule(self, state: State, loop: LoopControl) -> None:
         scheduler = state.lr_scheduler
         if scheduler is None or not hasattr(scheduler, "lr_lambdas") or not self.segments:
             return
-        fn = retimed(self.trainer.optim.lr_factor_fn(self.trainer.planned_steps), self.segments)
+        fn = retimed(loop.lr_factor_fn(), self.segments)
         scheduler.lr_lambdas = [fn for _ in scheduler.lr_lambdas]
 
     def state_dict(self) -> dict[str, Any]:

