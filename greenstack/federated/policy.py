@@ -363,20 +363,20 @@ class GeoTraining(Policy):
             self._plan_round(state)
             if saved:
                 self._done = int(saved["done"])  # steps this worker had taken in the round when it was saved
-            self._skip_sat_out_rounds(state)
+            self._skip_sat_out_rounds(state, reporter)
         elif event is Event.STEP_END:
             self._done += 1
             if self._done >= self._budget and self._round_start < state.max_steps and not self._agreed_stop:
-                self._end_round(state)
-                self._skip_sat_out_rounds(state)
+                self._end_round(state, reporter)
+                self._skip_sat_out_rounds(state, reporter)
         elif event is Event.FIT_END:
             preemption.coordinate(None)
             preemption.gate_snapshots(None)
             if state.stop and not self._agreed_stop and self._round_start < state.max_steps:
                 # this worker stopped early (early stopping, a budget...): take part in the round the
                 # others are in, flagged, so everyone stops after it instead of waiting on a timeout
-                self._end_round(state)
-            self._drain(state, wait_all=True)
+                self._end_round(state, reporter)
+            self._drain(state, reporter, wait_all=True)
             self._finish(state)
         else:  # EXCEPTION: no collectives, just stop the meter thread
             preemption.coordinate(None)
@@ -464,12 +464,12 @@ class GeoTraining(Policy):
         self._intensity = float(plan[world + self.rank].item())
         self._length, self._done = length, 0
 
-    def _skip_sat_out_rounds(self, state: State) -> None:
+    def _skip_sat_out_rounds(self, state: State, reporter: Reporter) -> None:
         """While this worker sits a round out, take part in its exchange with no work and skip its steps."""
         while self._budget == 0 and self._round_start < state.max_steps and not self._agreed_stop:
-            self._end_round(state)
+            self._end_round(state, reporter)
 
-    def _end_round(self, state: State) -> None:
+    def _end_round(self, state: State, reporter: Reporter) -> None:
         flat = flat_params(state.model)
         update = self._base - flat  # pseudo-gradient: how far local steps moved from the agreed point
         steps = self._done
@@ -499,7 +499,7 @@ class GeoTraining(Policy):
                               "support": payload[0] if self.secure else None})
         skipped = self._round_start + self._length - state.step
         state.skip_steps(skipped)  # sat out or did fewer steps: every worker meets the next exchange
-        self._drain(state, wait_all=not self.async_mode or bool(preempted))
+        self._drain(state, reporter, wait_all=not self.async_mode or bool(preempted))
         self._round += 1
         self._round_start += self._length
         if preempted:  # every worker saw the same flags: all save at this round boundary, then stop
@@ -671,7 +671,7 @@ class GeoTraining(Policy):
             received.append((idx, val))
         return works, received
 
-    def _drain(self, state: State, *, wait_all: bool) -> None:
+    def _drain(self, state: State, reporter: Reporter, *, wait_all: bool) -> None:
         """Apply finished exchanges in order; wait when more than `max_staleness` rounds are in flight."""
         while self._pending:
             oldest = self._pending[0]
@@ -681,9 +681,9 @@ class GeoTraining(Policy):
             for w in oldest["works"]:
                 w.wait()
             self._pending.pop(0)
-            self._apply(state, oldest)
+            self._apply(state, reporter, oldest)
 
-    def _apply(self, state: State, rnd: dict[str, Any]) -> None:
+    def _apply(self, state: State, reporter: Reporter, rnd: dict[str, Any]) -> None:
         headers = rnd["headers"]
         weights = [float(h[0].item()) for h in headers]
         if rnd.get("support") is not None:  # secure aggregation: the masked codes sum to the weighted average
@@ -711,9 +711,9 @@ class GeoTraining(Policy):
             correction = rnd["update"] + moved
             load_flat_params_(state.model, flat_params(state.model) + correction)
             self._base = self._base + correction
-        self._record(state, rnd, headers, weights)
+        self._record(state, reporter, rnd, headers, weights)
 
-    def _record(self, state: State, rnd: dict[str, Any], headers: list[torch.Tensor], weights: list[float]) -> None:
+    def _record(self, state: State, reporter: Reporter, rnd: dict[str, Any], headers: list[torch.Tensor], weights: list[float]) -> None:
         round_bytes = 0
         energy: dict[str, float] = {}
         emissions: dict[str, float] = {}
@@ -739,9 +739,9 @@ class GeoTraining(Policy):
         log.info("federated round %d: intensity %s g/kWh -> local steps %s%s", rnd["round"],
                  {k: round(v) for k, v in rnd["plan"]["intensity_g_per_kwh"].items()}, rnd["plan"]["local_steps"],
                  f"; sat out: {', '.join(sat_out)}" if sat_out else "")
-        state.metrics.update({"federated/round": rnd["round"], "federated/bytes_sent": round_bytes,
-                              "federated/participating_workers": sum(1 for w in weights if w > 0),
-                              "federated/round_emissions_kg": sum(emissions.values())})
+        reporter.metrics({"federated/round": rnd["round"], "federated/bytes_sent": round_bytes,
+                          "federated/participating_workers": sum(1 for w in weights if w > 0),
+                          "federated/round_emissions_kg": sum(emissions.values())})
 
     def _energy_delta_kwh(self) -> float:
         if self._monitor is None:

@@ -253,11 +253,11 @@ class HierarchicalCheckpointing(Policy):
 
                 self._spot = SpotNoticePoller(self._on_spot_notice, self.spot_endpoint, self.spot_interval_s).start()
         elif event is Event.AFTER_BACKWARD:
-            self._settle(state)  # the optimizer step is next: the background copy must be done
+            self._settle(state, reporter)  # the optimizer step is next: the background copy must be done
         elif event is Event.STEP_END:
-            self._on_step(state)
+            self._on_step(state, reporter)
         elif event in (Event.FIT_END, Event.EXCEPTION):
-            self._settle(state)
+            self._settle(state, reporter)
             self._restore_signals()
             preemption.unregister(self)
             if self._spot is not None:
@@ -300,7 +300,7 @@ class HierarchicalCheckpointing(Policy):
         """Whether a multiple of `every` was reached since the last open check (steps can jump: geo)."""
         return bool(every) and step // every > self._checked_step // every
 
-    def _on_step(self, state: State) -> None:
+    def _on_step(self, state: State, reporter: Reporter | None = None) -> None:
         if self._signal is None and preemption.requested() is not None:
             self._signal = preemption.requested()
             self._reason = f"{signal.Signals(self._signal).name} (via the launcher)"
@@ -317,7 +317,7 @@ class HierarchicalCheckpointing(Policy):
         self._checked_step = state.step
         if not (due_memory or due_local or due_durable):
             return
-        self._settle(state)
+        self._settle(state, reporter)
         if state.check_finite is not None:
             state.check_finite()  # a diverged run stops here, before its state is captured
         t0 = time.perf_counter()
@@ -326,8 +326,11 @@ class HierarchicalCheckpointing(Policy):
         tiers = [name for name, due in (("local", due_local), ("durable", due_durable)) if due]
         self._pending = (pending, tiers, time.perf_counter() - t0)
 
-    def _settle(self, state: State) -> None:
-        """Finish the pending snapshot (waiting only for what the background copy has not done yet)."""
+    def _settle(self, state: State, reporter: Reporter | None = None) -> None:
+        """Finish the pending snapshot (waiting only for what the background copy has not done yet).
+
+        `reporter` is None when called outside this policy's hooks (a pause, a preemption, a group
+        boundary): the stall then goes to the current metrics line through a reporter over `state`."""
         if self._pending is None:
             return
         pending, tiers, sync_s = self._pending
@@ -336,7 +339,7 @@ class HierarchicalCheckpointing(Policy):
         snapshot = pending.result()
         stall = sync_s + (time.perf_counter() - t0)
         self.stall_s.append(stall)
-        state.metrics["checkpoint/stall_ms"] = stall * 1000
+        (reporter or Reporter.for_state(state, self.name)).metric("checkpoint/stall_ms", stall * 1000)
         self.memory.append(snapshot)
         queued = []
         for name in tiers:

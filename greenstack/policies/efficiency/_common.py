@@ -18,6 +18,7 @@ import torch
 from greenstack.efficiency.probe import Comparison, Variant, compare, energy_reader_from
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy, Role
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import Problem, at_least, is_bool
 from greenstack.provenance import Figure
@@ -120,11 +121,11 @@ class EfficiencyPolicy(Policy):
         return jsonable({"policy": self.name, "step": state.step, "epoch": state.epoch,
                          "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **data})
 
-    def decide(self, state: State, on: bool, reason: str, *, level: int = logging.INFO, **data: Any) -> None:
+    def decide(self, state: State, reporter: Reporter, on: bool, reason: str, *, level: int = logging.INFO, **data: Any) -> None:
         """Record the policy's decision: one log line, a metric, a decision entry."""
         self.decided, self.on, self.reason = True, on, reason
         log.log(level, "%s: %s — %s", self.key, "on" if on else "off", reason)
-        state.metrics[f"efficiency/{self.key}_enabled"] = int(on)
+        reporter.metric(f"efficiency/{self.key}_enabled", int(on))
         self.decisions.append(self._entry(state, on=on, reason=reason, **data))
 
     def warn(self, state: State, message: str, **data: Any) -> None:
@@ -213,16 +214,16 @@ class ProbingPolicy(EfficiencyPolicy):
                 f"{cmp.baseline.name}, fastest of {len(cmp.baseline.steps_s)} interleaved fwd+bwd steps each "
                 f"(median ratio {cmp.median_speedup:.3g})")
 
-    def record_comparison(self, state: State, cmp: Comparison) -> None:
+    def record_comparison(self, state: State, reporter: Reporter, cmp: Comparison) -> None:
         """The measured effect as figures for sustainability.json and metrics for the tracker."""
         source = self.probe_source(state, cmp)
         self.figures[f"efficiency/{self.key}_speedup"] = Figure(cmp.speedup, "x", "measured", source)
-        state.metrics[f"efficiency/{self.key}_speedup"] = cmp.speedup
+        reporter.metric(f"efficiency/{self.key}_speedup", cmp.speedup)
         if cmp.energy_ratio is not None and cmp.energy_provenance == "measured":  # modelled joules = time again
             self.figures[f"efficiency/{self.key}_samples_per_j_ratio"] = Figure(
                 cmp.energy_ratio, "x", cmp.energy_provenance or "fallback",  # type: ignore[arg-type]
                 f"{source}; energy: {cmp.energy_source}")
-            state.metrics[f"efficiency/{self.key}_samples_per_j_ratio"] = cmp.energy_ratio
+            reporter.metric(f"efficiency/{self.key}_samples_per_j_ratio", cmp.energy_ratio)
 
     def comparison_data(self, cmp: Comparison) -> dict[str, Any]:
         return {"basis": cmp.basis, "gain": cmp.gain, "speedup": cmp.speedup, "median_speedup": cmp.median_speedup,
@@ -249,17 +250,17 @@ class ProbingPolicy(EfficiencyPolicy):
         """A deterministic run's `auto` choice with no recorded decision: keep the current configuration."""
         return state.deterministic and self.mode == "auto" and self.restored_choice() is None
 
-    def settled_without_probe(self, state: State, apply: Callable[[State, bool, str], None]) -> bool:
+    def settled_without_probe(self, state: State, reporter: Reporter, apply: Callable[[State, Reporter, bool, str], None]) -> bool:
         """mode=off, a decision restored from a checkpoint or replayed from a recorded run, or a frozen
-        deterministic choice: nothing to measure. True when settled (`apply(state, on, reason)` called)."""
+        deterministic choice: nothing to measure. True when settled (`apply(state, reporter, on, reason)` called)."""
         if self.mode == "off":
-            self.decide(state, False, "mode=off")
+            self.decide(state, reporter, False, "mode=off")
             return True
         restored = self.restored_choice()
         if restored is not None:
-            apply(state, restored, self.restored_why)
+            apply(state, reporter, restored, self.restored_why)
             return True
         if self.frozen(state):
-            apply(state, False, FROZEN_WHY)
+            apply(state, reporter, False, FROZEN_WHY)
             return True
         return False

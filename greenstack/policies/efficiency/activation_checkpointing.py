@@ -50,14 +50,14 @@ class ActivationCheckpointing(ProbingPolicy):
             return
         model_name = type(module_of(state.model)).__name__
         if is_activation_checkpointing(state.model):
-            self.decide(state, True, f"{model_name} already checkpoints its activations")
+            self.decide(state, reporter, True, f"{model_name} already checkpoints its activations")
             return
         if checkpointing_support(state.model) is None:
             self.warn(state, f"no effect — {model_name} does not support activation checkpointing (no timm/"
                              "transformers switch and no repeated blocks to wrap)")
-            self.decide(state, False, f"{model_name} has no checkpointing support")
+            self.decide(state, reporter, False, f"{model_name} has no checkpointing support")
             return
-        if self.settled_without_probe(state, self._set):
+        if self.settled_without_probe(state, reporter, self._set):
             return
         try:
             cmp = self.probe(state, Variant("full activations", autocast_dtype=state.autocast_dtype),
@@ -65,12 +65,12 @@ class ActivationCheckpointing(ProbingPolicy):
                              measure_memory=True)
         except Unsupported as e:
             self.warn(state, f"no effect — {e}")
-            self.decide(state, False, str(e))
+            self.decide(state, reporter, False, str(e))
             return
         except ProbeOutOfMemory as e:  # copies of the model did not fit: that is memory pressure
-            self._set(state, True, f"the probe ran out of memory ({e}): memory is tight")
+            self._set(state, reporter, True, f"the probe ran out of memory ({e}): memory is tight")
             return
-        self.record_comparison(state, cmp)
+        self.record_comparison(state, reporter, cmp)
         base, ckpt = cmp.baseline, cmp.candidate
         limit = device_memory_bytes(state.device)
         if state.device.type == "cuda" and base.peak_memory_bytes is not None:
@@ -87,13 +87,13 @@ class ActivationCheckpointing(ProbingPolicy):
         effect = (f"keeps {kept:.0%} of the activations at {1 / cmp.speedup:.2f}× step time; "
                   f"{where} is {fraction:.0%} of memory (threshold {self.memory_threshold:.0%})")
         on = fraction >= self.memory_threshold if self.mode == "auto" else True
-        self._set(state, on, effect, memory_fraction=fraction, activation_ratio=kept, **self.comparison_data(cmp))
+        self._set(state, reporter, on, effect, memory_fraction=fraction, activation_ratio=kept, **self.comparison_data(cmp))
 
-    def _set(self, state: State, on: bool, reason: str, **data: object) -> None:
+    def _set(self, state: State, reporter: Reporter, on: bool, reason: str, **data: object) -> None:
         if on:
             self.method = apply_activation_checkpointing(state.model)
             reason = f"{reason} [{self.method}]"
-        self.decide(state, on, reason, **data)
+        self.decide(state, reporter, on, reason, **data)
 
 
 def _apply(model) -> None:  # noqa: ANN001 - nn.Module

@@ -195,24 +195,24 @@ class Alerts(EfficiencyPolicy):
     # -- events -----------------------------------------------------------------------------------
     def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
-            self._fit_start(state)
+            self._fit_start(state, reporter)
         elif event is Event.STEP_END:
             if len(state.batch_size_changes) > self._applied_seen:
                 self._record_applied(state)
             if self.replayed:
                 self._replay_at(state, before_training=False)
             if self.action("low_gpu_utilization") != "off" and UTIL_METRIC in state.metrics:
-                self._utilization(state, float(state.metrics[UTIL_METRIC]))
+                self._utilization(state, reporter, float(state.metrics[UTIL_METRIC]))
             if self.action("carbon_intensity") != "off" and CARBON_METRIC in state.metrics:
-                self._carbon(state, float(state.metrics[CARBON_METRIC]))
+                self._carbon(state, reporter, float(state.metrics[CARBON_METRIC]))
             if self.action("memory_pressure") != "off" and state.step % self.check_interval == 0:
-                self._memory(state)
+                self._memory(state, reporter)
         elif event is Event.EVAL_END:
             rule = self.rules["plateau"]
             if self.action("plateau") != "off" and rule.metric in state.metrics:
-                self._plateau(state, float(state.metrics[rule.metric]))
+                self._plateau(state, reporter, float(state.metrics[rule.metric]))
 
-    def _fit_start(self, state: State) -> None:
+    def _fit_start(self, state: State, reporter: Reporter) -> None:
         if self.memory_reader is None:
             self.memory_reader = default_memory_reader(state.device)
         self.frozen = state.deterministic or self.replayed is not None
@@ -235,15 +235,15 @@ class Alerts(EfficiencyPolicy):
             self.decisions.append(self._entry(state, alert="low_gpu_utilization", skipped=why))
             return
         if state.step == 0:
-            self._raise_batch_before_training(state)
+            self._raise_batch_before_training(state, reporter)
 
     # -- the four alerts --------------------------------------------------------------------------
-    def _fire(self, state: State, name: str, value: float, did: str, *, acted: bool, **data: Any) -> None:
+    def _fire(self, state: State, reporter: Reporter, name: str, value: float, did: str, *, acted: bool, **data: Any) -> None:
         rule = self.rules[name]
         threshold = getattr(rule, "threshold", None)
         self.fired[name] += 1
         self.acted[name] += int(acted)
-        state.metrics[f"alerts/{name}"] = value
+        reporter.metric(f"alerts/{name}", value)
         action = self.action(name)
         comparison = (f"{'>' if getattr(rule, 'above', False) else '<'} {threshold:g}" if threshold is not None
                       else f"no improvement for {getattr(rule, 'patience', 0)} evaluations")
@@ -252,7 +252,7 @@ class Alerts(EfficiencyPolicy):
         self.decisions.append(self._entry(state, alert=name, metric=rule.metric, value=value, threshold=threshold,
                                           action=action, acted=acted, did=did, **data))
 
-    def _utilization(self, state: State, value: float) -> None:
+    def _utilization(self, state: State, reporter: Reporter, value: float) -> None:
         rule = self.rules["low_gpu_utilization"]
         if not rule.update(value):
             return
@@ -261,7 +261,7 @@ class Alerts(EfficiencyPolicy):
             return  # already asked; the loop applies it at the next epoch start
         target = self._doubled(state, state.batch_size)
         if target is None:
-            self._fire(state, "low_gpu_utilization", value, "no larger batch possible", acted=False)
+            self._fire(state, reporter, "low_gpu_utilization", value, "no larger batch possible", acted=False)
             return
         request = BatchSizeRequest(batch_size=target, reason=f"{UTIL_METRIC}={value:.3g} < {rule.threshold:g}",
                                    by=self.name, step=state.step,
@@ -269,7 +269,7 @@ class Alerts(EfficiencyPolicy):
         act = self.action("low_gpu_utilization") == "act"
         if act:
             state.requests.batch_size = request
-        self._fire(state, "low_gpu_utilization", value,
+        self._fire(state, reporter, "low_gpu_utilization", value,
                    f"raise the batch size {state.batch_size} → {target} at the next epoch start "
                    f"(LR by the {request.lr_scaling} rule)", acted=act, batch_size=target)
 
@@ -284,7 +284,7 @@ class Alerts(EfficiencyPolicy):
             self.rules["low_gpu_utilization"].consecutive = 0  # type: ignore[union-attr]
         self._applied_seen = len(changes)
 
-    def _carbon(self, state: State, value: float) -> None:
+    def _carbon(self, state: State, reporter: Reporter, value: float) -> None:
         rule = self.rules["carbon_intensity"]
         request = state.requests.pause
         if not rule.beyond(value) and request is not None and request.by == self.name:
@@ -300,25 +300,25 @@ class Alerts(EfficiencyPolicy):
                 by=self.name, reason=f"carbon intensity {value:.0f} g/kWh > {rule.threshold:g} g/kWh",
                 metric=rule.metric, value=value, threshold=rule.threshold, step=state.step,
                 at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        self._fire(state, "carbon_intensity", value, "requested a pause (state.requests.pause)", acted=act)
+        self._fire(state, reporter, "carbon_intensity", value, "requested a pause (state.requests.pause)", acted=act)
 
-    def _memory(self, state: State) -> None:
+    def _memory(self, state: State, reporter: Reporter) -> None:
         assert self.memory_reader is not None
         value = float(self.memory_reader())
-        state.metrics[MEMORY_METRIC] = value
+        reporter.metric(MEMORY_METRIC, value)
         if not self.rules["memory_pressure"].update(value):
             return
         if self.action("memory_pressure") != "act":
-            self._fire(state, "memory_pressure", value, "turn on activation checkpointing", acted=False)
+            self._fire(state, reporter, "memory_pressure", value, "turn on activation checkpointing", acted=False)
             return
         try:
             method = apply_activation_checkpointing(state.model)
         except Unsupported as e:
-            self._fire(state, "memory_pressure", value, f"cannot turn on activation checkpointing: {e}", acted=False)
+            self._fire(state, reporter, "memory_pressure", value, f"cannot turn on activation checkpointing: {e}", acted=False)
             return
-        self._fire(state, "memory_pressure", value, f"turned on activation checkpointing ({method})", acted=True)
+        self._fire(state, reporter, "memory_pressure", value, f"turned on activation checkpointing ({method})", acted=True)
 
-    def _plateau(self, state: State, value: float) -> None:
+    def _plateau(self, state: State, reporter: Reporter, value: float) -> None:
         rule = self.rules["plateau"]
         assert isinstance(rule, PlateauRule)
         if not rule.update(value):
@@ -327,7 +327,7 @@ class Alerts(EfficiencyPolicy):
         did = f"stopped the run ({rule.metric} best {rule.best:.4g}, no improvement for {rule.patience} evaluations)"
         if act:
             state.request_stop(f"alerts.plateau: {did}")
-        self._fire(state, "plateau", value, did, acted=act)
+        self._fire(state, reporter, "plateau", value, did, acted=act)
 
     def _replay_at(self, state: State, *, before_training: bool) -> None:
         """Repeat the recorded run's actions taken at this step (batch raised before training at FIT_START)."""
@@ -372,7 +372,7 @@ class Alerts(EfficiencyPolicy):
             cap = min(cap, len(loader.dataset))
         return batch_size * 2 if batch_size and batch_size * 2 <= cap else None
 
-    def _raise_batch_before_training(self, state: State) -> None:
+    def _raise_batch_before_training(self, state: State, reporter: Reporter) -> None:
         """Train a copy a few steps per batch size, read utilisation, double while it is low (then act once)."""
         settings, rule = self.settings["low_gpu_utilization"], self.rules["low_gpu_utilization"]
         loader = train_loader_of(state)
@@ -411,13 +411,13 @@ class Alerts(EfficiencyPolicy):
             return
         first = readings[0]["utilization"]
         if batch == start or self.action("low_gpu_utilization") != "act":
-            self._fire(state, "low_gpu_utilization", first, "no larger batch possible" if batch == start
+            self._fire(state, reporter, "low_gpu_utilization", first, "no larger batch possible" if batch == start
                        else f"raise the batch size to {self._doubled(state, start)}", acted=False, readings=readings)
             return
         state.set_batch_size(batch)
         factor = lr_scale_factor(start, batch, settings["lr_scaling"])
         scale_learning_rate_(state.optimizer, state.lr_scheduler, factor)
-        self._fire(state, "low_gpu_utilization", first,
+        self._fire(state, reporter, "low_gpu_utilization", first,
                    f"raised the batch size {start} → {batch} before training (LR ×{factor:.3g}, "
                    f"{settings['lr_scaling']} rule)", acted=True, readings=readings, batch_size=batch)
 

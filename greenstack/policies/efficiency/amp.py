@@ -55,25 +55,25 @@ class MixedPrecision(ProbingPolicy):
             return
         if state.autocast_dtype is not None:
             self.warn(state, f"no effect — the run already autocasts to {dtype_name(state.autocast_dtype)}")
-            self.decide(state, True, f"{dtype_name(state.autocast_dtype)} set before this policy")
+            self.decide(state, reporter, True, f"{dtype_name(state.autocast_dtype)} set before this policy")
             return
         restored = self.restored_choice()
         if restored is not None:
-            self._apply_restored(state, restored)
+            self._apply_restored(state, reporter, restored)
             return
         if self.frozen(state):
-            self.decide(state, False, FROZEN_WHY, dtype="fp32")
+            self.decide(state, reporter, False, FROZEN_WHY, dtype="fp32")
             return
         dtype, why = candidate_dtype(self.mode, state.device)  # type: ignore[arg-type]
         if dtype is None:
-            self.decide(state, False, why)
+            self.decide(state, reporter, False, why)
             return
         name = dtype_name(dtype)
         try:
             cmp = self.probe(state, Variant("fp32"), Variant(name, autocast_dtype=dtype))
         except ProbeOutOfMemory as e:
             self.warn(state, f"cannot probe: out of memory ({e})")
-            self.decide(state, self.mode != "auto", "not probed: out of memory")
+            self.decide(state, reporter, self.mode != "auto", "not probed: out of memory")
             if self.mode != "auto":
                 self._scaler = apply_mixed_precision(state, dtype).grad_scaler
                 self.dtype_name = name
@@ -82,9 +82,9 @@ class MixedPrecision(ProbingPolicy):
             if self.mode != "auto":
                 raise ConfigError(f"{name} autocast fails on {state.device}: {e}", key=self.param("mode"),
                                   value=self.mode, fix="use efficiency.amp.mode=auto or off") from e
-            self.decide(state, False, f"{name} autocast failed on {state.device}: {type(e).__name__}: {e}")
+            self.decide(state, reporter, False, f"{name} autocast failed on {state.device}: {type(e).__name__}: {e}")
             return
-        self.record_comparison(state, cmp)
+        self.record_comparison(state, reporter, cmp)
         what = f"{cmp.describe(name, 'fp32')} on {device_words(state.device)}"
         if self.mode == "auto":
             on = cmp.helps(self.min_speedup)
@@ -101,10 +101,10 @@ class MixedPrecision(ProbingPolicy):
         if on:
             self.dtype_name = name
             self._scaler = apply_mixed_precision(state, dtype).grad_scaler
-        self.decide(state, on, what, level=logging.INFO if on or self.mode == "auto" else logging.WARNING,
+        self.decide(state, reporter, on, what, level=logging.INFO if on or self.mode == "auto" else logging.WARNING,
                     dtype=name if on else "fp32", **self.comparison_data(cmp))
 
-    def _apply_restored(self, state: State, on: bool) -> None:
+    def _apply_restored(self, state: State, reporter: Reporter, on: bool) -> None:
         name = (self.restored or {}).get("dtype", "fp32")
         on = on and name in DTYPES
         if on:
@@ -112,7 +112,7 @@ class MixedPrecision(ProbingPolicy):
             if settings.grad_scaler is not None and self._scaler_state:
                 settings.grad_scaler.load_state_dict(self._scaler_state)
             self._scaler, self.dtype_name = settings.grad_scaler, name
-        self.decide(state, on, f"{name if on else 'fp32'} ({self.restored_why})",
+        self.decide(state, reporter, on, f"{name if on else 'fp32'} ({self.restored_why})",
                     dtype=name if on else "fp32")
 
     def state_dict(self) -> dict[str, Any]:

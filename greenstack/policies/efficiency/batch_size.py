@@ -108,19 +108,19 @@ class BatchSizeSearch(EfficiencyPolicy):
             if restored is not None and restored != state.batch_size:
                 self.warn(state, f"resumed at step {state.step}: the loop cannot switch to the searched batch "
                                  f"size {restored}; continuing with {state.batch_size}")
-            self.decide(state, False, f"resumed run (step {state.step}); batch size {state.batch_size}")
+            self.decide(state, reporter, False, f"resumed run (step {state.step}); batch size {state.batch_size}")
             return
         loader = train_loader_of(state)
         if loader is None or state.set_batch_size is None or not hasattr(loader, "dataset"):
             self.warn(state, "no effect — this loop exposes no train DataLoader to rebuild")
-            self.decide(state, False, "no train DataLoader")
+            self.decide(state, reporter, False, "no train DataLoader")
             return
         start = int(state.batch_size or loader.batch_size or 1)
         if self.restored is not None and isinstance(self.restored.get("on"), bool):  # replayed before step 1
-            self._apply_recorded(state, start)
+            self._apply_recorded(state, reporter, start)
             return
         if state.deterministic:
-            self.decide(state, False, f"kept batch size {start} ({FROZEN_WHY})")
+            self.decide(state, reporter, False, f"kept batch size {start} ({FROZEN_WHY})")
             return
         limit_n = min(self.max_batch_size, len(loader.dataset))
         memory = self.memory_probe or DeviceMemory(state.device)
@@ -150,31 +150,31 @@ class BatchSizeSearch(EfficiencyPolicy):
         if result.chosen == start:
             why = (f"no other batch measured ≥ {self.min_gain:g}× better" if result.max_fit
                    else "no batch size fits the memory budget; keeping the configured one")
-            self.decide(state, False, f"kept batch size {start} ({why})", trials=trials, basis=basis)
+            self.decide(state, reporter, False, f"kept batch size {start} ({why})", trials=trials, basis=basis)
             return
         state.set_batch_size(result.chosen)
         self.lr_factor = lr_scale_factor(start, result.chosen, self.lr_scaling)  # type: ignore[arg-type]
         scale_learning_rate_(state.optimizer, state.lr_scheduler, self.lr_factor)
-        state.metrics["efficiency/batch_size"] = result.chosen
+        reporter.metric("efficiency/batch_size", result.chosen)
         gain = "" if result.gain == float("inf") else f"{result.gain:.2f}× {basis}, "
-        self.decide(state, True, f"batch size {start} → {result.chosen} ({gain}largest fit {result.max_fit}); "
+        self.decide(state, reporter, True, f"batch size {start} → {result.chosen} ({gain}largest fit {result.max_fit}); "
                                  f"LR ×{self.lr_factor:.3g} ({self.lr_scaling} rule)", trials=trials, basis=basis,
                     lr_factor=self.lr_factor, batch_size=result.chosen)
 
-    def _apply_recorded(self, state: State, start: int) -> None:
+    def _apply_recorded(self, state: State, reporter: Reporter, start: int) -> None:
         """The recorded run's choice, with its LR factor: no trial runs."""
         assert self.restored is not None and state.set_batch_size is not None
         chosen = self.restored.get("batch_size")
         if not self.restored["on"] or not isinstance(chosen, int) or chosen == start:
-            self.decide(state, False, f"kept batch size {start} ({self.restored_why})")
+            self.decide(state, reporter, False, f"kept batch size {start} ({self.restored_why})")
             return
         state.set_batch_size(chosen)
         factor = self.restored.get("lr_factor")
         self.lr_factor = float(factor) if is_number(factor) else lr_scale_factor(start, chosen, self.lr_scaling)  # type: ignore[arg-type]
         scale_learning_rate_(state.optimizer, state.lr_scheduler, self.lr_factor)
         self.chosen = chosen
-        state.metrics["efficiency/batch_size"] = chosen
-        self.decide(state, True, f"batch size {start} → {chosen}; LR ×{self.lr_factor:.3g} ({self.restored_why})",
+        reporter.metric("efficiency/batch_size", chosen)
+        self.decide(state, reporter, True, f"batch size {start} → {chosen}; LR ×{self.lr_factor:.3g} ({self.restored_why})",
                     lr_factor=self.lr_factor, batch_size=chosen)
 
     def _trial_fns(self, state: State, loader: Any, memory: Any, energy: Any):  # noqa: ANN202 - closures

@@ -51,20 +51,20 @@ class ChannelsLast(ProbingPolicy):
         model_name = type(module_of(state.model)).__name__
         if not has_image_inputs(state.batch):
             self.warn(state, "no effect — the inputs are not 4-D image batches")
-            self.decide(state, False, "no image inputs")
+            self.decide(state, reporter, False, "no image inputs")
             return
         convs = conv_layer_count(state.model)
         if convs == 0:
             self.warn(state, f"no effect — {model_name} has no Conv2d layers")
-            self.decide(state, False, f"{model_name} has no Conv2d layers")
+            self.decide(state, reporter, False, f"{model_name} has no Conv2d layers")
             return
         if is_attention_model(state.model):
             self.warn(state, f"little or no effect — {model_name} is attention-based ({convs} Conv2d, the patch "
                              "embedding); channels_last speeds up convolutions")
             if self.mode == "auto":
-                self.decide(state, False, f"{model_name} is attention-based; not probed")
+                self.decide(state, reporter, False, f"{model_name} is attention-based; not probed")
                 return
-        if self.settled_without_probe(state, self._set):
+        if self.settled_without_probe(state, reporter, self._set):
             return
         try:
             cmp = self.probe(state, Variant("NCHW", autocast_dtype=state.autocast_dtype),
@@ -72,19 +72,19 @@ class ChannelsLast(ProbingPolicy):
                                      autocast_dtype=state.autocast_dtype))
         except ProbeOutOfMemory as e:
             self.warn(state, f"cannot probe: out of memory ({e})")
-            self._set(state, self.mode == "on", "not probed: out of memory")
+            self._set(state, reporter, self.mode == "on", "not probed: out of memory")
             return
-        self.record_comparison(state, cmp)
+        self.record_comparison(state, reporter, cmp)
         what = f"{cmp.describe('channels_last', 'NCHW')} for {model_name} on {device_words(state.device)}"
         on = cmp.helps(self.min_speedup) if self.mode == "auto" else True
         if self.mode == "auto" and not on and cmp.gain >= 1.0:
             what += self.short_of(cmp)
         if self.mode == "on" and cmp.gain < 1.0:
             self.warn(state, f"mode=on forced although {what}")
-        self._set(state, on, what, **self.comparison_data(cmp))
+        self._set(state, reporter, on, what, **self.comparison_data(cmp))
 
-    def _set(self, state: State, on: bool, reason: str, **data: object) -> None:
+    def _set(self, state: State, reporter: Reporter, on: bool, reason: str, **data: object) -> None:
         if on:
             apply_channels_last(state.model)
             state.batch = channels_last_batch(state.batch)
-        self.decide(state, on, reason, **data)
+        self.decide(state, reporter, on, reason, **data)

@@ -51,14 +51,14 @@ class Compile(ProbingPolicy):
         if self.decided:
             return
         if self.mode == "off":
-            self.decide(state, False, "mode=off")
+            self.decide(state, reporter, False, "mode=off")
             return
         if is_compiled(state.model):
             self.warn(state, "no effect — the model is already compiled")
-            self.decide(state, True, "compiled before this policy")
+            self.decide(state, reporter, True, "compiled before this policy")
             return
         if self.frozen(state):
-            self.decide(state, False, FROZEN_WHY)
+            self.decide(state, reporter, False, FROZEN_WHY)
             return
         if isinstance(state.batch.get("inputs"), dict) and self.dynamic is None:
             self.warn(state, "text batches change length from batch to batch: expect recompilations "
@@ -70,20 +70,20 @@ class Compile(ProbingPolicy):
             result.compile_s, "s", "measured", f"first compiled fwd+bwd ({result.reason})")
         if not result.ok:
             self.warn(state, f"compilation failed, training eagerly — {result.reason}")
-            self.decide(state, False, f"compile failed ({result.reason}); eager fallback", error=result.reason)
+            self.decide(state, reporter, False, f"compile failed ({result.reason}); eager fallback", error=result.reason)
             return
         restored = self.restored_choice()
         if restored is not None:
             if not restored:
                 uncompile(state.model)
-            self.decide(state, restored, self.restored_why)
+            self.decide(state, reporter, restored, self.restored_why)
             return
         energy = energy_reader_from(state)
         eager, compiled = time_compiled_vs_eager(state.model, state.batch, device=state.device,
                                                  autocast_dtype=state.autocast_dtype, steps=self.probe_steps,
                                                  rounds=self.probe_rounds, energy=energy)
         cmp = Comparison(eager, compiled, energy.provenance if energy else None, energy.source if energy else None)
-        self.record_comparison(state, cmp)
+        self.record_comparison(state, reporter, cmp)
         what = (f"{cmp.describe('compiled', 'eager')} on {device_words(state.device)} "
                 f"(first step {result.compile_s:.1f} s, {result.reason})")
         on = cmp.helps(self.min_speedup) if self.mode == "auto" else True
@@ -93,4 +93,4 @@ class Compile(ProbingPolicy):
                 what += self.short_of(cmp)
         elif cmp.gain < 1.0:
             self.warn(state, f"mode=on forced although {what}")
-        self.decide(state, on, what, **self.comparison_data(cmp))
+        self.decide(state, reporter, on, what, **self.comparison_data(cmp))

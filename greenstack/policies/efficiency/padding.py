@@ -44,11 +44,11 @@ class DynamicPadding(EfficiencyPolicy):
 
     def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
-            self._plan(state)
+            self._plan(state, reporter)
         else:
-            self._count(state)
+            self._count(state, reporter)
 
-    def _plan(self, state: State) -> None:
+    def _plan(self, state: State, reporter: Reporter) -> None:
         loader = train_loader_of(state)
         sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, LengthGroupedSampler):
@@ -73,10 +73,10 @@ class DynamicPadding(EfficiencyPolicy):
             if not group:
                 what += f", below min_saving {self.min_saving:.0%}"
         sampler.group_by_length = group
-        self.decide(state, group, what, random_tokens=plan.random_tokens, grouped_tokens=plan.grouped_tokens,
+        self.decide(state, reporter, group, what, random_tokens=plan.random_tokens, grouped_tokens=plan.grouped_tokens,
                     real_tokens=plan.real_tokens)
 
-    def _count(self, state: State) -> None:
+    def _count(self, state: State, reporter: Reporter) -> None:
         inputs = state.batch.get("inputs") if isinstance(state.batch, dict) else None
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         if not self._checked_batch:
@@ -85,14 +85,14 @@ class DynamicPadding(EfficiencyPolicy):
             if mask is None and packed and not self.decided:
                 self.warn(state, "no effect — packed token blocks (language-model corpora): every position is a "
                                  "real token, nothing is padded")
-                self.decide(state, False, "packed token blocks: no padding")
+                self.decide(state, reporter, False, "packed token blocks: no padding")
             elif mask is None and not self.decided:
                 self.warn(state, "no effect — the inputs are not padded token sequences")
-                self.decide(state, False, "no text inputs")
+                self.decide(state, reporter, False, "no text inputs")
             elif not self.decided:
                 self.warn(state, "cannot group by length — the train loader has no LengthGroupedSampler "
                                  "(use the text_csv or synthetic_text data builders)")
-                self.decide(state, False, "no LengthGroupedSampler; batches are padded as the loader does")
+                self.decide(state, reporter, False, "no LengthGroupedSampler; batches are padded as the loader does")
         if mask is None:
             return
         real = mask.sum()  # stays on the device: no host sync per step

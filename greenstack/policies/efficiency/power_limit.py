@@ -49,17 +49,17 @@ class PowerLimitSearch(EfficiencyPolicy):
 
     def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
-            self._start(state)
+            self._start(state, reporter)
         elif event is Event.STEP_END and self.sweep is not None and not self.sweep.done:
             if self.sweep.on_step():
-                self._chosen(state)
+                self._chosen(state, reporter)
         elif event in (Event.FIT_END, Event.EXCEPTION) and self.control is not None:
             self.control.restore()
             self.decisions.append(self._entry(state, restored_limit_w=self.control.original_w))
 
-    def _start(self, state: State) -> None:
+    def _start(self, state: State, reporter: Reporter) -> None:
         if state.device.type != "cuda" and self.nvml is None:
-            self.decide(state, False, f"no NVIDIA GPU to power-limit (device {state.device})")
+            self.decide(state, reporter, False, f"no NVIDIA GPU to power-limit (device {state.device})")
             return
         try:
             index = state.device.index
@@ -72,18 +72,18 @@ class PowerLimitSearch(EfficiencyPolicy):
             needed = sweep.steps_needed
             if state.max_steps - state.step < needed:
                 self.control = None
-                self.decide(state, False, f"the run has {state.max_steps - state.step} steps left; profiling "
+                self.decide(state, reporter, False, f"the run has {state.max_steps - state.step} steps left; profiling "
                                           f"{len(sweep.limits)} limits needs {needed}")
                 return
             sweep.begin()
         except PowerLimitUnavailable as e:
             self.control = None
-            self.decide(state, False, str(e))
+            self.decide(state, reporter, False, str(e))
             return
         self.sweep = sweep
         self.decisions.append(self._entry(state, sweeping=sweep.limits, original_limit_w=self.control.original_w))
 
-    def _chosen(self, state: State) -> None:
+    def _chosen(self, state: State, reporter: Reporter) -> None:
         sweep = self.sweep
         assert sweep is not None and sweep.chosen_w is not None
         top = next(m for m in sweep.measurements if m.limit_w == sweep.limits[0])
@@ -97,8 +97,8 @@ class PowerLimitSearch(EfficiencyPolicy):
             energy_ratio, "x", "measured", f"energy per step at {top.limit_w:g} W / at {best.limit_w:g} W; {source}")
         self.figures["efficiency/power_limit_step_time_ratio"] = Figure(
             time_ratio, "x", "measured", f"step time at {best.limit_w:g} W / at {top.limit_w:g} W; {source}")
-        state.metrics["efficiency/power_limit_w"] = best.limit_w
-        self.decide(state, best.limit_w < top.limit_w,
+        reporter.metric("efficiency/power_limit_w", best.limit_w)
+        self.decide(state, reporter, best.limit_w < top.limit_w,
                     f"{best.limit_w:g} W (max {top.limit_w:g} W): {energy_ratio:.2f}× samples/J at "
                     f"{time_ratio:.2f}× step time", measurements=[m.to_dict() for m in sweep.measurements],
                     limit_w=best.limit_w)

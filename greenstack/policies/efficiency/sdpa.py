@@ -48,19 +48,19 @@ class SdpaAttention(ProbingPolicy):
         current = attention_implementation(state.model)
         if current is None:
             self.warn(state, f"no effect — {model_name} has no attention layers")
-            self.decide(state, False, f"{model_name} has no attention layers")
+            self.decide(state, reporter, False, f"{model_name} has no attention layers")
             return
         if self.mode == "off":
             self.implementation = current
-            self.decide(state, current == "sdpa", f"mode=off: left the model's {current} attention")
+            self.decide(state, reporter, current == "sdpa", f"mode=off: left the model's {current} attention")
             return
         restored = self.restored_choice()
         if restored is not None:
-            self._set(state, str((self.restored or {}).get("implementation") or ("sdpa" if restored else "eager")),
+            self._set(state, reporter, str((self.restored or {}).get("implementation") or ("sdpa" if restored else "eager")),
                       self.restored_why)
             return
         if self.frozen(state):
-            self._set(state, current, f"{FROZEN_WHY}: the model's {current} attention")
+            self._set(state, reporter, current, f"{FROZEN_WHY}: the model's {current} attention")
             return
         try:
             cmp = self.probe(state,
@@ -68,19 +68,19 @@ class SdpaAttention(ProbingPolicy):
                              Variant("sdpa", prepare=lambda m: _switch(m, "sdpa"), autocast_dtype=state.autocast_dtype))
         except ProbeOutOfMemory as e:
             self.warn(state, f"cannot probe: out of memory ({e})")
-            self._set(state, "sdpa" if self.mode == "on" else current, "not probed: out of memory")
+            self._set(state, reporter, "sdpa" if self.mode == "on" else current, "not probed: out of memory")
             return
         except Unsupported as e:
             self.warn(state, f"cannot switch attention — {e}")
             self.implementation = current
-            self.decide(state, current == "sdpa", f"kept the model's {current} attention ({e})")
+            self.decide(state, reporter, current == "sdpa", f"kept the model's {current} attention ({e})")
             return
-        self.record_comparison(state, cmp)
+        self.record_comparison(state, reporter, cmp)
         what = f"{cmp.describe('sdpa', 'eager')} for {model_name} on {device_words(state.device)}"
         if self.mode == "on":
             if cmp.gain < 1.0:
                 self.warn(state, f"mode=on forced although {what}")
-            self._set(state, "sdpa", what, **self.comparison_data(cmp))
+            self._set(state, reporter, "sdpa", what, **self.comparison_data(cmp))
             return
         if current == "sdpa":
             target = "eager" if cmp.hurts(self.min_speedup) else "sdpa"
@@ -90,13 +90,13 @@ class SdpaAttention(ProbingPolicy):
             if current == "eager" and cmp.gain >= 1.0:
                 what += self.short_of(cmp)
             what += f"; kept the model's {current} attention"
-        self._set(state, target, what, **self.comparison_data(cmp))
+        self._set(state, reporter, target, what, **self.comparison_data(cmp))
 
-    def _set(self, state: State, target: str, reason: str, **data: object) -> None:
+    def _set(self, state: State, reporter: Reporter, target: str, reason: str, **data: object) -> None:
         if attention_implementation(state.model) != target:
             set_attention_implementation(state.model, target)  # type: ignore[arg-type]
         self.implementation = target
-        self.decide(state, target == "sdpa", reason, implementation=target, **data)
+        self.decide(state, reporter, target == "sdpa", reason, implementation=target, **data)
 
 
 def _switch(model, impl: str) -> None:  # noqa: ANN001 - nn.Module
