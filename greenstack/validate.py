@@ -93,6 +93,7 @@ MODEL_KINDS: dict[str, tuple[str, frozenset[str]]] = {
     "greenstack.models.build_causal_lm": ("text", frozenset({"next_token"})),
 }
 DISTILLATION = {"greenstack.policies.compression.distill.Distillation": True}
+PRUNING = {"greenstack.policies.compression.prune.MagnitudePruning": True}
 _LABELS = {"class": "class labels", "value": "real-valued labels", "next_token": "next-token (language-model) text"}
 
 
@@ -159,6 +160,14 @@ def check_task_fit(body: dict[str, Any]) -> list[Problem]:
                                 "minilm otherwise"))
     compression = body.get("compression") if isinstance(body.get("compression"), dict) else {}
     for name, spec in compression.items():
+        model_type = (model_node.get("config") or {}).get("model_type") if isinstance(model_node.get("config"), dict) \
+            else None
+        if isinstance(spec, dict) and lookup(PRUNING, spec.get("_target_")) \
+                and spec.get("structure") == "channels" and model_type == "gpt2":
+            problems.append(Problem(f"compression.{name}.structure", "channels",
+                                    "channel pruning ranks output channels along dim 0, but GPT-2's transformers "
+                                    "Conv1D stores its weight (in, out), so it would remove input channels",
+                                    "use structure: unstructured, or a Llama-style decoder (model=llama_tiny)"))
         if wanted == "value" and isinstance(spec, dict) and lookup(DISTILLATION, spec.get("_target_")):
             problems.append(Problem(f"compression.{name}", spec.get("_target_"),
                                     f"distillation matches the teacher's predicted distributions (classes for "

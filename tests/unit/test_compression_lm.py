@@ -269,3 +269,12 @@ def test_channel_pruning_of_gpt2_conv1d_is_refused_with_the_reason():
     with pytest.raises(ConfigError) as e:
         fit_lm(decoder(GPT2), [MagnitudePruning(final_sparsity=0.5, structure="channels", start=0, end=1)])
     assert e.value.problems[0].key == "compression.prune.structure" and "Conv1D" in e.value.problems[0].reason
+    from greenstack.compose import compose_with_problems
+    from greenstack.validate import validate_config
+
+    cfg, _ = compose_with_problems(["recipe=lm_tiny", "compression=prune", "compression.prune.structure=channels",
+                                    "tracker=none"])
+    assert [p.key for p in validate_config(cfg)] == ["compression.prune.structure"]
+    cfg, _ = compose_with_problems(["recipe=lm_tiny", "model=llama_tiny", "compression=prune",
+                                    "compression.prune.structure=channels", "tracker=none"])
+    assert validate_config(cfg) == []
