@@ -2,7 +2,7 @@
 
 Why a record per decision: a carbon-aware scheduler changes when and where work runs, so every
 choice must be explainable afterwards. Each policy keeps its `decisions` list, logs each one, mirrors
-its numbers into `state.metrics` (so trackers such as W&B get them at the next flush) and calls
+its numbers into a metrics dict (the policy reports them: trackers such as W&B get them at the next flush) and calls
 every registered listener - the hook through which the hash-chained audit log attaches later
 (`recorder.listeners.append(audit.append)`).
 """

@@ -29,7 +29,7 @@ class Probe(SchedulerPolicy):
             _calls().append("probe again")
             return
         _calls().append("probe")
-        self.record(state, "start", {"why": "test"}, {"start": self.now()}, expected_saving_pct=12.5)
+        self.record(state, reporter, "start", {"why": "test"}, {"start": self.now()}, expected_saving_pct=12.5)
 
 
 def test_scheduler_decides_before_data_model_and_tracker_are_built(tmp_path, monkeypatch):

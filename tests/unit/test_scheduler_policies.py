@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from greenstack.engine.events import Event
+from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError
 from greenstack.policies.scheduler.forecast_window import ForecastWindow, slurm_begin
@@ -255,7 +256,7 @@ def test_immediate_records_one_decision(tmp_path):
     assert st.metrics["scheduler/expected_saving_pct"] == 0.0
     seen = []
     policy.recorder.listeners.append(seen.append)  # how the audit log attaches
-    policy.record(st, "note", {}, {})
+    policy.record(st, Reporter.for_state(st), "note", {}, {})
     assert seen == [policy.decisions[-1]]
 
 

@@ -1,7 +1,7 @@
 """Shared pieces of the efficiency policies: argument checks, decision records, probes and figures.
 
 Every decision (on/off, why, what was measured) is logged as one line (`amp: off — bf16 3.1× slower
-than fp32 on this CPU`), put into `state.metrics` (so it reaches metrics.jsonl and W&B) and appended
+than fp32 on this CPU`), reported as a metric (`reporter.metric`: metrics.jsonl and W&B) and appended
 to the policy's JSON-able `decisions` list, from which an audit log can be written later.
 """
 

@@ -8,7 +8,7 @@
 | plateau             | val/loss (configurable)                 | stop the run (state.request_stop)         |
 
 Each alert has `action: act | warn | off`. Every firing is logged with the metric value that
-triggered it, put into `state.metrics` as `alerts/<name>`, and appended to `decisions`.
+triggered it, reported as the metric `alerts/<name>`, and appended to `decisions`.
 
 Hand-off contract with the scheduler (its pause policy lives in greenstack/policies/scheduler/):
 `state.requests.pause` is a `PauseRequest(by, reason, metric, value, threshold, step, at)` while the

@@ -99,12 +99,17 @@ class SchedulerPolicy(Policy):
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), tz=timezone.utc)
 
-    def record(self, state: State | None, action: str, inputs: dict[str, Any], choice: dict[str, Any], *,
-               expected_saving_pct: float | None = None, provenance: str = "estimated",
+    def record(self, state: State, reporter: Reporter, action: str, inputs: dict[str, Any], choice: dict[str, Any],
+               *, expected_saving_pct: float | None = None, provenance: str = "estimated",
                notes: list[str] | None = None, numbers: dict[str, float] | None = None) -> dict[str, Any]:
+        """Record a decision (the audit log listens to the recorder) and report its figures as metrics."""
+        del state
         decision = Decision(self.name, action, self.now(), inputs, choice, expected_saving_pct, provenance,
                             list(notes or []))
-        return self.recorder.record(decision, state.metrics if state is not None else None, numbers)
+        figures: dict[str, Any] = {}
+        record = self.recorder.record(decision, figures, numbers)
+        reporter.metrics(figures)
+        return record
 
     # -- start-now requests -------------------------------------------------------------------------
     def install_start_signal(self) -> None:

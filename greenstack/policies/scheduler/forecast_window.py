@@ -192,7 +192,7 @@ class ForecastWindow(SchedulerPolicy):
             return
         request = self.start_request(state) or self.resumed_run(state)
         if request is not None:
-            self.record(state, "start_now", {"requested_by": request}, {"start": self.now()},
+            self.record(state, reporter, "start_now", {"requested_by": request}, {"start": self.now()},
                         notes=[f"start requested ({request}): not waiting"])
             return
         planned = os.environ.get(PLANNED_START_ENV) if os.environ.get("SLURM_JOB_ID") else None
@@ -201,14 +201,14 @@ class ForecastWindow(SchedulerPolicy):
                 saving: float | None = float(os.environ.get(PLANNED_SAVING_ENV, ""))
             except ValueError:
                 saving = None
-            self.record(state, "start", {"planned_start": planned, "planned_by": "launcher (sbatch --begin)"},
+            self.record(state, reporter, "start", {"planned_start": planned, "planned_by": "launcher (sbatch --begin)"},
                         {"start": self.now(), "slurm_job_id": os.environ["SLURM_JOB_ID"]},
                         expected_saving_pct=saving,
                         notes=[f"Slurm released the job at the window planned when it was submitted ({planned})"])
             return
         left_h = (self.deadline - self.now()).total_seconds() / 3600
         if left_h <= self.duration_h:  # validated at construction; the time since then used up the slack
-            self.record(state, "start_now", {"deadline": self.deadline, "duration_h": self.duration_h},
+            self.record(state, reporter, "start_now", {"deadline": self.deadline, "duration_h": self.duration_h},
                         {"start": self.now()}, expected_saving_pct=0.0,
                         notes=[f"the deadline leaves {left_h:.2f} h for a {self.duration_h:g} h job: no slack to use"])
             return
@@ -219,28 +219,28 @@ class ForecastWindow(SchedulerPolicy):
                    "run_now_mean_g_per_kwh": plan.choice.cost_now / plan.choice.duration_h,
                    "planned_start_s": plan.start.timestamp(), "planned_wait_h": plan.choice.start_h}
         if plan.choice.start_h > 0 and saving < self.min_saving_pct:
-            self.record(state, "start_now", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
+            self.record(state, reporter, "start_now", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
                         expected_saving_pct=0.0, numbers=numbers, notes=plan.outlook.notes + [
                             f"best window saves {saving:.1f} % < min_saving_pct {self.min_saving_pct:g}: starting now"])
             return
         if plan.choice.start_h == 0:
-            self.record(state, "start_now", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
+            self.record(state, reporter, "start_now", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
                         expected_saving_pct=saving, numbers=numbers,
                         notes=plan.outlook.notes + ["now is the lowest-carbon window before the deadline"])
             return
         if os.environ.get("SLURM_JOB_ID") and self.slurm == "begin":
             begin = slurm_begin(plan.start, self.now())
-            self.record(state, "slurm_begin", plan.inputs(self.objective, self.duration_h),
+            self.record(state, reporter, "slurm_begin", plan.inputs(self.objective, self.duration_h),
                         {**plan.choice_dict(), "slurm_begin": begin}, expected_saving_pct=saving, numbers=numbers,
                         notes=plan.outlook.notes + [
                             f"inside Slurm job {os.environ['SLURM_JOB_ID']}: not sleeping on reserved resources; "
                             f"submit with --begin={begin} to start in the chosen window"])
             return
-        self.record(state, "wait", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
+        self.record(state, reporter, "wait", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
                     expected_saving_pct=saving, numbers=numbers, notes=plan.outlook.notes)
-        self._wait(state, plan)
+        self._wait(state, reporter, plan)
 
-    def _wait(self, state: State, plan: Plan) -> None:
+    def _wait(self, state: State, reporter: Reporter, plan: Plan) -> None:
         current = {"plan": plan, "hour": hour_floor(self.now())}
 
         def replan() -> float | None:
@@ -255,7 +255,7 @@ class ForecastWindow(SchedulerPolicy):
             costs = window_costs(values, self.duration_h) if len(values) >= math.ceil(self.duration_h) else []
             if 0 <= k_cur < len(costs) and fresh.choice.cost >= costs[k_cur] * (1 - TIE_RTOL):
                 return None  # the planned window is still (one of) the best
-            self.record(state, "replan", fresh.inputs(self.objective, self.duration_h), fresh.choice_dict(),
+            self.record(state, reporter, "replan", fresh.inputs(self.objective, self.duration_h), fresh.choice_dict(),
                         expected_saving_pct=fresh.expected_saving_pct, notes=fresh.outlook.notes,
                         numbers={"planned_start_s": fresh.start.timestamp()})
             current["plan"] = fresh
@@ -269,7 +269,7 @@ class ForecastWindow(SchedulerPolicy):
                                                                            getattr(state, "run_dir", None)))
         final = current["plan"]
         if not reason.startswith("started early"):
-            self.record(state, "start", {"reason": reason, "planned_start": final.start},
+            self.record(state, reporter, "start", {"reason": reason, "planned_start": final.start},
                         {"start": self.now(), "waited_s": round(self.waited_s, 3)},
                         expected_saving_pct=final.expected_saving_pct, numbers={"wait_s": self.waited_s},
                         notes=[f"{reason} after waiting {self.waited_s / 3600:.2f} h"])
@@ -277,7 +277,7 @@ class ForecastWindow(SchedulerPolicy):
         # Started before the planned window: the planned saving was not realised. Report the saving
         # expected for the start that actually happened (on the first plan's outlook, vs starting at arrival).
         actual = self.saving_at(plan, self.now())
-        self.record(state, "start", {"reason": reason, "planned_start": final.start,
+        self.record(state, reporter, "start", {"reason": reason, "planned_start": final.start,
                                      "planned_saving_pct": round(final.expected_saving_pct, 3), "window_used": False},
                     {"start": self.now(), "waited_s": round(self.waited_s, 3)},
                     expected_saving_pct=actual, numbers={"wait_s": self.waited_s},

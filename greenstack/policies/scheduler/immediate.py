@@ -20,6 +20,6 @@ class Immediate(SchedulerPolicy):
 
     def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.INIT and not self.decisions:
-            self.record(state, "start_now", {"policy": "immediate"}, {"start": self.now().isoformat()},
+            self.record(state, reporter, "start_now", {"policy": "immediate"}, {"start": self.now().isoformat()},
                         expected_saving_pct=0.0, provenance="measured",
                         notes=["scheduler=immediate: no carbon-aware scheduling (try scheduler=forecast_window)"])

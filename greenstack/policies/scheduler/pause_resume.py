@@ -120,17 +120,17 @@ class PauseResume(SchedulerPolicy):
     # -- events -------------------------------------------------------------------------------------
     def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
         if event is Event.FIT_START:
-            self._fit_start(state)
+            self._fit_start(state, reporter)
         elif event is Event.STEP_END:
             now = self.clock()
             if self._last_step_end is not None:
                 self._step_s.append(max(0.0, now - self._last_step_end))
             if now - self._last_check >= self.check_every_s and state.step < state.max_steps:
                 self._last_check = now
-                self._check(state)
+                self._check(state, reporter)
             self._last_step_end = self.clock()  # time paused is not step time
 
-    def _fit_start(self, state: State) -> None:
+    def _fit_start(self, state: State, reporter: Reporter) -> None:
         now = self.now()
         if self.deadline is None:  # a resumed run keeps its original deadline (state_dict)
             self.deadline = parse_deadline(self.deadline_spec, now, "scheduler.deadline")
@@ -142,16 +142,16 @@ class PauseResume(SchedulerPolicy):
                 hours = max(1, int(math.ceil(self.lookback_h)))
                 self.level = float(np.percentile(observed_levels(self.source(), now, hours), self.percentile))
                 how = f"p{self.percentile:g} of the {hours} h before the run"
-            self.record(state, "arm", {"mode": self.mode, "level_from": how, "deadline": self.deadline,
+            self.record(state, reporter, "arm", {"mode": self.mode, "level_from": how, "deadline": self.deadline,
                                        "weather_columns": []},
                         {"pause_above_g_per_kwh": self.level}, numbers={"pause_level_g_per_kwh": self.level},
                         notes=weather_note(self.source(), "pause_resume in threshold mode"))
         else:
-            self.record(state, "arm", {"mode": self.mode, "deadline": self.deadline,
+            self.record(state, reporter, "arm", {"mode": self.mode, "deadline": self.deadline,
                                        "min_chunk_h": self.min_chunk_h, "resume_overhead_h": self.resume_overhead_h},
                         {"plan": "re-planned at each check from the outlook"})
 
-    def _check(self, state: State) -> None:
+    def _check(self, state: State, reporter: Reporter) -> None:
         request = state.requests.pause
         if self.start_request(state) is not None:
             return  # the owner asked to run: no pausing
@@ -159,7 +159,7 @@ class PauseResume(SchedulerPolicy):
         latest = self.latest_resume_s(state)
         if request is not None:
             state.requests.pause = None
-            self._requested(state, request, latest)
+            self._requested(state, reporter, request, latest)
             return
         if now_s - self._last_resume < self.min_chunk_h * 3600:
             return  # run at least one chunk between pauses
@@ -170,26 +170,26 @@ class PauseResume(SchedulerPolicy):
             assert self.level is not None
             if intensity <= self.level:
                 return
-            self._pause(state, intensity, prov, src, target_s=latest, resume_below=self.level,
+            self._pause(state, reporter, intensity, prov, src, target_s=latest, resume_below=self.level,
                         plan={"pause_above_g_per_kwh": self.level}, expected=None)
             return
         resume_at, plan = self._plan(state)
         if resume_at is None or resume_at <= now_s:
             return
-        self._pause(state, intensity, prov, src, target_s=min(resume_at, latest), resume_below=None, plan=plan,
+        self._pause(state, reporter, intensity, prov, src, target_s=min(resume_at, latest), resume_below=None, plan=plan,
                     expected=plan.get("expected_saving_pct"))
 
-    def _requested(self, state: State, request: PauseRequest, latest: float) -> None:
+    def _requested(self, state: State, reporter: Reporter, request: PauseRequest, latest: float) -> None:
         """Act on another policy's pause request (and say so), unless the deadline leaves no room."""
         by = str(request.by or "another policy")
         if latest - self.clock() < self.poll_s:
-            self.record(state, "decline_pause", {"request": request.to_dict()}, {"reason": "no room before the deadline"},
+            self.record(state, reporter, "decline_pause", {"request": request.to_dict()}, {"reason": "no room before the deadline"},
                         notes=[f"{by} asked for a pause, but the deadline leaves no room"])
             return
         intensity, prov, src = intensity_now(self.source(), self.now())
         below = request.threshold if request.threshold is not None else self.level
         below = float(below) if isinstance(below, (int, float)) else None
-        self._pause(state, intensity, prov, src, target_s=latest, resume_below=below,
+        self._pause(state, reporter, intensity, prov, src, target_s=latest, resume_below=below,
                     plan={"requested_by": by, "request_reason": request.reason}, expected=None)
 
     def _plan(self, state: State) -> tuple[float | None, dict[str, Any]]:
@@ -211,12 +211,12 @@ class PauseResume(SchedulerPolicy):
             return None, plan
         return (t0 + timedelta(hours=slots.slots[0])).timestamp(), plan
 
-    def _pause(self, state: State, intensity: float, prov: str, src: str, *, target_s: float,
+    def _pause(self, state: State, reporter: Reporter, intensity: float, prov: str, src: str, *, target_s: float,
                resume_below: float | None, plan: dict[str, Any], expected: float | None) -> None:
         saved = self._checkpoint(state)
         self.pauses += 1
         latest = self.latest_resume_s(state)
-        self.record(state, "pause", {"intensity_g_per_kwh": intensity, "step": state.step, "source": src,
+        self.record(state, reporter, "pause", {"intensity_g_per_kwh": intensity, "step": state.step, "source": src,
                                      "remaining_s": self.remaining_s(state), "deadline": self.deadline,
                                      "latest_resume": datetime.fromtimestamp(latest, tz=timezone.utc)},
                     {"resume_by": datetime.fromtimestamp(target_s, tz=timezone.utc), **plan},
@@ -248,7 +248,7 @@ class PauseResume(SchedulerPolicy):
         resumed, _, _ = intensity_now(self.source(), self.now())
         saving = 100.0 * (intensity - resumed) / intensity if intensity > 0 else 0.0
         self._last_resume = now_s
-        self.record(state, "resume", {"reason": reason, "intensity_at_pause_g_per_kwh": intensity},
+        self.record(state, reporter, "resume", {"reason": reason, "intensity_at_pause_g_per_kwh": intensity},
                     {"resumed_at": self.now(), "paused_s": round(paused, 3), "intensity_g_per_kwh": resumed},
                     expected_saving_pct=saving, provenance=prov,
                     numbers={"paused": 0.0, "paused_s_total": self.paused_s, "intensity_at_resume_g_per_kwh": resumed},

@@ -132,7 +132,7 @@ class RegionChoice(SchedulerPolicy):
         if self.replayed is not None:
             zone, source = self.replayed
             state.region = zone
-            self.record(state, "choose_region", {"replayed_from": source}, {"zone": zone},
+            self.record(state, reporter, "choose_region", {"replayed_from": source}, {"zone": zone},
                         notes=[f"decision replayed from {source}"])
             return
         assert self.catalog is not None
@@ -151,7 +151,7 @@ class RegionChoice(SchedulerPolicy):
             notes.append(f"this run is in {here}; greenstack would place it in {best.candidate.zone} "
                          "(a running process cannot move: submit there, or let a launcher act on choose_region)")
         state.region = best.candidate.zone
-        self.record(state, "choose_region",
+        self.record(state, reporter, "choose_region",
                     {"candidates": [r.to_dict() for r in self.ranking], "kind": self.kind,
                      "weights": {"w_carbon": self.w_carbon, "w_price": self.w_price},
                      "catalog": {"path": self.catalog.path, "as_of": self.catalog.as_of},

@@ -80,7 +80,7 @@ class Threshold(SchedulerPolicy):
             return
         request = self.start_request(state) or self.resumed_run(state)
         if request is not None:
-            self.record(state, "start_now", {"requested_by": request}, {"start": self.now()})
+            self.record(state, reporter, "start_now", {"requested_by": request}, {"start": self.now()})
             return
         arrival = self.now()
         latest = self.deadline - timedelta(hours=self.duration_h)
@@ -91,11 +91,11 @@ class Threshold(SchedulerPolicy):
                   "latest_start": latest, "source": src, "weather_columns": []}
         unused = weather_note(self.source(), "the threshold rule")
         if first < level:
-            self.record(state, "start_now", inputs, {"start": arrival}, expected_saving_pct=0.0, provenance=prov,
+            self.record(state, reporter, "start_now", inputs, {"start": arrival}, expected_saving_pct=0.0, provenance=prov,
                         numbers={"threshold_g_per_kwh": level, "intensity_at_start_g_per_kwh": first},
                         notes=[f"intensity {first:.0f} g/kWh is below the level {level:.0f}: starting now", *unused])
             return
-        self.record(state, "wait", inputs, {"until": f"intensity < {level:.1f} g/kWh or {latest.isoformat()}"},
+        self.record(state, reporter, "wait", inputs, {"until": f"intensity < {level:.1f} g/kWh or {latest.isoformat()}"},
                     provenance=prov, numbers={"threshold_g_per_kwh": level}, notes=unused)
         seen = {"intensity": first, "below": False}
 
@@ -117,7 +117,7 @@ class Threshold(SchedulerPolicy):
             reason = "latest start reached (deadline)"
         at_start = seen["intensity"]
         saving = 100.0 * (first - at_start) / first if first > 0 else 0.0
-        self.record(state, "start", {"reason": reason, "intensity_at_arrival_g_per_kwh": first},
+        self.record(state, reporter, "start", {"reason": reason, "intensity_at_arrival_g_per_kwh": first},
                     {"start": self.now(), "waited_s": round(self.waited_s, 3), "intensity_at_start_g_per_kwh": at_start},
                     expected_saving_pct=saving, provenance=prov,
                     numbers={"wait_s": self.waited_s, "intensity_at_start_g_per_kwh": at_start},
