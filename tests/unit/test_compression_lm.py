@@ -49,7 +49,7 @@ def lm_batches(n: int = 4, batch: int = 4, length: int = 12, seed: int = 0) -> l
 def fit_lm(model: nn.Module, policies: list, steps: int = 2, lr: float = 3e-3, run_dir: str | None = None) -> Trainer:
     batches = lm_batches()
     trainer = Trainer(model, batches, Optim(lr=lr), TrainerConfig(
-        max_duration=f"{steps}ba", progress=False, log_interval=1, limit_eval_batches=1, device="cpu"),
+        max_duration=f"{steps}ba", progress=False, log_interval=1, limit_eval_batches=1),
         val_loader=batches[:1], test_loader=batches[:2], policies=policies, batch_size=4, task=CausalLM(),
         run_dir=run_dir)
     trainer.fit()
@@ -198,7 +198,7 @@ def test_distillation_policy_trains_a_smaller_decoder_on_next_token_distribution
     assert figures["compression/distill_param_fraction"] <= 0.6
     assert figures["compression/distill_teacher_perplexity"] > 1 and figures["compression/distill_student_perplexity"] > 1
     # the loss trained on is alpha * soft + (1 - alpha) * next-token cross-entropy
-    batch = lm_batches(1)[0]
+    batch = {k: v.to(trainer.state.device) for k, v in lm_batches(1)[0].items()}
     with torch.no_grad():
         logits = trainer.state.model(batch["inputs"]).logits
         teacher_logits = distill.teacher(batch["inputs"]).logits

@@ -57,7 +57,7 @@ def padded_rows(n: int = 3, batch: int = 4, length: int = 12) -> list[dict[str, 
 
 def train(policy: Any, batches: list[dict[str, Any]], model: torch.nn.Module) -> tuple[Trainer, State]:
     trainer = Trainer(model, batches, Optim(lr=1e-3), TrainerConfig(
-        max_duration="2ba", progress=False, log_interval=1, limit_eval_batches=1, device="cpu"),
+        max_duration="2ba", progress=False, log_interval=1, limit_eval_batches=1),
         val_loader=batches[:1], policies=[policy], batch_size=4, task=CausalLM())
     return trainer, trainer.fit()
 
