@@ -62,8 +62,11 @@ def build_policies(cfg: DictConfig, groups: Iterable[str] | None = None, *,
     return policies
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train one job described by `cfg`, writing every output into `run_dir`. Returns the summary."""
+def run(cfg: DictConfig, run_dir: str | Path, *, spawned_worker: bool = False) -> dict[str, Any]:
+    """Train one job described by `cfg`, writing every output into `run_dir`. Returns the summary.
+
+    `spawned_worker`: this process is a worker `federated.spawn` started (its failure is noted for it).
+    """
     problems = validate_config(cfg)
     if problems:
         raise ConfigError(problems)
@@ -72,20 +75,22 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if federated.wants_spawn(cfg):  # several workers asked for and no launcher around: start them here
         return federated.spawn(cfg, run_dir)
     worker = federated.join(cfg)  # None unless federated=ddp/geo
+    # this run's preemption channel (the launcher's, when one offered it): dropped with the run
+    channel = preemption.take()
     finished = False
     determinism = Determinism(cfg.trainer.get("deterministic", False))
     try:
         # determinism before anything touches the device (CUBLAS_WORKSPACE_CONFIG)
         with _sigterm_raises(), determinism.applied():
-            summary = _run(cfg, run_dir, worker, determinism)
+            summary = _run(cfg, run_dir, worker, determinism, channel)
         finished = True
         return summary
     except BaseException as e:
-        if worker is not None and federated.SPAWNED:
+        if worker is not None and spawned_worker:
             federated.mark_failure(run_dir, worker.rank, e)  # before leaving the group: peers fail next
         raise
     finally:
-        preemption.end_run()  # process-wide hooks of this run's policies must not outlive it (multiruns)
+        channel.end_run()  # the policies' hooks must not outlive the run; `saved` stays for the launcher
         if worker is not None:
             worker.close(finished=finished)
 
@@ -122,7 +127,7 @@ def end_status(error: BaseException) -> str:
 
 
 def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None,
-         determinism: Determinism) -> dict[str, Any]:
+         determinism: Determinism, channel: preemption.Preemption) -> dict[str, Any]:
     rank = worker.rank if worker is not None else int(os.environ.get("RANK", "0") or 0)
     run_id = load_or_create_run_id(run_dir) if worker is None else federated.shared_run_id(run_dir, worker)
     audit = run_audit_log(run_dir, actor=f"run {run_id}")
@@ -171,7 +176,7 @@ def _run(cfg: DictConfig, run_dir: Path, worker: federated.WorkerContext | None,
     try:
         trainer = Trainer(model, data.train, optim, trainer_cfg, val_loader=data.val, test_loader=data.test,
                           policies=[*report.policies(), *policies, carried], sinks=[Fanout(jsonl, tracker)],
-                          batch_size=data.batch_size, run_dir=str(run_dir), task=task)
+                          batch_size=data.batch_size, run_dir=str(run_dir), task=task, preemption=channel)
         state = trainer.fit()
         say = log.info if trainer_cfg.progress and rank == 0 else log.debug  # the minute after the last step
         say("measuring the run's figures (energy, carbon, model size, FLOPs, inference latency)")

@@ -11,7 +11,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from greenstack.cli._common import failure as _failure
 from greenstack.cli._common import report_error
 from greenstack.errors import GreenstackError
 
@@ -162,8 +161,6 @@ def _main(argv: list[str]) -> int:
               file=sys.stderr)
         print(USAGE, file=sys.stderr)
         return 2
-    _failure.clear()
-    _failure["debug"] = debug
     try:
         return COMMANDS[command](rest)
     except GreenstackError as e:

@@ -1,9 +1,10 @@
 """What every `greenstack` subcommand shares: the console, one way to print problems and errors, the
-argparse flavour that reports usage errors as ConfigError, and the per-invocation failure record."""
+argparse flavour that reports usage errors as ConfigError, and whether tracebacks are wanted."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -11,8 +12,12 @@ from typing import Any
 from greenstack.console import plural
 from greenstack.errors import ConfigError, Problem
 
-#: the failure of the current command (`code`, `debug`): set by `main`, read by `train` after Hydra exits
-failure: dict[str, Any] = {}
+DEBUG_ENV = "GREENSTACK_DEBUG"
+
+
+def debug() -> bool:
+    """Tracebacks wanted: `main` sets GREENSTACK_DEBUG=1 for a `--debug` invocation (workers inherit it)."""
+    return os.environ.get(DEBUG_ENV) == "1"
 
 
 def console(stderr: bool = True) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from greenstack.cli._common import console as _console
-from greenstack.cli._common import failure as _failure
+from greenstack.cli._common import debug as _debug
 from greenstack.cli._common import print_problems, report_error
 from greenstack.cli.configs import check_recipe_path, collect_problems
 from greenstack.console import plural
@@ -28,7 +28,12 @@ _HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", 
 _JOB_FAILED = "greenstack: job failed (reported above)"
 
 
-def _task(cfg: Any) -> dict[str, Any]:
+def _task(cfg: Any, exit_codes: list[int], *, checked: bool = False) -> dict[str, Any]:
+    """One job of this invocation; a failed job's exit code goes into `exit_codes` (the invocation's own).
+
+    `checked`: the pre-flight validated this command's config; a single run in this process gets exactly
+    that config, so the runner does not check it again (sweeps and remote jobs are checked per job).
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import CompactHydraException
 
@@ -47,16 +52,16 @@ def _task(cfg: Any) -> dict[str, Any]:
         error = f"{type(e).__name__}: {e}"
         log_file = _log_failure(hydra_cfg, run_dir, e)
         _record_job(hydra_cfg, run_dir, "FAILED", error=error)
-        if _failure.get("debug"):
+        if _debug():
             raise
         if isinstance(e, GreenstackError):
-            _failure["code"] = report_error(e)
+            exit_codes.append(report_error(e))
         else:  # a bug or a library's error: the cause on screen, the traceback in the job's log
             first = (str(e).strip().splitlines() or [""])[0]
             _console().print(f"[bold red]greenstack error:[/] run failed: {type(e).__name__}: {first}\n"
                              f"  traceback in {log_file} (rerun with --debug to see it here)",
                              markup=True, soft_wrap=True, highlight=False)
-            _failure["code"] = 1
+            exit_codes.append(1)
         raise JobFailed(_JOB_FAILED) from None
     _record_job(hydra_cfg, run_dir, "COMPLETED", summary=summary)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun/Slurm every rank returns; rank 0 reports
@@ -205,21 +210,26 @@ def train(argv: list[str]) -> int:
         check_recipe_path()
     # secret-looking override values move to this process's environment: Hydra saves `${oc.env:...}`
     sys.argv = ["greenstack train", *hide_override_secrets(argv)]
-    app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_task)
-    jobtable.clear()
+    exit_codes: list[int] = []  # of this invocation's failed jobs, dropped with it
+
+    def task(cfg: Any) -> dict[str, Any]:
+        return _task(cfg, exit_codes, checked=not skip_preflight)
+
+    app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(task)
     code = 0
     stderr = sys.stderr
-    if not _failure.get("debug"):
+    if not _debug():
         sys.stderr = _HydraNoise(stderr)
     try:
-        with searchpath_recipes(searchpath_dirs([a for a in argv if not a.startswith("-")])):
+        with jobtable.collecting() as table, \
+                searchpath_recipes(searchpath_dirs([a for a in argv if not a.startswith("-")])):
             app()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        code = _failure.get("code", code) if code else 0
+        code = (exit_codes[-1] if exit_codes else code) if code else 0
     finally:
         sys.stderr = stderr
-    outcomes = jobtable.outcomes() if multirun else []
+    outcomes = table.outcomes() if multirun else []
     if outcomes:
         jobtable.print_table(outcomes)
         if any(o.failed for o in outcomes) and code == 0:

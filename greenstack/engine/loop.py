@@ -21,6 +21,7 @@ from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy, dispatch_order
+from greenstack.engine.preemption import Preemption
 from greenstack.engine.reporter import DecisionLog, Reporter
 from greenstack.engine.resize import BatchResize
 from greenstack.engine.state import State
@@ -142,7 +143,7 @@ class Trainer:
                  config: TrainerConfig, *, val_loader: Iterable | None = None,
                  test_loader: Iterable | None = None, policies: Sequence[Policy] = (),
                  sinks: Sequence[MetricSink] = (), batch_size: int = 0, run_dir: str | None = None,
-                 task: Task | None = None) -> None:
+                 task: Task | None = None, preemption: Preemption | None = None) -> None:
         self.config = config
         self.task = task if task is not None else Classification()
         self.device = resolve_device(config.device)
@@ -160,7 +161,8 @@ class Trainer:
                            max_steps=max_steps, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
                            run_dir=run_dir, train_loader=train_loader, task=self.task,
                            optim_factory=lambda params: optim.build(params, self.state.max_steps),
-                           deterministic=config.deterministic is True or config.deterministic == "warn")
+                           deterministic=config.deterministic is True or config.deterministic == "warn",
+                           preemption=preemption if preemption is not None else Preemption())
         #: the run's decisions, in the order policies took them (audit.jsonl is written from it)
         self.decisions = DecisionLog()
         self._reporters: dict[int, Reporter] = {}

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
+from greenstack.engine.preemption import Preemption
 from greenstack.engine.requests import Requests
 
 
@@ -103,6 +104,8 @@ class State:
     #: trainer.deterministic is true or warn: timing-based decisions keep the current configuration
     #: unless they are replayed from a recorded run (greenstack/engine/replay.py)
     deterministic: bool = False
+    #: this run's preemption channel (requests, the saving policy, group hooks); dropped with the run
+    preemption: Preemption = field(default_factory=Preemption)
 
     @property
     def progress(self) -> float:

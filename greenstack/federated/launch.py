@@ -147,8 +147,6 @@ def _quiet_agent() -> Iterator[None]:
 
 #: where workers note their failure before leaving the process group (see `mark_failure`)
 FAILURE_DIR = ".federated-failures"
-#: True in a worker that `spawn` started
-SPAWNED = False
 
 
 def mark_failure(run_dir: str | Path, rank: int, error: BaseException) -> None:
@@ -258,9 +256,8 @@ def _worker(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
         handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - [rank 0] %(message)s"))
         logging.getLogger().addHandler(handler)
-    global SPAWNED
-    SPAWNED = True  # failures are noted for `spawn` (mark_failure); an external launcher has its own report
-    summary = runner.run(OmegaConf.create(container), run_dir)
+    # spawned: failures are noted for `spawn` (mark_failure); an external launcher has its own report
+    summary = runner.run(OmegaConf.create(container), run_dir, spawned_worker=True)
     if rank != 0:
         return None
     return {k: v for k, v in summary.items() if k in ("run_id", "metrics", "flat", "stopped_early")}

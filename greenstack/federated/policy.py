@@ -39,7 +39,6 @@ from greenstack.federated.core import (
     weighted_dense_average,
     weighted_sparse_average,
 )
-from greenstack.launch import preemption
 from greenstack.provenance import Figure, weakest
 
 log = logging.getLogger("greenstack")
@@ -141,10 +140,10 @@ class DataParallel(Policy):
             state.model = ddp
             self._comm = _comm_device(state)
             if state.world_size > 1:  # a preemption stops every worker at the same step (see _agree)
-                preemption.coordinate(self._agree)
+                state.preemption.coordinate(self._agree)
             return
         if event in (Event.FIT_END, Event.EXCEPTION):
-            preemption.coordinate(None)
+            state.preemption.coordinate(None)
         if isinstance(state.model, DDP):  # FIT_END / EXCEPTION: hand the plain model back
             state.model = state.model.module
             if event is Event.FIT_END:
@@ -370,8 +369,8 @@ class GeoTraining(Policy):
                 self._end_round(state, reporter)
                 self._skip_sat_out_rounds(state, reporter)
         elif event is Event.FIT_END:
-            preemption.coordinate(None)
-            preemption.gate_snapshots(None)
+            state.preemption.coordinate(None)
+            state.preemption.gate_snapshots(None)
             if state.stop and not self._agreed_stop and self._round_start < state.max_steps:
                 # this worker stopped early (early stopping, a budget...): take part in the round the
                 # others are in, flagged, so everyone stops after it instead of waiting on a timeout
@@ -379,8 +378,8 @@ class GeoTraining(Policy):
             self._drain(state, reporter, wait_all=True)
             self._finish(state)
         else:  # EXCEPTION: no collectives, just stop the meter thread
-            preemption.coordinate(None)
-            preemption.gate_snapshots(None)
+            state.preemption.coordinate(None)
+            state.preemption.gate_snapshots(None)
             if self._monitor is not None:
                 self._monitor.stop()
             self._close_channel()
@@ -410,9 +409,9 @@ class GeoTraining(Policy):
         self._pending: list[dict[str, Any]] = []
         self._agreed_stop = False  # a worker stopped early and every worker has seen it (see FIT_END)
         # a worker's preemption request travels with the next exchange; all workers stop after that round
-        preemption.coordinate(lambda local: None)
+        state.preemption.coordinate(lambda local: None)
         # periodic snapshots at round boundaries only, where every worker's state lines up
-        preemption.gate_snapshots(lambda st: st.step == self._round_start or st.step >= st.max_steps)
+        state.preemption.gate_snapshots(lambda st: st.step == self._round_start or st.step >= st.max_steps)
         self._per_region = {r.name: {"energy_kwh": 0.0, "emissions_kg": 0.0, "steps": 0, "rounds_sat_out": 0,
                                      "workers": r.capacity} for r in self.regions}
         self._energy_at_last_round = 0.0
@@ -483,7 +482,7 @@ class GeoTraining(Policy):
         else:
             self.bytes_sent += header_bytes + payload[0].numel() * INDEX_BYTES + payload[1].numel() * 4 * (steps > 0)
         header_t = torch.tensor([steps, payload[0].numel(), energy_kwh, energy_kwh * self._intensity / 1000.0,
-                                 self.bytes_sent, float(state.stop), float(preemption.pending() or 0)],
+                                 self.bytes_sent, float(state.stop), float(state.preemption.pending() or 0)],
                                 dtype=torch.float64, device=self._comm)
         gathered = self._all_gather(header_t)
         stopped = [rank for rank, h in enumerate(gathered) if h[5].item() > 0]
@@ -505,7 +504,7 @@ class GeoTraining(Policy):
         if preempted:  # every worker saw the same flags: all save at this round boundary, then stop
             rank, signum = preempted[0]
             self._done = 0  # the next round has not begun: a resumed worker plans it afresh
-            preemption.preempt_now(state, signum, f"{signal.Signals(signum).name} to worker rank {rank} "
+            state.preemption.preempt_now(state, signum, f"{signal.Signals(signum).name} to worker rank {rank} "
                                    f"({self.rank_regions[rank].name}); every worker saves after round {self._round - 1}")
         if stopped:  # every worker saw the same flags: all stop after this round, none plans another
             self._agreed_stop = True
@@ -515,7 +514,7 @@ class GeoTraining(Policy):
             return
         if self._round_start < state.max_steps:
             self._plan_round(state)
-        preemption.at_boundary(state)  # due snapshots here, on every worker (also one sitting this round out)
+        state.preemption.at_boundary(state)  # due snapshots here, on every worker (also one sitting this round out)
 
     # -- transport ---------------------------------------------------------------------------------
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Why: Hydra's launchers report a failed job as one exception (or, with submitit, not at all until
 you read its pickle), so a sweep of 50 jobs can look fine while three failed. Every launcher path
-records one `JobOutcome` per job here; the CLI prints them after the sweep and exits non-zero,
+records one `JobOutcome` per job into the sweep's `JobTable` (opened by the CLI with `collecting()`
+for one invocation and dropped with it); the CLI prints them after the sweep and exits non-zero,
 naming each failed job's log, when any failed.
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,23 +44,43 @@ class JobOutcome:
         return self.state not in OK_STATES
 
 
-_lock = threading.Lock()
-_outcomes: list[JobOutcome] = []
+class JobTable:
+    """The outcomes of one sweep (one `greenstack train -m` invocation), by job number."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # Hydra's launchers may collect jobs from threads
+        self._by_num: dict[int, JobOutcome] = {}
+
+    def record(self, outcome: JobOutcome) -> None:
+        with self._lock:
+            self._by_num[outcome.num] = outcome  # a requeued job's later outcome replaces its first
+
+    def outcomes(self) -> list[JobOutcome]:
+        with self._lock:
+            return sorted(self._by_num.values(), key=lambda o: o.num)
+
+
+#: the table of the sweep being launched; set only inside `collecting()` (Hydra sits between the CLI
+#: and the launchers that record, so the table cannot be passed as an argument), reset when it ends
+_CURRENT: ContextVar[JobTable | None] = ContextVar("greenstack_job_table", default=None)
+
+
+@contextmanager
+def collecting() -> Iterator[JobTable]:
+    """A fresh table that the launchers of the sweep run inside this block record into."""
+    table = JobTable()
+    token = _CURRENT.set(table)
+    try:
+        yield table
+    finally:
+        _CURRENT.reset(token)
 
 
 def record(outcome: JobOutcome) -> None:
-    with _lock:
-        _outcomes[:] = [o for o in _outcomes if o.num != outcome.num] + [outcome]
-
-
-def outcomes() -> list[JobOutcome]:
-    with _lock:
-        return sorted(_outcomes, key=lambda o: o.num)
-
-
-def clear() -> None:
-    with _lock:
-        _outcomes.clear()
+    """Record into the current sweep's table (nothing to do outside `collecting()`: nobody prints it)."""
+    table = _CURRENT.get()
+    if table is not None:
+        table.record(outcome)
 
 
 def figure_value(summary: Any, key: str) -> float | None:

@@ -149,7 +149,7 @@ class GreenstackSlurmLauncher(SlurmLauncher):
                  singleton_state: dict[Any, Any]) -> JobReturn:
         import submitit
 
-        preemption.reset()
+        channel = preemption.Preemption()  # this job's own: nothing of an earlier job in this process
         if submitit.JobEnvironment().num_tasks > 1:
             # several tasks (nodes x tasks_per_node): torch.distributed's env:// variables, as torchrun sets them
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -157,20 +157,21 @@ class GreenstackSlurmLauncher(SlurmLauncher):
         submitit_handler = signal.getsignal(usr_signal)
 
         def on_signal(signum: int, frame: Any) -> None:
-            if preemption.honoured():
+            if channel.honoured:
                 log.warning("received %s: checkpointing at the next step boundary, then requeueing",
                             signal.Signals(signum).name)
-                preemption.request(signum)
+                channel.request(signum)
             elif callable(submitit_handler):  # nothing to save: submitit requeues (restart from step 0)
                 submitit_handler(signum, frame)
 
         previous = {s: signal.signal(s, on_signal) for s in {usr_signal, signal.SIGUSR1}}
         try:
-            ret = super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+            with preemption.offered(channel):  # the run this job starts takes it (runner.run)
+                ret = super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        saved = preemption.saved()
+        saved = channel.saved
         if saved is not None and saved["signal"] in REQUEUE_SIGNALS and hasattr(submitit_handler, "__self__"):
             log.warning("checkpoint for %s saved at step %s (%s): requeueing job %s", saved["signal"],
                         saved["step"], saved["where"], job_num)

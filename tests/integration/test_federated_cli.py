@@ -44,10 +44,8 @@ class PreemptOnRank(Policy):
     def __call__(self, event, state, reporter) -> None:
         import signal
 
-        from greenstack.launch import preemption
-
         if state.rank == self.rank and state.step == self.at_step:
-            preemption.request(signal.SIGUSR1)
+            state.preemption.request(signal.SIGUSR1)
 
 
 @pytest.mark.slow

@@ -146,7 +146,6 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     #    uninterrupted run does
     import signal
 
-    from greenstack.launch import preemption
     from greenstack.policies.checkpointing.hierarchical import HierarchicalCheckpointing, Preempted
 
     class RequestAt(Policy):
@@ -158,7 +157,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
         def __call__(self, event, state, reporter):
             if rank == 1 and state.step == self.at:
-                preemption.request(signal.SIGUSR1)  # as the Slurm launcher's handler does
+                state.preemption.request(signal.SIGUSR1)  # as the Slurm launcher's handler does
 
     def checkpointing(folder: str, resume: str, every: int = 1000) -> HierarchicalCheckpointing:
         return HierarchicalCheckpointing(memory_every=0, local_every=every, local_keep=10,
@@ -168,9 +167,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         def federated(kind: str = kind):
             return DataParallel(workers=WORLD, exact_resume=True) if kind == "ddp" else geo_topk()
 
-        preemption.reset()
         whole, _ = _fit(federated(), rank, steps=16, seed=7, extra=[RequestAt(-1), checkpointing(f"{kind}-ref", "never")])
-        preemption.reset()
         try:
             _fit(federated(), rank, steps=16, seed=7, extra=[RequestAt(5), checkpointing(f"{kind}-cut", "never")])
             results[f"{kind}_preempted"] = None
@@ -178,7 +175,6 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             results[f"{kind}_preempted"] = {"exit_code": e.exit_code, "message": str(e)}
         saved = sorted(p.name for p in (Path(tmp) / f"{kind}-cut" / f"rank-{rank}").glob("step-*"))
         results[f"{kind}_saved_steps"] = [int(name.split("-")[1]) for name in saved]
-        preemption.reset()
         resumed, _ = _fit(federated(), rank, steps=16, seed=9, extra=[RequestAt(-1), checkpointing(f"{kind}-cut", "auto")])
         results[f"{kind}_resume_exact"] = all(
             torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
@@ -192,7 +188,6 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         return GeoTraining(regions=regions, local_steps=4, compression={"kind": "topk", "ratio": 0.1},
                            participation={"mode": "carbon_aware", "margin": 0.5}, clock=clock)
 
-    preemption.reset()
     whole, _ = _fit(geo_aware(), rank, steps=24, seed=10, extra=[RequestAt(-1), checkpointing("aware", "never", 6)])
     mine = Path(tmp) / "aware" / f"rank-{rank}"
     results["aware_saved_steps"] = sorted(int(p.name.split("-")[1]) for p in mine.glob("step-*"))
@@ -201,12 +196,10 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     for name in ("step-000000008", "step-000000012"):
         if (mine / name).is_dir():
             shutil.copytree(mine / name, cut / name)
-    preemption.reset()
     resumed, _ = _fit(geo_aware(), rank, steps=24, seed=11, extra=[RequestAt(-1), checkpointing("aware-cut", "auto")])
     results["aware_resume_exact"] = all(
         torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
                                           strict=True))
-    preemption.reset()
     dist.barrier()  # nobody tears gloo down while a peer still talks to it (that can SIGABRT the peer)
     dist.destroy_process_group()
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(results))

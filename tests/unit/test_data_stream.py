@@ -16,7 +16,6 @@ from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError
-from greenstack.launch import preemption
 from greenstack.policies.checkpointing.hierarchical import HierarchicalCheckpointing, Preempted
 from greenstack.tasks import CausalLM, Classification
 
@@ -47,7 +46,7 @@ class _Ids(Policy):
         if event is Event.BATCH_START:
             self.seen += state.batch["ids"]
         elif self.stop_at is not None and state.step == self.stop_at:
-            preemption.request(signal.SIGUSR2)
+            state.preemption.request(signal.SIGUSR2)
 
     def state_dict(self):
         return {}
@@ -83,15 +82,11 @@ def test_a_preempted_and_resumed_stream_sees_exactly_the_uninterrupted_samples(t
     reference = _Ids()
     _fit(stream(shards, batch_size=6, max_length=16), [reference], steps)
     assert len(reference.seen) == 6 * 14 + 6 * 2 - 4  # 7 batches an epoch, the last of 4 rows
-    preemption.reset()
     first = _Ids(stop_at=9)  # requested during step 10 (second epoch): saved after it
     ckpt = str(tmp_path / "ckpt")
-    try:
-        with pytest.raises(Preempted):
-            _fit(stream(shards, batch_size=6, max_length=16),
-                 [first, HierarchicalCheckpointing(memory_every=1, local_every=100, local_dir=ckpt)], steps)
-    finally:
-        preemption.reset()
+    with pytest.raises(Preempted):
+        _fit(stream(shards, batch_size=6, max_length=16),
+             [first, HierarchicalCheckpointing(memory_every=1, local_every=100, local_dir=ckpt)], steps)
     assert os.path.isdir(os.path.join(ckpt, "step-000000010"))
     resumed = _Ids()
     state = _fit(stream(shards, batch_size=6, max_length=16),

@@ -74,8 +74,8 @@ class _RequestAt(Policy):
 
     def __call__(self, event, state, reporter):
         if state.step == self.step:
-            assert preemption.honoured()
-            preemption.request(signal.SIGUSR2)
+            assert state.preemption.honoured
+            state.preemption.request(signal.SIGUSR2)
 
 
 def _trainer(policies, steps=10):
@@ -90,19 +90,16 @@ def _trainer(policies, steps=10):
 
 
 def test_a_launcher_request_is_honoured_at_the_next_step_boundary(tmp_path):
-    preemption.reset()
     ckpt = HierarchicalCheckpointing(memory_every=1, local_every=100, local_dir=str(tmp_path / "ckpt"))
-    try:
-        with pytest.raises(Preempted) as err:
-            _trainer([_RequestAt(3), ckpt]).fit()
-        assert err.value.exit_code == 128 + signal.SIGUSR2
-        saved = preemption.saved()
-        # requested during step 4's forward (state.step is 3 until the step ends): saved after step 4
-        assert saved is not None and saved["signal"] == "SIGUSR2" and saved["step"] == 4
-        assert (tmp_path / "ckpt" / "step-000000004").is_dir()
-        assert not preemption.honoured()  # the policy is done
-    finally:
-        preemption.reset()
+    trainer = _trainer([_RequestAt(3), ckpt])
+    with pytest.raises(Preempted) as err:
+        trainer.fit()
+    assert err.value.exit_code == 128 + signal.SIGUSR2
+    saved = trainer.state.preemption.saved
+    # requested during step 4's forward (state.step is 3 until the step ends): saved after step 4
+    assert saved is not None and saved["signal"] == "SIGUSR2" and saved["step"] == 4
+    assert (tmp_path / "ckpt" / "step-000000004").is_dir()
+    assert not trainer.state.preemption.honoured  # the policy is done
 
 
 def test_job_table_names_failed_jobs_and_their_logs(capsys, tmp_path):
@@ -110,17 +107,19 @@ def test_job_table_names_failed_jobs_and_their_logs(capsys, tmp_path):
                                                             "test/accuracy": {"value": 0.75},
                                                             "carbon/total_kg_co2e": {"value": 2e-5}}})
     assert metric == ("test/accuracy", 0.75) and kg == 2e-5
-    jobtable.clear()
-    jobtable.record(jobtable.JobOutcome(1, ["lr=0.1"], "FAILED", log_path=str(tmp_path / "1.err"),
-                                        error="Traceback ...\nValueError: boom"))
-    jobtable.record(jobtable.JobOutcome(0, ["lr=0.01"], "COMPLETED", metric=metric, emissions_kg=kg))
-    items = jobtable.outcomes()
+    with jobtable.collecting() as table:
+        jobtable.record(jobtable.JobOutcome(1, ["lr=0.1"], "FAILED", log_path=str(tmp_path / "1.err"),
+                                            error="Traceback ...\nValueError: boom"))
+        jobtable.record(jobtable.JobOutcome(0, ["lr=0.01"], "COMPLETED", metric=metric, emissions_kg=kg))
+    items = table.outcomes()
     assert [o.num for o in items] == [0, 1] and [o.failed for o in items] == [False, True]
     jobtable.print_table(items)
     out, err = capsys.readouterr()
     assert "2 jobs, 1 failed" in out and "test/accuracy=0.75" in out and "2e-05" in out
     assert f"job 1 FAILED: ValueError: boom; see its log: {tmp_path / '1.err'}" in err
-    jobtable.clear()
+    with jobtable.collecting() as later:  # the next sweep's table starts empty
+        pass
+    assert later.outcomes() == []
 
 
 def test_a_job_released_at_its_planned_begin_starts_at_once(tmp_path, monkeypatch):
@@ -148,13 +147,14 @@ def test_a_run_that_fails_leaves_no_preemption_hooks_behind(tmp_path):
     from greenstack.errors import GreenstackError
     from tests.conftest import FAST
 
-    preemption.reset()
-    preemption.coordinate(lambda local: None)  # as a federated policy's INIT would have left them
-    preemption.gate_snapshots(lambda state: False)
+    channel = preemption.Preemption()
+    channel.coordinate(lambda local: None)  # as a federated policy's INIT would have left them
+    channel.gate_snapshots(lambda state: False)
     cfg, problems = compose_with_problems(["recipe=quickstart", *FAST, "model.name=resnet10t",
                                            "checkpointing=hierarchical", "checkpointing.resume=required"])
     assert not problems, problems
-    with pytest.raises(GreenstackError, match="resume=required"):
+    # as the Slurm launcher offers its job's channel
+    with pytest.raises(GreenstackError, match="resume=required"), preemption.offered(channel):
         runner.run(cfg, tmp_path)  # fails in the checkpointing policy's INIT: no checkpoint to resume
-    assert not preemption.honoured()
-    assert preemption.agreed(None) is None and preemption.snapshot_allowed(object())
+    assert not channel.honoured
+    assert channel.agreed(None) is None and channel.snapshot_allowed(object())

@@ -8,8 +8,8 @@ training; if a tier is still busy with the previous checkpoint, the new one is s
 (and counted). On SIGTERM/SIGUSR1 (Slurm `--signal`, spot notices) the policy writes a checkpoint
 synchronously within a time budget and stops the run with exit code 128 + signal; restarting with
 `checkpointing.resume=auto` in the same run dir continues bit-for-bit. Requests made through
-`greenstack.launch.preemption` (the Slurm launcher's signal handler) are honoured the same way, and
-the saved checkpoint is reported back there so the launcher can requeue the job.
+the run's preemption channel (`State.preemption`, fed by the Slurm launcher's signal handler) are
+honoured the same way, and the saved checkpoint is reported back there so the launcher can requeue the job.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import Check, ConfigError, GreenstackError, Problem, above, at_least, checked
-from greenstack.launch import preemption
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
@@ -245,7 +244,7 @@ class HierarchicalCheckpointing(Policy):
             if self.resume_mode != "never":
                 self._resume(state, stores)
             self._checked_step = state.step  # cadences count from here (0, or the resumed step)
-            preemption.register(self)  # from INIT on: a federated policy may need it from its FIT_START
+            state.preemption.register(self)  # from INIT on: a federated policy may need it from its FIT_START
         elif event is Event.FIT_START:
             self._install_signals()
             if self.spot_notice:
@@ -259,7 +258,7 @@ class HierarchicalCheckpointing(Policy):
         elif event in (Event.FIT_END, Event.EXCEPTION):
             self._settle(state, reporter)
             self._restore_signals()
-            preemption.unregister(self)
+            state.preemption.unregister(self)
             if self._spot is not None:
                 self._spot.stop()
             for tier in self.tiers.values():
@@ -301,15 +300,15 @@ class HierarchicalCheckpointing(Policy):
         return bool(every) and step // every > self._checked_step // every
 
     def _on_step(self, state: State, reporter: Reporter | None = None) -> None:
-        if self._signal is None and preemption.requested() is not None:
-            self._signal = preemption.requested()
+        if self._signal is None and state.preemption.requested_signum is not None:
+            self._signal = state.preemption.requested_signum
             self._reason = f"{signal.Signals(self._signal).name} (via the launcher)"
         # with several workers only the group's agreement stops this one (all at the same step)
-        agreed = preemption.agreed(self._signal)
+        agreed = state.preemption.agreed(self._signal)
         if agreed is not None:
             signum, by = agreed
             self.preempt(state, signum, f"{signal.Signals(signum).name} to worker rank {by}, agreed by the group")
-        if not preemption.snapshot_allowed(state):
+        if not state.preemption.snapshot_allowed(state):
             return  # a group's workers save only where their states line up (geo: round boundaries)
         due_local = "local" in self.tiers and self._due(self.local_every, state.step)
         due_durable = "durable" in self.tiers and self._due(self.durable_every, state.step)
@@ -400,7 +399,7 @@ class HierarchicalCheckpointing(Policy):
         return ", ".join(saved) or "memory only (no disk tier configured)"
 
     def at_boundary(self, state: State) -> None:
-        """A federated policy's round boundary (see `preemption.at_boundary`): the step-end checks, now.
+        """A federated policy's round boundary (see `Preemption.at_boundary`): the step-end checks, now.
 
         The copy is finished before returning: the caller may change the parameters next (a worker that
         sits the next round out applies its exchange at once), not only the optimizer after a backward.
@@ -424,7 +423,7 @@ class HierarchicalCheckpointing(Policy):
         cause = self._reason or signal.Signals(signum).name
         t0 = time.monotonic()
         where = self.checkpoint_now(state, f"preempted by {cause}")
-        preemption.mark_saved(where, state.step, signum)
+        state.preemption.mark_saved(where, state.step, signum)
         raise Preempted(signum, f"preempted by {cause} at step {state.step}: checkpoint saved in "
                                 f"{time.monotonic() - t0:.2f} s to {where}; rerun the same command with "
                                 f"checkpointing.resume=auto to continue")
