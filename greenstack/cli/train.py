@@ -36,6 +36,7 @@ def _task(cfg: Any, exit_codes: list[int], *, checked: bool = False) -> dict[str
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import CompactHydraException
+    from hydra.types import RunMode
 
     from greenstack import runner
 
@@ -46,7 +47,7 @@ def _task(cfg: Any, exit_codes: list[int], *, checked: bool = False) -> dict[str
     run_dir = hydra_cfg.runtime.output_dir
     _scrub_secrets(hydra_cfg, run_dir)
     try:
-        summary = runner.run(cfg, run_dir)
+        summary = runner.run(cfg, run_dir, validated=checked and hydra_cfg.mode == RunMode.RUN)
     except Exception as raised:
         e = _unwrap(raised)
         error = f"{type(e).__name__}: {e}"

@@ -256,8 +256,9 @@ def _worker(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
         handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - [rank 0] %(message)s"))
         logging.getLogger().addHandler(handler)
-    # spawned: failures are noted for `spawn` (mark_failure); an external launcher has its own report
-    summary = runner.run(OmegaConf.create(container), run_dir, spawned_worker=True)
+    # spawned: failures are noted for `spawn` (mark_failure); an external launcher has its own report;
+    # validated: `spawn` runs inside the parent's `runner.run`, after its config was checked
+    summary = runner.run(OmegaConf.create(container), run_dir, spawned_worker=True, validated=True)
     if rank != 0:
         return None
     return {k: v for k, v in summary.items() if k in ("run_id", "metrics", "flat", "stopped_early")}

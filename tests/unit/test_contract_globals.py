@@ -198,7 +198,7 @@ class Observe(Policy):
         super().__init__(name="observe")
         self.request = request
 
-    def __call__(self, event, state):
+    def __call__(self, event, state, reporter):
         if event is Event.INIT:
             seen = {"requested": state.preemption.requested_signum, "saved": state.preemption.saved,
                     "coordinated": state.preemption.coordinator is not None}

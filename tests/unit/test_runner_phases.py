@@ -1,0 +1,77 @@
+"""The runner is a recipe in phases: plan_start -> setup -> fit -> report, then cleanup whatever happened."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from greenstack.runner import RunContext, TrainRecipe
+
+PHASES = ("plan_start", "setup", "fit", "report_phase")
+
+
+class _Recorded(TrainRecipe):
+    """The real ordering of `TrainRecipe.run`, with each phase replaced by a note (and one may fail)."""
+
+    def __init__(self, tmp_path, fail_in: str | None = None) -> None:
+        super().__init__(OmegaConf.create({"trainer": {"deterministic": False}}), RunContext(run_dir=tmp_path))
+        self.calls: list[str] = []
+        self.fail_in = fail_in
+
+    def _note(self, name: str) -> None:
+        self.calls.append(name)
+        if name == self.fail_in:
+            raise RuntimeError(f"boom in {name}")
+
+    def plan_start(self):
+        self._note("plan_start")
+
+    def setup(self):
+        self._note("setup")
+
+    def fit(self):
+        self._note("fit")
+        return "state"
+
+    def report_phase(self, state):
+        assert state == "state"
+        self._note("report_phase")
+        return {"flat": {}}
+
+    def report_partial(self, error):
+        self.calls.append(f"report_partial: {error}")
+
+    def cleanup(self):
+        self.calls.append(f"cleanup (exit code {self.exit_code})")
+
+
+def test_phases_run_in_order_then_cleanup(tmp_path):
+    recipe = _Recorded(tmp_path)
+    assert recipe.run() == {"flat": {}}
+    assert recipe.calls == [*PHASES, "cleanup (exit code 0)"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_failure_in_any_phase_stops_the_later_ones_and_still_cleans_up(tmp_path, phase):
+    recipe = _Recorded(tmp_path, fail_in=phase)
+    with pytest.raises(RuntimeError, match=f"boom in {phase}"):
+        recipe.run()
+    done = list(PHASES[: PHASES.index(phase) + 1])
+    assert recipe.calls == [*done, f"report_partial: boom in {phase}", "cleanup (exit code 1)"]
+
+
+def test_cleanup_closes_only_what_was_opened(tmp_path):
+    """A run that failed before its tracker started has no tracker, pool or report to close."""
+    recipe = TrainRecipe(OmegaConf.create({"trainer": {"deterministic": False}}), RunContext(run_dir=tmp_path))
+    recipe.cleanup()  # nothing opened: nothing to do, no error
+    recipe.report_partial(RuntimeError("early"))  # no partial accounting before the tracker started
+    assert not (tmp_path / "sustainability.json").exists()
+
+
+def test_the_run_context_drops_its_hooks_when_the_run_ends(tmp_path):
+    context = RunContext(run_dir=tmp_path)
+    context.preemption.coordinate(lambda local: None)
+    context.preemption.request(10)
+    context.close()
+    assert context.preemption.coordinator is None and not context.preemption.honoured
+    assert context.preemption.requested_signum == 10  # the launcher reads what happened after the run
