@@ -518,9 +518,6 @@ def wait_for_window(*, duration: str | float = "1h", deadline: str | float = "24
     (a shipped zone), `trace` (your CSV), or `carbon` (a carbon group option/fields) - default the
     carbon group's default. `audit`: append the decisions to this hash-chained log.
     """
-    import torch
-
-    from greenstack.engine.state import State
     from greenstack.ledger.audit import AuditLog, attach_to_recorders
     from greenstack.policies.scheduler.forecast_window import ForecastWindow
 
@@ -534,8 +531,7 @@ def wait_for_window(*, duration: str | float = "1h", deadline: str | float = "24
                             countdown_every_s=countdown_every_s, clock=clock, sleep=sleep)
     if audit is not None:
         attach_to_recorders(AuditLog(audit, actor="wait_for_window"), [policy])
-    state = State(model=torch.nn.Module(), run_dir=str(run_dir) if run_dir is not None else None)
-    policy(_event("INIT"), state, _reporter(state, policy))
+    policy.decide_start(run_dir)
     last = policy.decisions[-1]
     saving = next((d["expected_saving_pct"] for d in reversed(policy.decisions)
                    if isinstance(d.get("expected_saving_pct"), (int, float))), None)

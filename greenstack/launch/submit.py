@@ -2,7 +2,7 @@
 
 Why at submit time: a job that sleeps inside its allocation holds (and idles) the GPUs it reserved.
 With `scheduler=forecast_window` the Slurm launcher asks the same policy the job would run for its
-plan, passes the chosen start to Slurm as `--begin`, and tells the job (environment) that its start
+plan (its `StartPlanner`: one copy of the start rules), passes the chosen start to Slurm as `--begin`, and tells the job (environment) that its start
 was planned, so the job starts at once when Slurm releases it.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from greenstack.engine.groups import target_class
 from greenstack.engine.policy import Policy
-from greenstack.scheduling.slurm import PLANNED_SAVING_ENV, PLANNED_START_ENV, slurm_begin
+from greenstack.scheduling.slurm import PLANNED_SAVING_ENV, PLANNED_START_ENV
 
 log = logging.getLogger("greenstack")
 
@@ -59,18 +59,14 @@ def plan_begin(cfg: Any, now: datetime | None = None) -> BeginPlan | None:
     if policy.slurm != "begin":
         return None
     now = now or policy.now()
-    request = policy.start_request(None)
-    plan = policy.make_plan(now)
+    # the job's own rules (StartPlanner), as decided inside an allocation: a window worth waiting for
+    # becomes --begin; anything else starts as soon as Slurm schedules the job
+    decision = policy.planner().plan(now, request=policy.start_request(None), in_slurm=True)
+    plan = decision.plan or policy.make_plan(now)  # the figures to log, also when asked to start at once
     choice = plan.choice
     common = {"expected_mean_g_per_kwh": choice.cost / choice.duration_h,
               "run_now_mean_g_per_kwh": choice.cost_now / choice.duration_h, "source": plan.outlook.source}
-    if request is not None:
-        return BeginPlan(None, now, 0.0, note=f"start requested ({request})", **common)
-    if choice.start_h == 0:
-        return BeginPlan(None, now, plan.expected_saving_pct,
-                         note="now is the lowest-carbon window before the deadline", **common)
-    if plan.expected_saving_pct < policy.min_saving_pct:
-        return BeginPlan(None, now, 0.0, note=f"best window saves {plan.expected_saving_pct:.1f} % < "
-                                              f"min_saving_pct {policy.min_saving_pct:g}", **common)
-    return BeginPlan(slurm_begin(plan.start, now), plan.start, plan.expected_saving_pct,
-                     note=f"deadline {plan.deadline:%Y-%m-%dT%H:%MZ}", **common)
+    if decision.action == "slurm_begin":
+        return BeginPlan(decision.begin, plan.start, plan.expected_saving_pct,
+                         note=f"deadline {plan.deadline:%Y-%m-%dT%H:%MZ}", **common)
+    return BeginPlan(None, now, decision.expected_saving_pct or 0.0, note=decision.note, **common)

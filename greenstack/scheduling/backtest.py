@@ -35,6 +35,7 @@ import pandas as pd
 from greenstack.carbon import forecast as fc
 from greenstack.errors import ConfigError, Problem
 from greenstack.scheduling import windows
+from greenstack.scheduling.planner import StartPlanner, better_window
 from greenstack.scheduling.rolling import ForecastMatrix, rolling_forecasts
 
 FORECASTERS = ("greenstack", "seasonal-naive")
@@ -54,6 +55,8 @@ class BacktestConfig:
     min_chunk_h: int = 1
     resume_overhead_h: float = 0.0
     threshold_pct: float = 25.0
+    #: the policy's `min_saving_pct`: start at arrival unless the planned window saves at least this (0: any)
+    min_saving_pct: float = 0.0
     threshold_lookback_h: int = 168
     refit_every_h: int = 24
     horizon_h: int = fc.HORIZON_H
@@ -74,6 +77,8 @@ class BacktestConfig:
             problems.append(Problem("--min-chunk", self.min_chunk_h, "must be a whole number of hours >= 1"))
         if self.resume_overhead_h < 0:
             problems.append(Problem("--resume-overhead", self.resume_overhead_h, "must be >= 0"))
+        if not self.min_saving_pct >= 0:
+            problems.append(Problem("min_saving_pct", self.min_saving_pct, "must be >= 0"))
         if not 0 < self.threshold_pct < 100:
             problems.append(Problem("--threshold-pct", self.threshold_pct, "a percentile in (0, 100)"))
         if self.replan and self.interruptible:
@@ -255,7 +260,7 @@ def run_backtest(values: np.ndarray, start_s: int, first_arrival: int, cfg: Back
         rows = np.arange(len(arrivals))
         costs["oracle"] = all_costs.min(axis=1)
         n_plan = min(cfg.slack_h, horizon - cfg.span_h) + 1
-        starts = windows.choose_starts(plan, cfg.duration_h, n_plan)
+        starts = StartPlanner.starts(plan, cfg.duration_h, n_plan, cfg.min_saving_pct)
         if cfg.replan:
             starts = _replan(all_plan, rows_all, starts, cfg)
         costs["policy"] = all_costs[rows, starts]
@@ -293,7 +298,7 @@ def _replan(all_plan: np.ndarray, rows: np.ndarray, first: np.ndarray, cfg: Back
         idx = np.arange(len(waiting))
         best = np.argmin(costs, axis=1)
         current = np.clip(planned[waiting] - step, 0, n_plan - 1)
-        better = costs[idx, best] < costs[idx, current] * (1 - windows.TIE_RTOL)
+        better = better_window(costs[idx, best], costs[idx, current])
         planned[waiting[better]] = best[better] + step
         started[waiting[planned[waiting] <= step]] = step
     return np.where(started < 0, cfg.slack_h, started)

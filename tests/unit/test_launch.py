@@ -132,7 +132,7 @@ def test_a_job_released_at_its_planned_begin_starts_at_once(tmp_path, monkeypatc
     monkeypatch.setenv(PLANNED_SAVING_ENV, "75.000")
     slept: list[float] = []
     policy = ForecastWindow(duration="1h", deadline="24h", trace=str(_trace(tmp_path, {5})), sleep=slept.append)
-    state = SimpleNamespace(metrics={}, run_dir=str(tmp_path))
+    state = SimpleNamespace(metrics={}, run_dir=str(tmp_path), region=None)
     fire(policy, Event.INIT, state)
     assert slept == [] and policy.plan is None  # no second plan, no waiting inside the allocation
     (decision,) = policy.decisions

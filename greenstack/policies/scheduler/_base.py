@@ -16,9 +16,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy, Role
@@ -53,8 +54,27 @@ def build_source(zone: str | None, trace: str | None, carbon: Any, key: str) -> 
     return None
 
 
+@dataclass
+class StartContext:
+    """What a start-time decision reads and sets, before the run has a model or a State: the run dir
+    (START_NOW file, checkpoints of a resumed run), the decision's figures for the run's first metrics
+    row, and the region it chose."""
+
+    run_dir: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    region: str | None = None
+
+
 class SchedulerPolicy(Policy):
-    """Base of the scheduler policies (see the module docstring)."""
+    """Base of the scheduler policies (see the module docstring).
+
+    A start-time scheduler (`start_time = True`: when or where the run starts) implements `decide`;
+    the runner calls `decide_start` once before it builds anything. Its INIT hook only decides for a
+    loop used without the runner, and once decided the loop does not dispatch INIT to it again.
+    """
+
+    #: decides when or where the run starts, once, before the run builds anything (`decide`)
+    start_time: ClassVar[bool] = False
 
     role = Role.MODIFIER
 
@@ -76,6 +96,7 @@ class SchedulerPolicy(Policy):
         self._signalled = False
         self._previous_handler: Any = None
         self.waited_s = 0.0
+        self._started: StartContext | None = None
 
     # -- shared helpers -----------------------------------------------------------------------------
     @property
@@ -99,7 +120,7 @@ class SchedulerPolicy(Policy):
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), tz=timezone.utc)
 
-    def record(self, state: State, reporter: Reporter, action: str, inputs: dict[str, Any], choice: dict[str, Any],
+    def record(self, state: State | StartContext | None, reporter: Reporter, action: str, inputs: dict[str, Any], choice: dict[str, Any],
                *, expected_saving_pct: float | None = None, provenance: str = "estimated",
                notes: list[str] | None = None, numbers: dict[str, float] | None = None) -> dict[str, Any]:
         """Record a decision (the audit log listens to the recorder) and report its figures as metrics."""
@@ -110,6 +131,35 @@ class SchedulerPolicy(Policy):
         record = self.recorder.record(decision, figures, numbers)
         reporter.metrics(figures)
         return record
+
+    # -- start-time decisions -----------------------------------------------------------------------
+    def decide(self, state: StartContext, reporter: Reporter) -> None:
+        """Take the start-time decision (wait for a window, pick a region): record it (its figures go to
+        `reporter`), set `state.region` when it chooses one."""
+        del state, reporter
+
+    def decide_start(self, run_dir: str | Path | None, *, region: str | None = None) -> StartContext:
+        """The start-time decision, taken once (the runner calls this before it builds the run).
+        `region`: where the run is now, when known."""
+        if self._started is None:
+            started = StartContext(run_dir=str(run_dir) if run_dir is not None else None, region=region)
+            self.decide(started, Reporter.for_state(started, self.name))
+            self._started = started
+        return self._started
+
+    def handles(self, event: Event, state: State) -> bool:
+        if self.start_time and self._started is not None:
+            return False  # decided before the run was built: nothing to do at its INIT
+        return super().handles(event, state)
+
+    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
+        """A start-time scheduler in a loop run without the runner: decide at INIT."""
+        if not self.start_time or event is not Event.INIT:
+            return
+        started = self.decide_start(state.run_dir, region=state.region)
+        reporter.metrics(started.metrics)
+        if started.region is not None:
+            state.region = started.region
 
     # -- start-now requests -------------------------------------------------------------------------
     def install_start_signal(self) -> None:
@@ -127,7 +177,7 @@ class SchedulerPolicy(Policy):
         self._signalled = True
 
     @staticmethod
-    def resumed_run(state: State | None) -> str | None:
+    def resumed_run(state: State | StartContext | None) -> str | None:
         """Why this looks like a resumed run (checkpoints in its run dir): it must not wait again.
 
         Why a file check: checkpoints are restored at INIT after the scheduler has run (checkpointing
@@ -139,7 +189,7 @@ class SchedulerPolicy(Policy):
             return f"{ckpt} holds checkpoints: a resumed run starts at once (its first segment chose the window)"
         return None
 
-    def start_request(self, state: State | None) -> str | None:
+    def start_request(self, state: State | StartContext | None) -> str | None:
         """Why the run should start at once, if someone asked: config, signal, environment or file."""
         if self.start_now:
             return "config start_now=true"
@@ -152,7 +202,7 @@ class SchedulerPolicy(Policy):
             return f"{Path(run_dir) / START_NOW_FILE} exists"
         return None
 
-    def wait_until(self, target_s: float, state: State | None, *, tick_s: float, countdown_every_s: float,
+    def wait_until(self, target_s: float, state: State | StartContext | None, *, tick_s: float, countdown_every_s: float,
                    describe: Callable[[float], str], on_tick: Callable[[], float | None] | None = None) -> str:
         """Sleep (in ticks) until `target_s` or a start request; returns why waiting ended.
 
@@ -252,15 +302,16 @@ def start_when_scheduled(policies: list[Policy], run_dir: str | Path) -> Policy:
     """Take the start-time scheduling decisions (wait for a window, pick a region) before the run builds
     anything, so a waiting run holds no model, data or device memory and opens no tracker run.
 
-    The policies see a bare State with the run dir (for START_NOW files and checkpoints); at the run's
-    real INIT they find their decision taken and do nothing. Returns a policy that puts the decisions'
-    metrics into the run's first metrics row and the chosen region into State (always one policy, so
-    checkpointed policy positions do not depend on what the schedulers did).
+    Each start-time scheduler decides once (`decide_start`); the run's loop does not call it at INIT
+    again. Returns a policy that puts the decisions' metrics into the run's first metrics row and the
+    chosen region into State (always one policy, so checkpointed policy positions do not depend on what
+    the schedulers did).
     """
-    import torch
-
-    bare = State(model=torch.nn.Module(), run_dir=str(run_dir))
+    metrics: dict[str, Any] = {}
+    region: str | None = None
     for policy in policies:
-        if isinstance(policy, SchedulerPolicy) and policy.events == frozenset({Event.INIT}):
-            policy(Event.INIT, bare, Reporter.for_state(bare, policy.name))
-    return _CarriedMetrics(dict(bare.metrics), bare.region)
+        if isinstance(policy, SchedulerPolicy) and policy.start_time:
+            started = policy.decide_start(run_dir)
+            metrics.update(started.metrics)
+            region = started.region if started.region is not None else region
+    return _CarriedMetrics(metrics, region)

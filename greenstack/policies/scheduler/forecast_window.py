@@ -25,13 +25,13 @@ import pandas as pd
 from greenstack.carbon.forecast import HORIZON_H
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
-from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
-from greenstack.policies.scheduler._base import SchedulerPolicy
+from greenstack.policies.scheduler._base import SchedulerPolicy, StartContext
 from greenstack.scheduling.outlook import Outlook, hour_floor, intensity_outlook
+from greenstack.scheduling.planner import StartDecision, StartPlanner, better_window
 from greenstack.scheduling.slurm import PLANNED_SAVING_ENV, PLANNED_START_ENV, slurm_begin
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
-from greenstack.scheduling.windows import TIE_RTOL, WindowChoice, best_window, planning_values, window_costs
+from greenstack.scheduling.windows import WindowChoice, best_window, planning_values, window_costs
 
 __all__ = ["ForecastWindow", "Plan", "plan_window", "slurm_begin"]
 
@@ -94,6 +94,7 @@ class ForecastWindow(SchedulerPolicy):
     plans_at_submit = True  # launch/submit.py plans its window when a Slurm job is submitted
 
     events = frozenset({Event.INIT})
+    start_time = True
 
     def __init__(self, duration: str | float = "1h", deadline: str | float = "24h", objective: str | float = "mean",
                  min_saving_pct: float = 5.0, replan: bool = True, start_now: bool = False,
@@ -187,60 +188,56 @@ class ForecastWindow(SchedulerPolicy):
             return None, f"weather (Open-Meteo) unavailable, planning without it: {err}"
         return frame, None
 
-    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
-        if event is not Event.INIT or self.decisions:
+    def planner(self) -> StartPlanner:
+        """This policy's start rules (shared with the Slurm submitter and `plan backtest`)."""
+        return StartPlanner(self.make_plan, self.deadline, self.duration_h, self.min_saving_pct,
+                            begin_in_slurm=self.slurm == "begin")
+
+    def decide(self, state: StartContext, reporter: Reporter) -> None:
+        if self.decisions:  # replayed from a recorded run
             return
-        request = self.start_request(state) or self.resumed_run(state)
-        if request is not None:
-            self.record(state, reporter, "start_now", {"requested_by": request}, {"start": self.now()},
-                        notes=[f"start requested ({request}): not waiting"])
+        slurm_job = os.environ.get("SLURM_JOB_ID")
+        decision = self.planner().plan(self.now(), request=self.start_request(state) or self.resumed_run(state),
+                                       released=os.environ.get(PLANNED_START_ENV) if slurm_job else None,
+                                       in_slurm=bool(slurm_job))
+        plan = decision.plan
+        if plan is None:  # decided without a plan: asked to start, released by Slurm, or no slack left
+            self._record_unplanned(state, reporter, decision)
             return
-        planned = os.environ.get(PLANNED_START_ENV) if os.environ.get("SLURM_JOB_ID") else None
-        if planned:
+        self.plan = plan
+        numbers = {"expected_mean_g_per_kwh": plan.choice.cost / plan.choice.duration_h,
+                   "run_now_mean_g_per_kwh": plan.choice.cost_now / plan.choice.duration_h,
+                   "planned_start_s": plan.start.timestamp(), "planned_wait_h": plan.choice.start_h}
+        inputs, choice = plan.inputs(self.objective, self.duration_h), plan.choice_dict()
+        notes = list(plan.outlook.notes)
+        if decision.action == "slurm_begin":
+            choice = {**choice, "slurm_begin": decision.begin}
+            notes.append(f"inside Slurm job {slurm_job}: not sleeping on reserved resources; {decision.note}")
+        elif decision.action != "wait":
+            notes.append(decision.note)
+        self.record(state, reporter, decision.action, inputs, choice, expected_saving_pct=decision.expected_saving_pct,
+                    numbers=numbers, notes=notes)
+        if decision.action == "wait":
+            self._wait(state, reporter, plan)
+
+    def _record_unplanned(self, state: StartContext, reporter: Reporter, decision: StartDecision) -> None:
+        if decision.action == "start":  # released by Slurm at the window planned when it was submitted
             try:
                 saving: float | None = float(os.environ.get(PLANNED_SAVING_ENV, ""))
             except ValueError:
                 saving = None
-            self.record(state, reporter, "start", {"planned_start": planned, "planned_by": "launcher (sbatch --begin)"},
+            self.record(state, reporter, "start", {"planned_start": os.environ.get(PLANNED_START_ENV),
+                                         "planned_by": "launcher (sbatch --begin)"},
                         {"start": self.now(), "slurm_job_id": os.environ["SLURM_JOB_ID"]},
-                        expected_saving_pct=saving,
-                        notes=[f"Slurm released the job at the window planned when it was submitted ({planned})"])
-            return
-        left_h = (self.deadline - self.now()).total_seconds() / 3600
-        if left_h <= self.duration_h:  # validated at construction; the time since then used up the slack
+                        expected_saving_pct=saving, notes=[decision.note])
+        elif decision.requested_by is not None:  # asked to start at once
+            self.record(state, reporter, "start_now", {"requested_by": decision.requested_by}, {"start": self.now()},
+                        notes=[decision.note])
+        else:  # the deadline leaves no slack
             self.record(state, reporter, "start_now", {"deadline": self.deadline, "duration_h": self.duration_h},
-                        {"start": self.now()}, expected_saving_pct=0.0,
-                        notes=[f"the deadline leaves {left_h:.2f} h for a {self.duration_h:g} h job: no slack to use"])
-            return
-        plan = self.make_plan()
-        self.plan = plan
-        saving = plan.expected_saving_pct
-        numbers = {"expected_mean_g_per_kwh": plan.choice.cost / plan.choice.duration_h,
-                   "run_now_mean_g_per_kwh": plan.choice.cost_now / plan.choice.duration_h,
-                   "planned_start_s": plan.start.timestamp(), "planned_wait_h": plan.choice.start_h}
-        if plan.choice.start_h > 0 and saving < self.min_saving_pct:
-            self.record(state, reporter, "start_now", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
-                        expected_saving_pct=0.0, numbers=numbers, notes=plan.outlook.notes + [
-                            f"best window saves {saving:.1f} % < min_saving_pct {self.min_saving_pct:g}: starting now"])
-            return
-        if plan.choice.start_h == 0:
-            self.record(state, reporter, "start_now", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
-                        expected_saving_pct=saving, numbers=numbers,
-                        notes=plan.outlook.notes + ["now is the lowest-carbon window before the deadline"])
-            return
-        if os.environ.get("SLURM_JOB_ID") and self.slurm == "begin":
-            begin = slurm_begin(plan.start, self.now())
-            self.record(state, reporter, "slurm_begin", plan.inputs(self.objective, self.duration_h),
-                        {**plan.choice_dict(), "slurm_begin": begin}, expected_saving_pct=saving, numbers=numbers,
-                        notes=plan.outlook.notes + [
-                            f"inside Slurm job {os.environ['SLURM_JOB_ID']}: not sleeping on reserved resources; "
-                            f"submit with --begin={begin} to start in the chosen window"])
-            return
-        self.record(state, reporter, "wait", plan.inputs(self.objective, self.duration_h), plan.choice_dict(),
-                    expected_saving_pct=saving, numbers=numbers, notes=plan.outlook.notes)
-        self._wait(state, reporter, plan)
+                        {"start": self.now()}, expected_saving_pct=0.0, notes=[decision.note])
 
-    def _wait(self, state: State, reporter: Reporter, plan: Plan) -> None:
+    def _wait(self, state: StartContext, reporter: Reporter, plan: Plan) -> None:
         current = {"plan": plan, "hour": hour_floor(self.now())}
 
         def replan() -> float | None:
@@ -253,7 +250,7 @@ class ForecastWindow(SchedulerPolicy):
             values = fresh.outlook.values(self.objective)
             k_cur = int(round((current["plan"].start - hour_floor(now)).total_seconds() / 3600))
             costs = window_costs(values, self.duration_h) if len(values) >= math.ceil(self.duration_h) else []
-            if 0 <= k_cur < len(costs) and fresh.choice.cost >= costs[k_cur] * (1 - TIE_RTOL):
+            if 0 <= k_cur < len(costs) and not better_window(fresh.choice.cost, costs[k_cur]):
                 return None  # the planned window is still (one of) the best
             self.record(state, reporter, "replan", fresh.inputs(self.objective, self.duration_h), fresh.choice_dict(),
                         expected_saving_pct=fresh.expected_saving_pct, notes=fresh.outlook.notes,

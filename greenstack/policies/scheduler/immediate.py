@@ -6,20 +6,20 @@ from typing import Any
 
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
-from greenstack.engine.state import State
-from greenstack.policies.scheduler._base import SchedulerPolicy
+from greenstack.policies.scheduler._base import SchedulerPolicy, StartContext
 
 
 class Immediate(SchedulerPolicy):
     """No waiting, no lookups (no network): one recorded decision "start now", expected saving 0 %."""
 
     events = frozenset({Event.INIT})
+    start_time = True
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(name="immediate", **kw)
 
-    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
-        if event is Event.INIT and not self.decisions:
+    def decide(self, state: StartContext, reporter: Reporter) -> None:
+        if not self.decisions:
             self.record(state, reporter, "start_now", {"policy": "immediate"}, {"start": self.now().isoformat()},
                         expected_saving_pct=0.0, provenance="measured",
                         notes=["scheduler=immediate: no carbon-aware scheduling (try scheduler=forecast_window)"])

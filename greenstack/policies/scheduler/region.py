@@ -17,9 +17,8 @@ from typing import Any
 
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
-from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem
-from greenstack.policies.scheduler._base import SchedulerPolicy
+from greenstack.policies.scheduler._base import SchedulerPolicy, StartContext
 from greenstack.scheduling.outlook import intensity_outlook
 from greenstack.scheduling.prices import KINDS, PriceCatalog, load_price_catalog
 from greenstack.scheduling.regions import Candidate, RegionScore, check_weights, score_regions
@@ -74,6 +73,7 @@ class RegionChoice(SchedulerPolicy):
     """Pick the candidate zone with the best carbon/price score (see module docstring)."""
 
     events = frozenset({Event.INIT})
+    start_time = True
 
     def __init__(self, candidates: list[str] | str = (), kind: str = "gpu", w_carbon: float = 0.6,
                  w_price: float = 0.4, duration: str | float = "1h", slack: str | float = "0h",
@@ -123,8 +123,8 @@ class RegionChoice(SchedulerPolicy):
         self.replayed = (chosen, source)
         return True
 
-    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
-        if event is not Event.INIT or self.decisions:
+    def decide(self, state: StartContext, reporter: Reporter) -> None:
+        if self.decisions:  # replayed from a recorded run
             return
         if not self.zones:
             raise ConfigError(Problem("scheduler.candidates", [], "empty candidate list: nothing to choose from",

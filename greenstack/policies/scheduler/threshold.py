@@ -18,9 +18,8 @@ import numpy as np
 
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
-from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, collecting
-from greenstack.policies.scheduler._base import SchedulerPolicy
+from greenstack.policies.scheduler._base import SchedulerPolicy, StartContext
 from greenstack.scheduling.outlook import intensity_now, observed_levels, weather_note
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
 
@@ -29,6 +28,7 @@ class Threshold(SchedulerPolicy):
     """Wait until intensity < level (absolute or a recent percentile), at most until the latest start."""
 
     events = frozenset({Event.INIT})
+    start_time = True
 
     def __init__(self, threshold_g_per_kwh: float | None = None, percentile: float = 25.0, lookback: str = "7d",
                  duration: str | float = "1h", deadline: str | float = "24h", poll: str | float = "5m",
@@ -75,8 +75,8 @@ class Threshold(SchedulerPolicy):
         past = observed_levels(self.source(), now, hours)
         return float(np.percentile(past, self.percentile)), f"p{self.percentile:g} of the {hours} h before the run"
 
-    def __call__(self, event: Event, state: State, reporter: Reporter) -> None:
-        if event is not Event.INIT or self.decisions:
+    def decide(self, state: StartContext, reporter: Reporter) -> None:
+        if self.decisions:  # replayed from a recorded run
             return
         request = self.start_request(state) or self.resumed_run(state)
         if request is not None:
