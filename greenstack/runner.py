@@ -248,7 +248,7 @@ class TrainRecipe:
             self.pool = pool
             self.policies.append(pool)
         self.report = RunReport(cfg, run_dir=self.run_dir, run_id=self.run_id, measurement=self.measurement)
-        self.jsonl = JsonlWriter(self.run_dir) if rank == 0 else federated.NullSink()
+        self.jsonl = JsonlWriter(self.run_dir, keep_rows=True) if rank == 0 else federated.NullSink()
         tracker.start(run_dir=self.run_dir, run_id=self.run_id, run_name=str(cfg.get("run_name") or self.run_dir.name),
                       config=redact(OmegaConf.to_container(cfg, resolve=True)))  # secrets stay in memory
         self.tracker, self.started = tracker, True
@@ -272,7 +272,9 @@ class TrainRecipe:
         if self.measurement.budget_decision is not None:
             self.audit.append("budget", self.measurement.budget_decision)
         say("writing report.html and its plots")
-        finish_run_report(self.run_dir, self.tracker)  # report.html + plots/ (+ W&B media); never fails the run
+        # report.html + plots/ (+ W&B media) from what this run holds in memory; never fails the run
+        finish_run_report(self.run_dir, self.tracker, summary=self.report.summary_json,
+                          metrics=self.jsonl.rows if isinstance(self.jsonl, JsonlWriter) else None)
         self.tracker.summary(summary["flat"])
         say("closing the %s tracker", getattr(self.tracker, "name", "") or "run's")
         return summary

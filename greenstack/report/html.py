@@ -462,17 +462,20 @@ def log_plots_to_wandb(wandb_run: Any, run_dir: str | Path, plots: Mapping[str, 
     return sorted(payload)
 
 
-def finish_run_report(run_dir: str | Path, tracker: Any = None) -> Path | None:
+def finish_run_report(run_dir: str | Path, tracker: Any = None, *, summary: dict[str, Any] | None = None,
+                      metrics: list[dict[str, Any]] | None = None) -> Path | None:
     """End-of-run hook: write report.html and plots/, and log the figures to W&B when the tracker is W&B.
 
-    Runs on rank 0 only. A finished training run is never failed by its report: problems are logged.
+    `summary` / `metrics`: the finishing run's sustainability.json object and metrics rows, held in
+    memory (read from the run dir when not given). Runs on rank 0 only. A finished training run is never
+    failed by its report: problems are logged.
     """
     import os
 
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return None
     try:
-        run = load_run(run_dir)
+        run = load_run(run_dir, summary=summary, metrics=metrics)
         plots = render_plots(run)
         out = run.path / "report.html"
         from greenstack.io import atomic_write_bytes

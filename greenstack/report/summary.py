@@ -6,6 +6,7 @@ measurement layer is configured) and, at the end, writes every figure with unit,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -24,7 +25,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.io import atomic_write_json, publish
+from greenstack.io import atomic_write_json, dumps, publish
 from greenstack.measure import Measurement, measure_latency_ms, write_emissions_csv
 from greenstack.provenance import Figure
 from greenstack.tasks import Classification
@@ -91,6 +92,8 @@ class RunReport:
         self.measurement = measurement
         #: sustainability.json is out: a later failure (report, tracker) must not replace it with a partial one
         self.written = False
+        #: sustainability.json's object as written (what a reader of the file gets), once written
+        self.summary_json: dict[str, Any] | None = None
 
     def policies(self) -> list[Policy]:
         return [self.clock] + ([self.measurement] if self.measurement is not None else [])
@@ -249,6 +252,7 @@ class RunReport:
         if state.rank == 0:
             atomic_write_json(self.run_dir / "sustainability.json", summary)
             self.written = True
+            self.summary_json = json.loads(dumps(summary))
             if status != "completed":
                 said = reason if status == "interrupted" and (reason or "").startswith("interrupted") \
                     else f"run {status.replace('_', ' ')}: {reason or 'no reason given'}"

@@ -68,33 +68,20 @@ class RunDir:
         return None
 
 
-def load_run(path: str | Path) -> RunDir:
-    """Read a run dir (sustainability.json required; metrics.jsonl, .hydra and audit.jsonl when present)."""
+def load_run(path: str | Path, *, summary: dict[str, Any] | None = None,
+             metrics: list[dict[str, Any]] | None = None) -> RunDir:
+    """Read a run dir (sustainability.json required; metrics.jsonl, .hydra and audit.jsonl when present).
+
+    `summary` / `metrics`: what the run that is finishing holds in memory (sustainability.json's object,
+    metrics.jsonl's rows), so the end-of-run report does not read back the files it just wrote.
+    """
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(Problem("RUN_DIR", str(path), "not a directory", "give a run dir written by greenstack train"))
-    summary_path = path / "sustainability.json"
-    if not summary_path.is_file():
-        raise DataError(Problem("RUN_DIR", str(path), "no sustainability.json: not a finished greenstack run",
-                                "point at a run dir (outputs/<date>/<time>, or hydra.run.dir)"))
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise DataError(Problem(str(summary_path), None, f"not valid JSON: {e}")) from None
-    if not isinstance(summary.get("metrics"), dict):
-        raise DataError(Problem(str(summary_path), None, "has no `metrics` object"))
-    metrics: list[dict[str, Any]] = []
-    mpath = path / "metrics.jsonl"
-    if mpath.is_file():
-        for n, line in enumerate(mpath.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(Problem(f"{mpath}:{n}", line[:60], f"not valid JSON: {e}")) from None
-            if isinstance(row, dict):
-                metrics.append(row)
+    if summary is None:
+        summary = _read_summary(path)
+    if metrics is None:
+        metrics = _read_metrics(path)
     config: dict[str, Any] = {}
     overrides: list[str] = []
     launch_dir = None
@@ -117,6 +104,36 @@ def load_run(path: str | Path) -> RunDir:
             except ValueError:
                 continue  # `greenstack audit verify` is the place to report a damaged log
     return RunDir(path, summary, metrics, config, overrides, audit, launch_dir)
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    summary_path = path / "sustainability.json"
+    if not summary_path.is_file():
+        raise DataError(Problem("RUN_DIR", str(path), "no sustainability.json: not a finished greenstack run",
+                                "point at a run dir (outputs/<date>/<time>, or hydra.run.dir)"))
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(Problem(str(summary_path), None, f"not valid JSON: {e}")) from None
+    if not isinstance(summary.get("metrics"), dict):
+        raise DataError(Problem(str(summary_path), None, "has no `metrics` object"))
+    return summary
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    metrics: list[dict[str, Any]] = []
+    mpath = path / "metrics.jsonl"
+    if mpath.is_file():
+        for n, line in enumerate(mpath.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(Problem(f"{mpath}:{n}", line[:60], f"not valid JSON: {e}")) from None
+            if isinstance(row, dict):
+                metrics.append(row)
+    return metrics
 
 
 # -- the price catalog ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from datetime import datetime, timezone
@@ -65,21 +66,47 @@ class NullTracker(Tracker):
 
 
 class JsonlWriter:
-    """Writes one JSON object per logged dict to `metrics.jsonl`; every line carries `step`."""
+    """Writes one JSON object per logged dict to `metrics.jsonl`; every line carries `step`.
 
-    def __init__(self, run_dir: str | Path, filename: str = "metrics.jsonl") -> None:
+    With `keep_rows`, it also keeps the file's rows as parsed objects (`rows`: an earlier segment's, read
+    once when it opens, then every row it writes), so the end-of-run report needs no second read.
+    """
+
+    def __init__(self, run_dir: str | Path, filename: str = "metrics.jsonl", *, keep_rows: bool = False) -> None:
         self.path = Path(run_dir) / filename
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        #: the file's rows (None: not kept, or an earlier segment left a line that is not JSON)
+        self.rows: list[dict[str, Any]] | None = _earlier_rows(self.path) if keep_rows else None
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": step, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
         record.update(jsonable(metrics))
-        self._file.write(dumps(record) + "\n")  # standard JSON: never a bare NaN
+        line = dumps(record)  # standard JSON: never a bare NaN
+        self._file.write(line + "\n")
         self._file.flush()
+        if self.rows is not None:
+            self.rows.append(json.loads(line))  # exactly what a reader of the file gets
 
     def close(self) -> None:
         self._file.close()
+
+
+def _earlier_rows(path: Path) -> list[dict[str, Any]] | None:
+    """The rows a resumed run's earlier segments wrote (None when a line is not JSON: readers report it)."""
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 class Fanout:

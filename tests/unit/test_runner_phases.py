@@ -75,3 +75,37 @@ def test_the_run_context_drops_its_hooks_when_the_run_ends(tmp_path):
     context.close()
     assert context.preemption.coordinator is None and not context.preemption.honoured
     assert context.preemption.requested_signum == 10  # the launcher reads what happened after the run
+
+
+def test_the_report_is_built_from_what_the_run_holds_in_memory(tmp_path):
+    """metrics.jsonl's rows as kept by the writer equal the file's; report.html needs no read-back."""
+    import math
+
+    import numpy as np
+
+    from greenstack.report.html import finish_run_report
+    from greenstack.report.tco import load_run
+    from greenstack.tracking.base import JsonlWriter
+
+    first = JsonlWriter(tmp_path, keep_rows=True)  # an earlier segment of a resumed run
+    first.log({"train/loss": 1.5, "energy/total_kwh": np.float32(0.25)}, step=1)
+    first.close()
+    writer = JsonlWriter(tmp_path, keep_rows=True)
+    writer.log({"train/loss": math.nan, "energy/total_kwh": 0.5, "val/accuracy": 0.75}, step=2)
+    writer.close()
+    summary = {"run_id": "r1", "metrics": {"energy/total_kwh": {"value": 0.5, "unit": "kWh",
+                                                                "provenance": "measured", "source": "test"}}}
+    on_disk = load_run(_with_summary(tmp_path, summary))
+    assert writer.rows == on_disk.metrics and len(writer.rows) == 2
+    assert load_run(tmp_path, summary=summary, metrics=writer.rows) == on_disk
+    (tmp_path / "metrics.jsonl").unlink()  # the report must not need to read the files back
+    (tmp_path / "sustainability.json").unlink()
+    out = finish_run_report(tmp_path, summary=summary, metrics=writer.rows)
+    assert out is not None and out.is_file() and "r1" in out.read_text()
+
+
+def _with_summary(run_dir, summary):
+    import json
+
+    (run_dir / "sustainability.json").write_text(json.dumps(summary))
+    return run_dir
