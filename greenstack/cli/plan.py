@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from greenstack.carbon.inputs import (
@@ -36,14 +37,6 @@ class Subcommand:
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
-
-
-SUBCOMMANDS: dict[str, Subcommand] = {}
-
-
-def register(name: str, subcommand: Subcommand) -> None:
-    """Add a `plan` subcommand (used by this module and by later planning tools)."""
-    SUBCOMMANDS[name] = subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,15 +156,17 @@ def print_eval_table(results: Sequence[dict[str, Any]], file: Any = None) -> Non
                       + (f"; weather: {', '.join(r['weather_columns'])}" if r.get("weather_columns") else ""))
 
 
-register("forecast-eval", Subcommand(
-    help="rolling-origin evaluation of the 72 h carbon-intensity forecaster vs seasonal-naive",
-    configure=_configure_forecast_eval, run=_run_forecast_eval))
-register("backtest", Subcommand(help=plan_schedule.BACKTEST_HELP, configure=plan_schedule.configure_backtest,
-                                run=plan_schedule.run_backtest_command))
-register("region", Subcommand(help=plan_schedule.REGION_HELP, configure=plan_schedule.configure_region,
-                              run=plan_schedule.run_region_command))
-register("start", Subcommand(help=plan_start.START_HELP, configure=plan_start.configure_start,
-                             run=plan_start.run_start_command))
+#: every `greenstack plan` subcommand (a constant table: a new tool adds one entry here)
+SUBCOMMANDS: Mapping[str, Subcommand] = MappingProxyType({
+    "forecast-eval": Subcommand(
+        help="rolling-origin evaluation of the 72 h carbon-intensity forecaster vs seasonal-naive",
+        configure=_configure_forecast_eval, run=_run_forecast_eval),
+    "backtest": Subcommand(help=plan_schedule.BACKTEST_HELP, configure=plan_schedule.configure_backtest,
+                           run=plan_schedule.run_backtest_command),
+    "region": Subcommand(help=plan_schedule.REGION_HELP, configure=plan_schedule.configure_region,
+                         run=plan_schedule.run_region_command),
+    "start": Subcommand(help=plan_start.START_HELP, configure=plan_start.configure_start,
+                        run=plan_start.run_start_command),
+})
 
-__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "parse_hours", "print_eval_table", "register",
-           "run_plan"]
+__all__ = ["SUBCOMMANDS", "Subcommand", "build_parser", "parse_hours", "print_eval_table", "run_plan"]
