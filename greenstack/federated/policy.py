@@ -735,6 +735,7 @@ class GeoTraining(Policy):
                              "emissions_kg": sum(emissions.values())})
         decision = {**rnd["plan"], "sat_out": sat_out, "work_weights": weights, "bytes_sent": round_bytes, "energy_kwh": energy, "emissions_kg": emissions}
         self.decisions.append(decision)
+        reporter.decision(self.audit_kind, decision)
         log.info("federated round %d: intensity %s g/kWh -> local steps %s%s", rnd["round"],
                  {k: round(v) for k, v in rnd["plan"]["intensity_g_per_kwh"].items()}, rnd["plan"]["local_steps"],
                  f"; sat out: {', '.join(sat_out)}" if sat_out else "")

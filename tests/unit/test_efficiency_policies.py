@@ -166,6 +166,8 @@ def test_every_efficiency_policy_trains_two_batches(policy, data, model, check):
     assert all(check(p, state, trainer)), p.decisions
     json.dumps(p.decisions)  # JSON-able for an audit log
     assert p.decisions and all("step" in d and "at" in d for d in p.decisions)
+    # every decision went through the policy's reporter, with its audit kind, in order
+    assert [(d.kind, d.data) for d in trainer.decisions.by(p.name)] == [(p.audit_kind, d) for d in p.decisions]
     for key, fig in p.summary().items():
         assert key.startswith("efficiency/") and fig.provenance in ("measured", "estimated", "fallback") and fig.source
 

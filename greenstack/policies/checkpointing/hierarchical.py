@@ -242,7 +242,7 @@ class HierarchicalCheckpointing(Policy):
                 self.tiers[name] = _TierWriter(name, store, keep[name])
                 self.tiers[name].key = self.key
             if self.resume_mode != "never":
-                self._resume(state, stores)
+                self._resume(state, stores, reporter)
             self._checked_step = state.step  # cadences count from here (0, or the resumed step)
             state.preemption.register(self)  # from INIT on: a federated policy may need it from its FIT_START
         elif event is Event.FIT_START:
@@ -264,7 +264,7 @@ class HierarchicalCheckpointing(Policy):
             for tier in self.tiers.values():
                 tier.close()
 
-    def _resume(self, state: State, stores: dict[str, Store]) -> None:
+    def _resume(self, state: State, stores: dict[str, Store], reporter: Reporter) -> None:
         candidates: list[tuple[Snapshot, str]] = []
         any_found = False
         for store in stores.values():
@@ -290,8 +290,8 @@ class HierarchicalCheckpointing(Policy):
         apply_snapshot(snapshot, state)
         self._apply_allowed_lr(state, allowed_diffs)
         self.resumed_from = where
-        self.decisions.append({"kind": "checkpoint", "action": "restore", "from": where, "step": snapshot.step,
-                               "skipped": list(self.skipped_on_resume)})
+        self._decided(reporter, {"kind": "checkpoint", "action": "restore", "from": where, "step": snapshot.step,
+                                 "skipped": list(self.skipped_on_resume)})
         log.info("checkpointing: resumed from %s (step %d, epoch %d)", where, snapshot.step, snapshot.epoch)
 
     # -- per step ---------------------------------------------------------------------------------
@@ -347,9 +347,9 @@ class HierarchicalCheckpointing(Policy):
                 queued.append(name)
             elif snapshot.step >= state.max_steps and tier.flush(60.0) and tier.submit(snapshot):
                 queued.append(name)  # the run's last checkpoint is worth a wait: later runs resume from it
-        self.decisions.append({"kind": "checkpoint", "action": "snapshot", "step": snapshot.step,
-                               "stall_ms": round(stall * 1000, 3), "tiers": ["memory", *queued],
-                               "skipped_busy": [name for name in tiers if name not in queued]})
+        self._decided(reporter, {"kind": "checkpoint", "action": "snapshot", "step": snapshot.step,
+                                 "stall_ms": round(stall * 1000, 3), "tiers": ["memory", *queued],
+                                 "skipped_busy": [name for name in tiers if name not in queued]})
 
     # -- preemption -------------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -394,8 +394,8 @@ class HierarchicalCheckpointing(Policy):
                 continue
             tier.write_now(snapshot)
             saved.append(f"{tier.store}/{snapshot.name}")
-        self.decisions.append({"kind": "checkpoint", "action": "checkpoint_now", "reason": reason,
-                               "step": snapshot.step, "saved": saved, "seconds": round(time.monotonic() - t0, 3)})
+        self._decided(None, {"kind": "checkpoint", "action": "checkpoint_now", "reason": reason,
+                             "step": snapshot.step, "saved": saved, "seconds": round(time.monotonic() - t0, 3)})
         return ", ".join(saved) or "memory only (no disk tier configured)"
 
     def at_boundary(self, state: State) -> None:
@@ -427,6 +427,13 @@ class HierarchicalCheckpointing(Policy):
         raise Preempted(signum, f"preempted by {cause} at step {state.step}: checkpoint saved in "
                                 f"{time.monotonic() - t0:.2f} s to {where}; rerun the same command with "
                                 f"checkpointing.resume=auto to continue")
+
+    def _decided(self, reporter: Reporter | None, entry: dict[str, Any]) -> None:
+        """Keep a decision and report it (no reporter: called outside this policy's hooks, e.g. a pause's
+        checkpoint_now; the decision reaches audit.jsonl through `recorded_decisions` at the end)."""
+        self.decisions.append(entry)
+        if reporter is not None:
+            reporter.decision(self.audit_kind, entry)
 
     def recorded_decisions(self) -> list[dict[str, Any]]:
         return self.decisions

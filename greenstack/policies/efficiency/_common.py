@@ -121,17 +121,23 @@ class EfficiencyPolicy(Policy):
         return jsonable({"policy": self.name, "step": state.step, "epoch": state.epoch,
                          "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **data})
 
-    def decide(self, state: State, reporter: Reporter, on: bool, reason: str, *, level: int = logging.INFO, **data: Any) -> None:
+    def decide(self, state: State, reporter: Reporter, on: bool, reason: str, *, level: int = logging.INFO,
+               **data: Any) -> None:
         """Record the policy's decision: one log line, a metric, a decision entry."""
         self.decided, self.on, self.reason = True, on, reason
         log.log(level, "%s: %s — %s", self.key, "on" if on else "off", reason)
         reporter.metric(f"efficiency/{self.key}_enabled", int(on))
-        self.decisions.append(self._entry(state, on=on, reason=reason, **data))
+        self.record_decision(reporter, self._entry(state, on=on, reason=reason, **data))
 
-    def warn(self, state: State, message: str, **data: Any) -> None:
+    def warn(self, state: State, reporter: Reporter, message: str, **data: Any) -> None:
         """A no-effect or misuse warning (logged and recorded, no state change)."""
         log.warning("%s: %s", self.key, message)
-        self.decisions.append(self._entry(state, warning=message, **data))
+        self.record_decision(reporter, self._entry(state, warning=message, **data))
+
+    def record_decision(self, reporter: Reporter, entry: dict[str, Any]) -> None:
+        """Keep a decision (policy state, summary, replay) and report it with this policy's audit kind."""
+        self.decisions.append(entry)
+        reporter.decision(self.audit_kind, entry)
 
     def recorded_decisions(self) -> list[dict[str, Any]]:
         return self.decisions

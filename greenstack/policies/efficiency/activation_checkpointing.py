@@ -53,7 +53,7 @@ class ActivationCheckpointing(ProbingPolicy):
             self.decide(state, reporter, True, f"{model_name} already checkpoints its activations")
             return
         if checkpointing_support(state.model) is None:
-            self.warn(state, f"no effect — {model_name} does not support activation checkpointing (no timm/"
+            self.warn(state, reporter, f"no effect — {model_name} does not support activation checkpointing (no timm/"
                              "transformers switch and no repeated blocks to wrap)")
             self.decide(state, reporter, False, f"{model_name} has no checkpointing support")
             return
@@ -64,7 +64,7 @@ class ActivationCheckpointing(ProbingPolicy):
                              Variant("checkpointed", prepare=_apply, autocast_dtype=state.autocast_dtype),
                              measure_memory=True)
         except Unsupported as e:
-            self.warn(state, f"no effect — {e}")
+            self.warn(state, reporter, f"no effect — {e}")
             self.decide(state, reporter, False, str(e))
             return
         except ProbeOutOfMemory as e:  # copies of the model did not fit: that is memory pressure

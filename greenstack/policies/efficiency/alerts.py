@@ -198,9 +198,9 @@ class Alerts(EfficiencyPolicy):
             self._fit_start(state, reporter)
         elif event is Event.STEP_END:
             if len(state.batch_size_changes) > self._applied_seen:
-                self._record_applied(state)
+                self._record_applied(state, reporter)
             if self.replayed:
-                self._replay_at(state, before_training=False)
+                self._replay_at(state, reporter, before_training=False)
             if self.action("low_gpu_utilization") != "off" and UTIL_METRIC in state.metrics:
                 self._utilization(state, reporter, float(state.metrics[UTIL_METRIC]))
             if self.action("carbon_intensity") != "off" and CARBON_METRIC in state.metrics:
@@ -220,11 +220,11 @@ class Alerts(EfficiencyPolicy):
             return
         if self.replayed is not None:
             if state.step == 0:
-                self._replay_at(state, before_training=True)
+                self._replay_at(state, reporter, before_training=True)
             return
         if self.frozen:
             log.info("alerts: low_gpu_utilization warns only — %s", FROZEN_WHY)
-            self.decisions.append(self._entry(state, alert="low_gpu_utilization", skipped=FROZEN_WHY))
+            self.record_decision(reporter, self._entry(state, alert="low_gpu_utilization", skipped=FROZEN_WHY))
             return
         if self.utilization_reader is None:
             self.utilization_reader = nvml_utilization_reader(state.device)
@@ -232,7 +232,7 @@ class Alerts(EfficiencyPolicy):
             why = ("no GPU utilisation on CPU (NVML measures NVIDIA GPUs only)" if state.device.type != "cuda"
                    else "NVML cannot read this GPU's utilisation")
             log.info("alerts: low_gpu_utilization skipped — %s", why)
-            self.decisions.append(self._entry(state, alert="low_gpu_utilization", skipped=why))
+            self.record_decision(reporter, self._entry(state, alert="low_gpu_utilization", skipped=why))
             return
         if state.step == 0:
             self._raise_batch_before_training(state, reporter)
@@ -249,8 +249,8 @@ class Alerts(EfficiencyPolicy):
                       else f"no improvement for {getattr(rule, 'patience', 0)} evaluations")
         log.warning("alerts: %s — %s=%.4g %s: %s", name, rule.metric, value, comparison,
                     did if action == "act" else f"warn only (would: {did})")
-        self.decisions.append(self._entry(state, alert=name, metric=rule.metric, value=value, threshold=threshold,
-                                          action=action, acted=acted, did=did, **data))
+        self.record_decision(reporter, self._entry(state, alert=name, metric=rule.metric, value=value, threshold=threshold,
+                                                   action=action, acted=acted, did=did, **data))
 
     def _utilization(self, state: State, reporter: Reporter, value: float) -> None:
         rule = self.rules["low_gpu_utilization"]
@@ -273,13 +273,13 @@ class Alerts(EfficiencyPolicy):
                    f"raise the batch size {state.batch_size} → {target} at the next epoch start "
                    f"(LR by the {request.lr_scaling} rule)", acted=act, batch_size=target)
 
-    def _record_applied(self, state: State) -> None:
+    def _record_applied(self, state: State, reporter: Reporter) -> None:
         """Log the batch-size changes the loop made on this policy's requests (engine/resize.py)."""
         changes = [c for c in state.batch_size_changes if c.get("by") == self.name]
         for change in changes[self._applied_seen:]:
-            self.decisions.append(self._entry(state, alert="low_gpu_utilization", applied=dict(change),
-                                              did=f"batch size {change['from']} → {change['to']} at step "
-                                                  f"{change['step']} (LR ×{change['lr_factor']:.3g})"))
+            self.record_decision(reporter, self._entry(state, alert="low_gpu_utilization", applied=dict(change),
+                                                       did=f"batch size {change['from']} → {change['to']} at step "
+                                                           f"{change['step']} (LR ×{change['lr_factor']:.3g})"))
         if len(changes) > self._applied_seen:  # readings at the new size count afresh (it may fire again)
             self.rules["low_gpu_utilization"].consecutive = 0  # type: ignore[union-attr]
         self._applied_seen = len(changes)
@@ -290,8 +290,8 @@ class Alerts(EfficiencyPolicy):
         if not rule.beyond(value) and request is not None and request.by == self.name:
             state.requests.pause = None
             log.info("alerts: carbon_intensity back to %.4g g/kWh: withdrew the pause request", value)
-            self.decisions.append(self._entry(state, alert="carbon_intensity", metric=rule.metric, value=value,
-                                              did="withdrew the pause request"))
+            self.record_decision(reporter, self._entry(state, alert="carbon_intensity", metric=rule.metric, value=value,
+                                                       did="withdrew the pause request"))
         if not rule.update(value):
             return
         act = self.action("carbon_intensity") == "act"
@@ -329,7 +329,7 @@ class Alerts(EfficiencyPolicy):
             state.request_stop(f"alerts.plateau: {did}")
         self._fire(state, reporter, "plateau", value, did, acted=act)
 
-    def _replay_at(self, state: State, *, before_training: bool) -> None:
+    def _replay_at(self, state: State, reporter: Reporter, *, before_training: bool) -> None:
         """Repeat the recorded run's actions taken at this step (batch raised before training at FIT_START)."""
         assert self.replayed is not None
         for entry in self.replayed:
@@ -361,8 +361,8 @@ class Alerts(EfficiencyPolicy):
             self.acted[name] += 1
             log.info("alerts: %s — %s", name, did)
             kept = {k: entry[k] for k in ("readings",) if k in entry}  # a replay of this run replays the same
-            self.decisions.append(self._entry(state, alert=name, acted=True, replayed=True, did=did,
-                                              batch_size=target, **kept))
+            self.record_decision(reporter, self._entry(state, alert=name, acted=True, replayed=True, did=did,
+                                                       batch_size=target, **kept))
 
     # -- low utilisation before training ----------------------------------------------------------
     def _doubled(self, state: State, batch_size: int) -> int | None:
@@ -405,9 +405,9 @@ class Alerts(EfficiencyPolicy):
         del model
         if not readings or not rule.beyond(readings[0]["utilization"]):
             if readings:  # the check is on record too (a replay of this run then knows nothing acted)
-                self.decisions.append(self._entry(state, alert="low_gpu_utilization", acted=False, readings=readings,
-                                                  did=f"kept batch size {start}: utilisation "
-                                                      f"{readings[0]['utilization']:.3g} % ≥ {rule.threshold:g} %"))
+                self.record_decision(reporter, self._entry(state, alert="low_gpu_utilization", acted=False, readings=readings,
+                                                           did=f"kept batch size {start}: utilisation "
+                                                               f"{readings[0]['utilization']:.3g} % ≥ {rule.threshold:g} %"))
             return
         first = readings[0]["utilization"]
         if batch == start or self.action("low_gpu_utilization") != "act":

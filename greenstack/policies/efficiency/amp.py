@@ -54,7 +54,7 @@ class MixedPrecision(ProbingPolicy):
         if self.decided:
             return
         if state.autocast_dtype is not None:
-            self.warn(state, f"no effect — the run already autocasts to {dtype_name(state.autocast_dtype)}")
+            self.warn(state, reporter, f"no effect — the run already autocasts to {dtype_name(state.autocast_dtype)}")
             self.decide(state, reporter, True, f"{dtype_name(state.autocast_dtype)} set before this policy")
             return
         restored = self.restored_choice()
@@ -72,7 +72,7 @@ class MixedPrecision(ProbingPolicy):
         try:
             cmp = self.probe(state, Variant("fp32"), Variant(name, autocast_dtype=dtype))
         except ProbeOutOfMemory as e:
-            self.warn(state, f"cannot probe: out of memory ({e})")
+            self.warn(state, reporter, f"cannot probe: out of memory ({e})")
             self.decide(state, reporter, self.mode != "auto", "not probed: out of memory")
             if self.mode != "auto":
                 self._scaler = apply_mixed_precision(state, dtype).grad_scaler
@@ -97,7 +97,7 @@ class MixedPrecision(ProbingPolicy):
         else:
             on = True
             if cmp.gain < 1.0:
-                self.warn(state, f"mode={self.mode} forced although {what}")
+                self.warn(state, reporter, f"mode={self.mode} forced although {what}")
         if on:
             self.dtype_name = name
             self._scaler = apply_mixed_precision(state, dtype).grad_scaler

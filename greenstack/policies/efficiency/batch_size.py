@@ -106,13 +106,13 @@ class BatchSizeSearch(EfficiencyPolicy):
         restored = None if self.restored is None else self.restored.get("batch_size")
         if state.step > 0:  # resumed: the loop can only change the batch size before the first step
             if restored is not None and restored != state.batch_size:
-                self.warn(state, f"resumed at step {state.step}: the loop cannot switch to the searched batch "
+                self.warn(state, reporter, f"resumed at step {state.step}: the loop cannot switch to the searched batch "
                                  f"size {restored}; continuing with {state.batch_size}")
             self.decide(state, reporter, False, f"resumed run (step {state.step}); batch size {state.batch_size}")
             return
         loader = train_loader_of(state)
         if loader is None or state.set_batch_size is None or not hasattr(loader, "dataset"):
-            self.warn(state, "no effect — this loop exposes no train DataLoader to rebuild")
+            self.warn(state, reporter, "no effect — this loop exposes no train DataLoader to rebuild")
             self.decide(state, reporter, False, "no train DataLoader")
             return
         start = int(state.batch_size or loader.batch_size or 1)

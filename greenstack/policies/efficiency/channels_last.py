@@ -50,16 +50,16 @@ class ChannelsLast(ProbingPolicy):
             return
         model_name = type(module_of(state.model)).__name__
         if not has_image_inputs(state.batch):
-            self.warn(state, "no effect — the inputs are not 4-D image batches")
+            self.warn(state, reporter, "no effect — the inputs are not 4-D image batches")
             self.decide(state, reporter, False, "no image inputs")
             return
         convs = conv_layer_count(state.model)
         if convs == 0:
-            self.warn(state, f"no effect — {model_name} has no Conv2d layers")
+            self.warn(state, reporter, f"no effect — {model_name} has no Conv2d layers")
             self.decide(state, reporter, False, f"{model_name} has no Conv2d layers")
             return
         if is_attention_model(state.model):
-            self.warn(state, f"little or no effect — {model_name} is attention-based ({convs} Conv2d, the patch "
+            self.warn(state, reporter, f"little or no effect — {model_name} is attention-based ({convs} Conv2d, the patch "
                              "embedding); channels_last speeds up convolutions")
             if self.mode == "auto":
                 self.decide(state, reporter, False, f"{model_name} is attention-based; not probed")
@@ -71,7 +71,7 @@ class ChannelsLast(ProbingPolicy):
                              Variant("channels_last", prepare=apply_channels_last, transform_batch=channels_last_batch,
                                      autocast_dtype=state.autocast_dtype))
         except ProbeOutOfMemory as e:
-            self.warn(state, f"cannot probe: out of memory ({e})")
+            self.warn(state, reporter, f"cannot probe: out of memory ({e})")
             self._set(state, reporter, self.mode == "on", "not probed: out of memory")
             return
         self.record_comparison(state, reporter, cmp)
@@ -80,7 +80,7 @@ class ChannelsLast(ProbingPolicy):
         if self.mode == "auto" and not on and cmp.gain >= 1.0:
             what += self.short_of(cmp)
         if self.mode == "on" and cmp.gain < 1.0:
-            self.warn(state, f"mode=on forced although {what}")
+            self.warn(state, reporter, f"mode=on forced although {what}")
         self._set(state, reporter, on, what, **self.comparison_data(cmp))
 
     def _set(self, state: State, reporter: Reporter, on: bool, reason: str, **data: object) -> None:

@@ -54,14 +54,14 @@ class Compile(ProbingPolicy):
             self.decide(state, reporter, False, "mode=off")
             return
         if is_compiled(state.model):
-            self.warn(state, "no effect — the model is already compiled")
+            self.warn(state, reporter, "no effect — the model is already compiled")
             self.decide(state, reporter, True, "compiled before this policy")
             return
         if self.frozen(state):
             self.decide(state, reporter, False, FROZEN_WHY)
             return
         if isinstance(state.batch.get("inputs"), dict) and self.dynamic is None:
-            self.warn(state, "text batches change length from batch to batch: expect recompilations "
+            self.warn(state, reporter, "text batches change length from batch to batch: expect recompilations "
                              "(set efficiency.compile.dynamic=true, or pad to fixed multiples)")
         result = try_compile(state.model, state.batch, device=state.device, autocast_dtype=state.autocast_dtype,
                              backend=self.backend, mode=self.compile_mode, dynamic=self.dynamic,
@@ -69,7 +69,7 @@ class Compile(ProbingPolicy):
         self.figures["efficiency/compile_first_step_s"] = Figure(
             result.compile_s, "s", "measured", f"first compiled fwd+bwd ({result.reason})")
         if not result.ok:
-            self.warn(state, f"compilation failed, training eagerly — {result.reason}")
+            self.warn(state, reporter, f"compilation failed, training eagerly — {result.reason}")
             self.decide(state, reporter, False, f"compile failed ({result.reason}); eager fallback", error=result.reason)
             return
         restored = self.restored_choice()
@@ -92,5 +92,5 @@ class Compile(ProbingPolicy):
             if cmp.gain >= 1.0:
                 what += self.short_of(cmp)
         elif cmp.gain < 1.0:
-            self.warn(state, f"mode=on forced although {what}")
+            self.warn(state, reporter, f"mode=on forced although {what}")
         self.decide(state, reporter, on, what, **self.comparison_data(cmp))

@@ -83,14 +83,14 @@ class DynamicPadding(EfficiencyPolicy):
             self._checked_batch = True
             packed = isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() and inputs.ndim == 2
             if mask is None and packed and not self.decided:
-                self.warn(state, "no effect — packed token blocks (language-model corpora): every position is a "
+                self.warn(state, reporter, "no effect — packed token blocks (language-model corpora): every position is a "
                                  "real token, nothing is padded")
                 self.decide(state, reporter, False, "packed token blocks: no padding")
             elif mask is None and not self.decided:
-                self.warn(state, "no effect — the inputs are not padded token sequences")
+                self.warn(state, reporter, "no effect — the inputs are not padded token sequences")
                 self.decide(state, reporter, False, "no text inputs")
             elif not self.decided:
-                self.warn(state, "cannot group by length — the train loader has no LengthGroupedSampler "
+                self.warn(state, reporter, "cannot group by length — the train loader has no LengthGroupedSampler "
                                  "(use the text_csv or synthetic_text data builders)")
                 self.decide(state, reporter, False, "no LengthGroupedSampler; batches are padded as the loader does")
         if mask is None:

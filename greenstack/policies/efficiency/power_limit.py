@@ -55,7 +55,7 @@ class PowerLimitSearch(EfficiencyPolicy):
                 self._chosen(state, reporter)
         elif event in (Event.FIT_END, Event.EXCEPTION) and self.control is not None:
             self.control.restore()
-            self.decisions.append(self._entry(state, restored_limit_w=self.control.original_w))
+            self.record_decision(reporter, self._entry(state, restored_limit_w=self.control.original_w))
 
     def _start(self, state: State, reporter: Reporter) -> None:
         if state.device.type != "cuda" and self.nvml is None:
@@ -81,7 +81,7 @@ class PowerLimitSearch(EfficiencyPolicy):
             self.decide(state, reporter, False, str(e))
             return
         self.sweep = sweep
-        self.decisions.append(self._entry(state, sweeping=sweep.limits, original_limit_w=self.control.original_w))
+        self.record_decision(reporter, self._entry(state, sweeping=sweep.limits, original_limit_w=self.control.original_w))
 
     def _chosen(self, state: State, reporter: Reporter) -> None:
         sweep = self.sweep

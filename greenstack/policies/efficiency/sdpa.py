@@ -47,7 +47,7 @@ class SdpaAttention(ProbingPolicy):
         model_name = type(module_of(state.model)).__name__
         current = attention_implementation(state.model)
         if current is None:
-            self.warn(state, f"no effect — {model_name} has no attention layers")
+            self.warn(state, reporter, f"no effect — {model_name} has no attention layers")
             self.decide(state, reporter, False, f"{model_name} has no attention layers")
             return
         if self.mode == "off":
@@ -67,11 +67,11 @@ class SdpaAttention(ProbingPolicy):
                              Variant("eager", prepare=lambda m: _switch(m, "eager"), autocast_dtype=state.autocast_dtype),
                              Variant("sdpa", prepare=lambda m: _switch(m, "sdpa"), autocast_dtype=state.autocast_dtype))
         except ProbeOutOfMemory as e:
-            self.warn(state, f"cannot probe: out of memory ({e})")
+            self.warn(state, reporter, f"cannot probe: out of memory ({e})")
             self._set(state, reporter, "sdpa" if self.mode == "on" else current, "not probed: out of memory")
             return
         except Unsupported as e:
-            self.warn(state, f"cannot switch attention — {e}")
+            self.warn(state, reporter, f"cannot switch attention — {e}")
             self.implementation = current
             self.decide(state, reporter, current == "sdpa", f"kept the model's {current} attention ({e})")
             return
@@ -79,7 +79,7 @@ class SdpaAttention(ProbingPolicy):
         what = f"{cmp.describe('sdpa', 'eager')} for {model_name} on {device_words(state.device)}"
         if self.mode == "on":
             if cmp.gain < 1.0:
-                self.warn(state, f"mode=on forced although {what}")
+                self.warn(state, reporter, f"mode=on forced although {what}")
             self._set(state, reporter, "sdpa", what, **self.comparison_data(cmp))
             return
         if current == "sdpa":
