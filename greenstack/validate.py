@@ -305,12 +305,20 @@ def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks
     check = lookup(checks, target_path)
     if check:
         problems.extend(check(node, path))
-    if len(problems) == before and inspect.isclass(target) and (group in construct or issubclass(target, Policy)):
+    if len(problems) == before and node.get("_partial_") and inspect.isclass(target) \
+            and _is_torch_optimizer(target):
+        _try_optimizer(target, node, path, problems)
+    if len(problems) == before and inspect.isclass(target) and not node.get("_partial_") \
+            and (group in construct or issubclass(target, Policy)):
         _try_construct(target, node, path, problems)
 
 
 def _try_construct(target: Any, node: dict[str, Any], path: str, problems: list[Problem]) -> None:
-    kwargs = {k: v for k, v in node.items() if k not in HYDRA_KEYS and not (isinstance(v, dict) and "_target_" in v)}
+    nested = {k for k, v in node.items() if isinstance(v, dict) and "_target_" in v}
+    kwargs = {k: v for k, v in node.items() if k not in HYDRA_KEYS and k not in nested}
+    params = inspect.signature(target).parameters
+    if any(k in params and params[k].default is inspect.Parameter.empty for k in nested):
+        return  # needs a built component (optim.optimizer): its declared constraints were checked
     try:
         target(**kwargs)
     except ConfigError as e:
@@ -320,6 +328,28 @@ def _try_construct(target: Any, node: dict[str, Any], path: str, problems: list[
             problems.append(Problem(key, p.value, p.reason, p.fix))
     except (TypeError, ValueError) as e:
         problems.append(Problem(path, "", f"{target.__name__}: {e}"))
+
+
+def _is_torch_optimizer(target: type) -> bool:
+    import torch
+
+    return issubclass(target, torch.optim.Optimizer)
+
+
+def _try_optimizer(target: Any, node: dict[str, Any], path: str, problems: list[Problem]) -> None:
+    """An optimizer component (`_partial_: true`) built on one dummy parameter, so torch's own argument
+    checks (betas, momentum, eps) run before training; the problem goes to the key its message names."""
+    import torch
+
+    kwargs = {k: v for k, v in node.items() if k not in HYDRA_KEYS}
+    try:
+        target([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    except Exception as e:  # noqa: BLE001 - whatever torch raises on bad arguments, said with the key
+        text = str(e) if isinstance(e, (TypeError, ValueError)) else f"rejects these arguments ({e})"
+        named = [k for k in kwargs if k.rstrip("s").lower() in text.lower()]
+        key = f"{path}.{named[0]}" if named else path
+        problems.append(Problem(key, kwargs.get(named[0], "") if named else "", f"{target.__name__}: {text}",
+                                "see the torch.optim documentation of this optimizer"))
 
 
 def _walk(node: Any, path: str, problems: list[Problem], checks: dict[str, Callable],

@@ -19,7 +19,7 @@ import torch
 
 from greenstack.engine.duration import Duration
 from greenstack.engine.events import Event
-from greenstack.engine.optim import Optim
+from greenstack.engine.optim import Optim, OptimComponents
 from greenstack.engine.policy import Policy, dispatch_order
 from greenstack.engine.preemption import Preemption
 from greenstack.engine.reporter import DecisionLog, Reporter
@@ -139,7 +139,7 @@ class Trainer:
     The `task` (default: classification) supplies the loss, the evaluation metrics and the counts.
     """
 
-    def __init__(self, model: torch.nn.Module, train_loader: Sequence | Iterable, optim: Optim,
+    def __init__(self, model: torch.nn.Module, train_loader: Sequence | Iterable, optim: Optim | OptimComponents,
                  config: TrainerConfig, *, val_loader: Iterable | None = None,
                  test_loader: Iterable | None = None, policies: Sequence[Policy] = (),
                  sinks: Sequence[MetricSink] = (), batch_size: int = 0, run_dir: str | None = None,

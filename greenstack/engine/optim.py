@@ -1,15 +1,21 @@
-"""Optimizer and learning-rate schedule, built from the `optim` config group."""
+"""Optimizer and learning-rate schedule, built from the `optim` config group.
+
+The config composes components (`OptimComponents`): `optimizer` is a partial of any torch optimizer
+(`_target_: torch.optim.AdamW`, `_partial_: true`, its own arguments such as betas), called with the
+parameters, `lr` and `weight_decay`; `lr_schedule` a partial of `warmup_decay` (or your own function of
+the run's length returning the per-step LR factor). `Optim` is the short Python form (`Optim(lr=0.1)`).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
-from greenstack.errors import ConfigError, Problem
+from greenstack.errors import ConfigError, Problem, above, at_least, between, checked
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "step")
@@ -78,21 +84,58 @@ class Optim:
             opt = torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor_fn(total_steps))
 
-    def lr_factor_fn(self, total_steps: int):
+    def lr_factor_fn(self, total_steps: int) -> Callable[[int], float]:
         """Multiplier of the base LR at each step: linear warm-up, then the chosen decay."""
-        warmup, floor = self.warmup_steps, self.min_lr_ratio
-        decay_steps = max(1, total_steps - warmup)
+        return _factor(total_steps, self.schedule, self.warmup_steps, self.min_lr_ratio, self.step_size_steps,
+                       self.gamma)
 
-        def factor(step: int) -> float:
-            if warmup and step < warmup:
-                return (step + 1) / warmup
-            t = min(1.0, (step - warmup) / decay_steps)
-            if self.schedule == "cosine":
-                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-            if self.schedule == "linear":
-                return floor + (1 - floor) * (1 - t)
-            if self.schedule == "step":
-                return self.gamma ** ((step - warmup) // max(1, self.step_size_steps))
-            return 1.0
 
-        return factor
+def _factor(total_steps: int, kind: str, warmup: int, floor: float, step_size_steps: int,
+            gamma: float) -> Callable[[int], float]:
+    decay_steps = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / decay_steps)
+        if kind == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        if kind == "linear":
+            return floor + (1 - floor) * (1 - t)
+        if kind == "step":
+            return gamma ** ((step - warmup) // max(1, step_size_steps))
+        return 1.0
+
+    return factor
+
+
+@checked("optim.lr_schedule")
+def warmup_decay(total_steps: int, kind: Literal["constant", "cosine", "linear", "step"] = "constant",
+                 warmup_steps: Annotated[int, at_least(0, integer=True)] = 0,
+                 min_lr_ratio: Annotated[float, between(0, 1)] = 0.0,
+                 step_size_steps: Annotated[int, at_least(1, integer=True)] = 1000,
+                 gamma: Annotated[float, above(0)] = 0.1) -> Callable[[int], float]:
+    """The LR schedule component (`optim.lr_schedule`, `_partial_: true`): per-step multiplier of the base
+    LR for a run of `total_steps` steps: linear warm-up, then constant, cosine or linear decay to
+    `min_lr_ratio`, or steps of `gamma` every `step_size_steps`."""
+    return _factor(total_steps, kind, warmup_steps, min_lr_ratio, step_size_steps, gamma)
+
+
+class OptimComponents:
+    """What the loop builds the optimizer and LR schedule from (`build`), given as config components."""
+
+    @checked("optim")
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer],
+                 lr: Annotated[float, above(0, fix="e.g. optim.lr=0.001")] = 1e-3,
+                 weight_decay: Annotated[float, at_least(0, fix="e.g. optim.weight_decay=0.01 (0 = none)")] = 0.0,
+                 lr_schedule: Callable[[int], Callable[[int], float]] | None = None) -> None:
+        self.optimizer, self.lr, self.weight_decay, self.lr_schedule = optimizer, float(lr), float(weight_decay), lr_schedule
+
+    def build(self, params: Iterable[torch.nn.Parameter], total_steps: int
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Create the optimizer and a per-step LR scheduler for a run of `total_steps` steps."""
+        opt = self.optimizer(list(params), lr=self.lr, weight_decay=self.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor_fn(total_steps))
+
+    def lr_factor_fn(self, total_steps: int) -> Callable[[int], float]:
+        return self.lr_schedule(total_steps) if self.lr_schedule is not None else (lambda step: 1.0)

@@ -44,10 +44,11 @@ TRAIN_ROWS = [
     (["optim.lr=inf"], "optim.lr"),
     (["optim.lr=nan"], "optim.lr"),
     (["optim.lr=-1"], "optim.lr"),
-    (["optim.betas=[2.0,3.0]"], "optim.betas"),
-    (["optim.betas=[0.9]"], "optim.betas"),
+    (["optim.optimizer.betas=[2.0,3.0]"], "optim.optimizer.betas"),  # torch's own check, run by validate
+    (["optim.optimizer.betas=[0.9]"], "optim.optimizer"),
     (["optim.weight_decay=-1"], "optim.weight_decay"),
-    (["optim.momentum=-0.5"], "optim.momentum"),
+    (["optim=sgd", "optim.optimizer.momentum=-0.5"], "optim.optimizer.momentum"),
+    (["optim.lr_schedule.warmup_steps=-1"], "optim.lr_schedule.warmup_steps"),
     (["carbon.electricity_usd_per_kwh=nan"], "carbon.electricity_usd_per_kwh"),
     (["carbon.embodied_kg_co2e=nan"], "carbon.embodied_kg_co2e"),
     (["carbon.pue=inf"], "carbon.pue"),
@@ -134,7 +135,7 @@ def test_pool_and_audit_inputs_are_one_line_errors(capsys, tmp_path, pool_db):
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(["optim.lr", "optim.weight_decay", "carbon.pue", "carbon.electricity_usd_per_kwh",
-                            "carbon.embodied_kg_co2e", "optim.min_lr_ratio"]),
+                            "carbon.embodied_kg_co2e", "optim.lr_schedule.min_lr_ratio"]),
        value=st.sampled_from([math.inf, -math.inf, math.nan]))
 def test_any_non_finite_number_is_refused_at_validate(capsys, tmp_path, key, value):
     code, out = _run(capsys, "validate", f"{key}={value}")

@@ -154,3 +154,27 @@ def test_declared_constraints_are_all_reported_under_their_config_keys():
         MagnitudePruning(final_sparsity=1.5, initial_sparsity=-0.1, scope="world")  # type: ignore[arg-type]
     assert {p.key for p in e.value.problems} == {"compression.prune.final_sparsity",
                                                  "compression.prune.initial_sparsity", "compression.prune.scope"}
+
+
+def test_optimizer_and_lr_schedule_are_components():
+    """Any torch optimizer by _target_ (no name switch), the schedule a partial given the run's length;
+    the shipped AdamW option builds what the former name switch built."""
+    import torch
+    from hydra.utils import instantiate
+
+    from greenstack.compose import compose_with_problems
+    from greenstack.engine.optim import Optim
+
+    cfg, problems = compose_with_problems(["optim.optimizer._target_=torch.optim.RAdam", "~optim.optimizer.betas",
+                                           "optim.lr=0.01", "optim.lr_schedule.kind=linear",
+                                           "optim.lr_schedule.warmup_steps=2"])
+    assert not problems, problems
+    model = torch.nn.Linear(3, 2)
+    optimizer, schedule = instantiate(cfg.optim).build(model.parameters(), 10)
+    assert isinstance(optimizer, torch.optim.RAdam) and optimizer.param_groups[0]["lr"] == 0.01 * 0.5  # warm-up
+    assert [round(f(s), 3) for f in schedule.lr_lambdas for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
+    cfg, _ = compose_with_problems(["recipe=quickstart"])
+    new, new_schedule = instantiate(cfg.optim).build(model.parameters(), 100)
+    old, old_schedule = Optim(name="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine").build(model.parameters(), 100)
+    assert type(new) is type(old) and new.defaults == old.defaults
+    assert [new_schedule.lr_lambdas[0](s) for s in range(100)] == [old_schedule.lr_lambdas[0](s) for s in range(100)]

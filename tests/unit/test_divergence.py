@@ -91,7 +91,7 @@ def test_a_diverging_cli_run_exits_non_zero_with_one_clear_line_and_standard_jso
 
     run_dir = tmp_path / "run"
     code = main(["train", "data=synthetic_image", "data.num_samples=64", "data.batch_size=16", "data.image_size=16",
-                 "model.name=resnet10t", "optim.lr=1e30", "optim.name=sgd", "trainer.max_duration=4ba",
+                 "model.name=resnet10t", "optim.lr=1e30", "optim=sgd", "trainer.max_duration=4ba",
                  "trainer.progress=false", "trainer.log_interval=1", "tracker=none", "checkpointing=hierarchical",
                  "checkpointing.local_every=1", "energy.interval_s=0.2", f"hydra.run.dir={run_dir}"])
     out = capsys.readouterr()

@@ -77,7 +77,7 @@ def test_training_config_covers_what_determines_training_and_nothing_else():
     assert not problems
     flat = training_config(cfg)
     assert flat["optim.lr"] == 0.01 and "model.name" in flat and flat["seed"] == 0 and "data.batch_size" in flat
-    assert "trainer.max_duration" in flat and "optim.schedule" in flat
+    assert "trainer.max_duration" in flat and "optim.lr_schedule.kind" in flat
     assert not any(k.startswith(("trainer.progress", "tracker", "carbon", "energy", "checkpointing")) for k in flat)
     assert differences({"a": 1, "b": 2}, {"a": 1, "c": 3}) == [("b", 2, "<absent>"), ("c", "<absent>", 3)]
     assert allowed("optim.lr", ["optim"]) and allowed("optim.lr", ["optim.*"]) and not allowed("optim.lr", ["model"])
