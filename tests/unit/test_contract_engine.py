@@ -28,10 +28,8 @@ from greenstack.ledger.audit import AuditLog, record_policy_decisions
 SRC = Path(greenstack.__file__).parent
 #: hooks that used to be probed with getattr on policies; they are declared Policy methods now
 HOOKS = {"checkpoint_now", "monitor", "region_report", "restore_model", "recorder", "decisions",
-         "bind_run_config", "replay", "energy_monitor", "recorded_decisions", "decision_recorder"}
-#: launch/preemption.py's `at_boundary`/`pending_signal` probes go with its module-level registry (issue 16
-#: item 2, per-run context, in progress): this set empties when that lands
-PENDING = {("greenstack/launch/preemption.py", "at_boundary"), ("greenstack/launch/preemption.py", "pending_signal")}
+         "bind_run_config", "replay", "energy_monitor", "recorded_decisions", "decision_recorder",
+         "at_boundary", "pending_signal"}
 
 
 def _sources() -> list[tuple[Path, ast.AST]]:
@@ -50,8 +48,6 @@ def test_no_getattr_hook_probes_and_no_extras_channel():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") \
                     and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
                 attr, obj = node.args[1].value, _name(node.args[0])
-                if (str(where), attr) in PENDING:
-                    continue
                 if attr in HOOKS or ("polic" in obj and attr not in ("name",)):
                     probes.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
             if isinstance(node, ast.Attribute) and node.attr == "extras":
