@@ -1,6 +1,7 @@
 """The engine contract (issue 16, ARCHITECTURE.md "Engine contract"): what a policy may touch, in which order.
 
-(a) no side channels in greenstack/: no `getattr(<policy>, "<hook>")` probes, no `.extras` string protocol;
+(a) no side channels in greenstack/: no `getattr(<policy>, "<hook>")` probes, no `.extras` string protocol, no
+    direct writes into `state.metrics` (policies report through their `Reporter`);
 (b) the engine owns dispatch order: observers open (INIT, FIT_START, EPOCH_START, BATCH_START) before
     modifiers, modifiers act before observers on every other event; declared order within a role;
 (c) saved policy state is keyed by policy name: it round-trips when the policies' order changes.
@@ -32,6 +33,17 @@ HOOKS = {"checkpoint_now", "monitor", "region_report", "restore_model", "recorde
          "at_boundary", "pending_signal"}
 
 
+#: the loop's own metrics (train/loss, lr, eval figures) and the reporter write the metric buffer directly
+METRIC_WRITERS = {"greenstack/engine/loop.py", "greenstack/engine/reporter.py"}
+
+
+def _writes_state_metrics(node: ast.AST) -> bool:
+    """`state.metrics[k] = v` or `state.metrics.update(...)` (any `<x>.state.metrics` too)."""
+    if isinstance(node, ast.Assign):
+        return any(isinstance(t, ast.Subscript) and ast.unparse(t.value).endswith("state.metrics") for t in node.targets)
+    return isinstance(node, ast.Call) and ast.unparse(node.func).endswith("state.metrics.update")
+
+
 def _sources() -> list[tuple[Path, ast.AST]]:
     return [(path, ast.parse(path.read_text(encoding="utf-8"), str(path))) for path in sorted(SRC.rglob("*.py"))]
 
@@ -41,7 +53,7 @@ def _name(node: ast.AST) -> str:
 
 
 def test_no_getattr_hook_probes_and_no_extras_channel():
-    probes, extras = [], []
+    probes, extras, metric_writes = [], [], []
     for path, tree in _sources():
         where = path.relative_to(SRC.parent)
         for node in ast.walk(tree):
@@ -54,9 +66,12 @@ def test_no_getattr_hook_probes_and_no_extras_channel():
                 extras.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
             if isinstance(node, ast.Attribute) and node.attr == "__self__":
                 probes.append(f"{where}:{node.lineno}: reach-in through {ast.unparse(node)}")
+            if str(where) not in METRIC_WRITERS and _writes_state_metrics(node):
+                metric_writes.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
     assert not probes, "declare the hook on Policy instead of probing for it:\n" + "\n".join(probes)
     assert not extras, "use a typed member of State (state.requests, ...) instead of extras:\n" + "\n".join(extras)
     assert "extras" not in State.__dataclass_fields__
+    assert not metric_writes, "report metrics with reporter.metric(name, value):\n" + "\n".join(metric_writes)
 
 
 def _policy_classes() -> list[type[Policy]]:
