@@ -185,7 +185,7 @@ def step_flops(model: torch.nn.Module, batch: dict[str, Any]) -> int:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from greenstack.engine.loop import forward
+    from greenstack.tasks.base import forward
 
     model = copy.deepcopy(model)
     counter = FlopCounterMode(display=False)

@@ -115,7 +115,7 @@ class CarbonConfig:
                                         .replace("--catalog", "carbon.price_catalog"), p.value, p.reason, p.fix)
                                 for p in e.problems)
         try:
-            from greenstack.ledger.allocation import PoolConfig
+            from greenstack.policies.pool_allocation import PoolConfig
 
             PoolConfig.from_node(self.pool)
         except ConfigError as e:
@@ -131,7 +131,7 @@ class CarbonConfig:
         """The catalog row of `instance_type` (on-demand and spot USD/h, catalog description), or None."""
         if self.instance_type is None:
             return None
-        from greenstack.report.tco import load_catalog
+        from greenstack.scheduling.prices import load_catalog
 
         catalog = load_catalog(self.price_catalog)
         row = catalog.instance(self.instance_type, self.instance_region)
@@ -604,7 +604,7 @@ class Measurement(Policy):
 
 def measure_latency_ms(model: torch.nn.Module, batch: Any, repeats: int = 10) -> float | None:
     """Median wall time of an eval-mode forward on one batch (ms); None without a batch."""
-    from greenstack.engine.loop import forward
+    from greenstack.tasks.base import forward
 
     if not isinstance(batch, dict):
         return None

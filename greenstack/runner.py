@@ -36,9 +36,9 @@ from greenstack.engine.state import State
 from greenstack.errors import ConfigError, RunInterrupted
 from greenstack.federated import launch as federated
 from greenstack.launch import preemption
-from greenstack.ledger.allocation import PoolAllocation
 from greenstack.ledger.audit import anchor_run, attach_to_recorders, record_policy_decisions, run_audit_log
 from greenstack.measure import Measurement
+from greenstack.policies.pool_allocation import PoolAllocation
 from greenstack.policies.scheduler._base import start_when_scheduled
 from greenstack.report.html import finish_run_report
 from greenstack.report.summary import RunReport
@@ -85,7 +85,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, spawned_worker: bool = False,
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if federated.wants_spawn(cfg):  # several workers asked for and no launcher around: start them here
-        return federated.spawn(cfg, run_dir)
+        return federated.spawn(cfg, run_dir, worker_main)
     context = RunContext(run_dir=run_dir, worker=federated.join(cfg),  # worker: None unless federated=ddp/geo
                          preemption=preemption.take(), spawned_worker=spawned_worker)
     try:
@@ -98,6 +98,32 @@ def run(cfg: DictConfig, run_dir: str | Path, *, spawned_worker: bool = False,
         raise
     finally:
         context.close()
+
+
+def worker_main(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
+    """Entry point of a spawned worker: the normal run path; only rank 0 returns the summary."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_worker)(container, run_dir)
+
+
+def _worker(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
+    from omegaconf import OmegaConf
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(message)s")
+    if rank != 0:  # one voice per run: other ranks report warnings and errors only
+        logging.getLogger("greenstack").setLevel(logging.WARNING)
+    else:  # the run's train.log (Hydra's, opened by the launching process) gets rank 0's lines too
+        handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - [rank 0] %(message)s"))
+        logging.getLogger().addHandler(handler)
+    # spawned: failures are noted for `spawn` (mark_failure); an external launcher has its own report;
+    # validated: `spawn` runs inside the parent's `run`, after its config was checked
+    summary = run(OmegaConf.create(container), run_dir, spawned_worker=True, validated=True)
+    if rank != 0:
+        return None
+    return {k: v for k, v in summary.items() if k in ("run_id", "metrics", "flat", "stopped_early")}
 
 
 @contextmanager

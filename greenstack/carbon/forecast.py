@@ -309,7 +309,7 @@ def with_weather_means(ex: np.ndarray, names: list[str]) -> tuple[np.ndarray, li
 
 # --- design matrix --------------------------------------------------------------------------------
 
-class _Design:
+class Design:
     """Feature tensors for forecast origins over one hourly log-series (plus future calendar)."""
 
     def __init__(self, values: np.ndarray, start_s: int, ctx: ZoneContext, horizon_h: int,
@@ -411,7 +411,7 @@ def season_weights(day_of_year: float, sigma_days: float | None = SEASON_SIGMA_D
     return floor + np.exp(-0.5 * (dist / sigma_days) ** 2)
 
 
-class _RidgeBank:
+class RidgeBank:
     """One ridge regression per lead hour, fitted from accumulated normal equations.
 
     Why normal equations: adding a day of data is a rank-one update and a refit is a (p x p) solve
@@ -608,7 +608,7 @@ class CarbonForecaster:
         if len(s) < need:
             raise too_short_error(len(s), need, "fit")
         self._series = s
-        self._exog = _align_exog(exog, s.index, self.horizon_h)
+        self._exog = align_exog(exog, s.index, self.horizon_h)
         return self
 
     def predict(self, origin: Any = None) -> Forecast:
@@ -621,11 +621,11 @@ class CarbonForecaster:
             (pd.Timestamp(origin).tz_convert("UTC").floor("h").timestamp() - start_s) // HOUR_S)
         if not CONTEXT_H <= origin_idx <= len(s):
             raise DataError(Problem("origin", str(origin), "origin outside the fitted series' usable span"))
-        design = _Design(s.to_numpy()[:origin_idx], start_s, self.context, self.horizon_h, self._exog)
+        design = Design(s.to_numpy()[:origin_idx], start_s, self.context, self.horizon_h, self._exog)
         train = _training_origins(origin_idx, origin_idx % 24, self.horizon_h)
         if len(train) < MIN_TRAIN_ORIGINS:
             raise too_short_error(origin_idx, CONTEXT_H + self.horizon_h + MIN_TRAIN_ORIGINS * 24, "predict")
-        bank = _RidgeBank(self.horizon_h, design.n_features, self.alpha, self.forgetting, self.residual_window,
+        bank = RidgeBank(self.horizon_h, design.n_features, self.alpha, self.forgetting, self.residual_window,
                           self.season_days)
         x, last = design.features(train)
         y = design.targets(train, last)
@@ -658,7 +658,7 @@ def _training_origins(before: int, hour: int, horizon_h: int) -> np.ndarray:
     return np.arange(first, before - horizon_h + 1, 24, dtype="int64")
 
 
-def _align_exog(exog: pd.DataFrame | None, index: pd.DatetimeIndex, horizon_h: int) -> pd.DataFrame | None:
+def align_exog(exog: pd.DataFrame | None, index: pd.DatetimeIndex, horizon_h: int) -> pd.DataFrame | None:
     """Exogenous columns on the series' hourly grid, running `horizon_h` hours past its end (NaN = missing)."""
     if exog is None or exog.empty:
         return None
@@ -729,11 +729,11 @@ def rolling_evaluate(series: pd.Series, eval_start: pd.Timestamp, *, horizon_h: 
     first_eval = max(eval_idx, CONTEXT_H)
     first_eval += (origin_hour - (first_eval + start_s // HOUR_S)) % 24
     candidates = np.arange(first_eval, n - horizon_h + 1, 24, dtype="int64")
-    design = _Design(y, start_s, ctx, horizon_h, _align_exog(exog, series.index, horizon_h), stats_until=eval_idx)
+    design = Design(y, start_s, ctx, horizon_h, align_exog(exog, series.index, horizon_h), stats_until=eval_idx)
     train_all = _training_origins(n, origin_hour_index(origin_hour, start_s), horizon_h)
     x_train, last_train = (design.features(train_all) if len(train_all) else (None, None))
     y_train = design.targets(train_all, last_train) if len(train_all) else None
-    bank = _RidgeBank(horizon_h, design.n_features, alpha, forgetting, RESIDUAL_WINDOW, season_days)
+    bank = RidgeBank(horizon_h, design.n_features, alpha, forgetting, RESIDUAL_WINDOW, season_days)
     buckets = design.season_bucket(train_all)
     added = 0
     qs = tuple(quantiles)

@@ -284,7 +284,7 @@ class CsvTraceSource(SeriesSource):
         zone = zone or df.attrs.get("zone") or ""
         paths = df.attrs["path"]
         name = f"csv:{Path(paths if isinstance(paths, str) else paths[0]).name}"
-        iso3 = _find_country(zone.split("-")[0]) if zone else None
+        iso3 = find_country(zone.split("-")[0]) if zone else None
         super().__init__(df, name=name, zone=zone or name, country_iso3=iso3, covered_provenance=provenance,
                          label=f"{name}" + (f" ({zone})" if zone else ""), validated=True)
         self.path = paths
@@ -301,7 +301,8 @@ def country_table() -> dict[str, dict[str, Any]]:
     return json.loads((traces.DATA_DIR / "country_intensity.json").read_text(encoding="utf-8"))
 
 
-def _find_country(code: str) -> str | None:
+def find_country(code: str) -> str | None:
+    """The country table's key for `code` (ISO-2/ISO-3, any case), or None."""
     key = str(code).strip().upper()
     table = country_table()
     if key in table:
@@ -318,7 +319,7 @@ class CountryAverageSource(IntensitySource):
     resolution_s = None
 
     def __init__(self, country: str) -> None:
-        iso3 = _find_country(country)
+        iso3 = find_country(country)
         if iso3 is None:
             table = country_table()
             names = {row["name"].upper(): k for k, row in table.items()}
@@ -399,7 +400,7 @@ def make_source(kind: str, zone: str | None = None, intensity_g_per_kwh: float |
         zone_id = traces.find_zone(zone)
         if zone_id is not None:
             return EmbeddedTraceSource(zone_id)
-        if _find_country(zone) is not None:
+        if find_country(zone) is not None:
             return CountryAverageSource(zone)
         raise traces.unknown_zone_error(zone, extra_fix="or a country code such as 'FR'/'FRA' for its "
                                                         "annual average")

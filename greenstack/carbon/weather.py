@@ -165,7 +165,7 @@ def date_chunks(start: Any, end: Any, max_days: int = MAX_CHUNK_DAYS) -> list[tu
 
 # --- responses ------------------------------------------------------------------------------------
 
-def _shape_error(what: str, payload: Any) -> DataError:
+def shape_error(what: str, payload: Any) -> DataError:
     return DataError(Problem(f"{PROVIDER} response", repr(payload)[:120], f"unexpected shape: {what}",
                              "the API may have changed or a proxy answered; retry later"))
 
@@ -179,12 +179,12 @@ def parse_response(payload: Any, variables: Sequence[str] | None = None,
     The current run (`<v>`, day 0) is ignored: it was issued after the origins it would inform.
     """
     if not isinstance(payload, dict):
-        raise _shape_error("expected a JSON object", payload)
+        raise shape_error("expected a JSON object", payload)
     if payload.get("error"):
         raise DataError(Problem(f"{PROVIDER} response", None, f"error: {payload.get('reason', 'no reason given')}"))
     hourly = payload.get("hourly")
     if not isinstance(hourly, dict) or not isinstance(hourly.get("time"), list):
-        raise _shape_error("expected {'hourly': {'time': [...], ...}}", payload)
+        raise shape_error("expected {'hourly': {'time': [...], ...}}", payload)
     times = hourly["time"]
     if not times:
         raise DataError(Problem(f"{PROVIDER} response", "[]", "no hours in the response"))
@@ -207,13 +207,13 @@ def parse_response(payload: Any, variables: Sequence[str] | None = None,
             index = pd.to_datetime(pd.Series(times, dtype="object"), format="ISO8601") - offset
             index = index.dt.tz_localize("UTC") if index.dt.tz is None else index.dt.tz_convert("UTC")
     except (ValueError, TypeError, OverflowError) as err:
-        raise _shape_error(f"unreadable 'time' values ({err})", times[:3]) from None
+        raise shape_error(f"unreadable 'time' values ({err})", times[:3]) from None
     order = list(dict.fromkeys([*(variables or ()), *(v for v, _ in wanted)]))  # as requested, else as listed
     columns: dict[str, np.ndarray] = {}
     for v, k in sorted(wanted, key=lambda vk: (order.index(vk[0]), vk[1])):
         values = hourly[f"{v}_previous_day{k}"]
         if not isinstance(values, list) or len(values) != len(times):
-            raise _shape_error(f"'{v}_previous_day{k}' is not a list as long as 'time'", values)
+            raise shape_error(f"'{v}_previous_day{k}' is not a list as long as 'time'", values)
         if any(x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))) for x in values):
             bad = next(x for x in values if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))))
             raise DataError(Problem(f"{PROVIDER} response.{v}_previous_day{k}", bad, "non-numeric value"))

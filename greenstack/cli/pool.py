@@ -97,9 +97,9 @@ def run_pool(argv: list[str]) -> int:
                                                            if decision.allocation_id else ""))
             console.print(f"  why: {decision.reason}")
             for alt in decision.alternatives:
-                from greenstack.ledger.allocation import _alt_text
+                from greenstack.ledger.pool import alternative_text
 
-                console.print(f"  alternative: {_alt_text(alt)}")
+                console.print(f"  alternative: {alternative_text(alt)}")
         return 0 if decision.approved else EXIT_DENIED
     if args.command == "settle":
         out = pool.settle(args.id, args.kg)

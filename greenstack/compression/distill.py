@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from greenstack.compression.selection import count_parameters
-from greenstack.compression.spec import build_from_spec, model_spec, num_labels
 from greenstack.errors import ConfigError, Problem
+from greenstack.models.spec import build_from_spec, model_spec, num_labels
 
 log = logging.getLogger("greenstack")
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from greenstack.compression import qat as qat_lib
 from greenstack.compression.selection import count_parameters
-from greenstack.compression.spec import build_from_spec, model_spec
+from greenstack.models.spec import build_from_spec, model_spec
 
 FORMAT = "greenstack.compressed/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -262,7 +262,7 @@ def latency_ms(model: nn.Module, inputs: Any, *, repeats: int = 10, warmup: int 
 def compare_latency_ms(models: list[nn.Module], inputs: Any, *, repeats: int = 10, warmup: int = 2) -> list[float]:
     """Median forward time (ms) of each model on `inputs`, the models timed in turn within each
     repetition so that a noisy machine (shared cores) slows all of them alike."""
-    from greenstack.engine.loop import forward
+    from greenstack.tasks.base import forward
 
     batch = {"inputs": inputs}
     for model in models:

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from greenstack.compression.selection import is_conv1d
-from greenstack.compression.spec import attach_spec, model_spec
 from greenstack.errors import ConfigError, Problem
+from greenstack.models.spec import attach_spec, model_spec
 
 Backend = Literal["auto", "torchao", "ao_fx"]
 QAT_ATTR = "greenstack_qat"

@@ -54,7 +54,8 @@ class DataModule:
                 (("train", self.train), ("val", self.val), ("test", self.test)) if loader is not None}
 
 
-def _check_fractions(val_fraction: float, test_fraction: float, batch_size: int) -> None:
+def check_fractions(val_fraction: float, test_fraction: float, batch_size: int) -> None:
+    """ConfigError when the validation/test fractions or the batch size cannot make three splits."""
     problems = []
     if not 0 <= val_fraction < 1:
         problems.append(Problem("data.val_fraction", val_fraction, "must be within [0, 1)"))
@@ -144,7 +145,7 @@ def digits(batch_size: int = 64, image_size: int = 32, channels: int = 1, val_fr
     """scikit-learn's real handwritten digits (1,797 8x8 images, 10 classes), resized for the model."""
     from sklearn.datasets import load_digits
 
-    _check_fractions(val_fraction, test_fraction, batch_size)
+    check_fractions(val_fraction, test_fraction, batch_size)
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0
     stats: dict[str, Any] = {}
@@ -164,7 +165,7 @@ def synthetic_image(num_samples: int = 256, num_classes: int = 4, batch_size: in
                     test_fraction: float = 0.125, split_seed: int = 0, seed: int = 0,
                     num_workers: int = 0) -> DataModule:
     """Learnable synthetic images (class prototypes + noise) for fast tests."""
-    _check_fractions(val_fraction, test_fraction, batch_size)
+    check_fractions(val_fraction, test_fraction, batch_size)
     g = torch.Generator().manual_seed(split_seed)
     prototypes = torch.rand(num_classes, channels, 8, 8, generator=g)
     y = torch.arange(num_samples) % num_classes
@@ -185,7 +186,7 @@ def image_folder(root: str, batch_size: int = 32, image_size: int = 64, channels
     """A user's directory with one sub-folder per class (ImageFolder layout), loaded into memory."""
     from PIL import Image, UnidentifiedImageError
 
-    _check_fractions(val_fraction, test_fraction, batch_size)
+    check_fractions(val_fraction, test_fraction, batch_size)
     base = Path(root).expanduser()
     problems = check_image_folder(str(root))
     if problems:
@@ -285,7 +286,9 @@ def _unreadable_images(classes: list[Path], key: str) -> list[Problem]:
 
 
 # -- text ----------------------------------------------------------------------------------------
-class _TextDataset(Dataset):
+class TextDataset(Dataset):
+    """Token id lists with their labels (the text classification data sets)."""
+
     def __init__(self, encodings: list[list[int]], labels: list[int]) -> None:
         self.encodings, self.labels = encodings, labels
 
@@ -323,7 +326,7 @@ def load_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
-def _text_loaders(sets: tuple[_TextDataset, _TextDataset, _TextDataset], batch_size: int, seed: int,
+def text_loaders(sets: tuple[TextDataset, TextDataset, TextDataset], batch_size: int, seed: int,
                   num_workers: int, collate: Callable, group_by_length: bool
                   ) -> tuple[DataLoader, DataLoader | None, DataLoader | None]:
     """Like `_loaders`, but the train loader draws its order from a `LengthGroupedSampler`.
@@ -364,9 +367,9 @@ def _text_module(texts: list[str], raw_labels: list[str], *, tokenizer: str, max
     labels = [index[c] for c in raw_labels]
     encodings = tok(texts, truncation=True, max_length=max_length)["input_ids"]
     tr, va, te = split_indices(labels, val_fraction, test_fraction, split_seed)
-    sets = tuple(_TextDataset([encodings[i] for i in ix], [labels[i] for i in ix]) for ix in (tr, va, te))
+    sets = tuple(TextDataset([encodings[i] for i in ix], [labels[i] for i in ix]) for ix in (tr, va, te))
     collate = PadCollate(tok.pad_token_id or 0, multiple_of=pad_to_multiple_of)
-    train, val, test = _text_loaders(sets, batch_size, seed, num_workers, collate, group_by_length)  # type: ignore[arg-type]
+    train, val, test = text_loaders(sets, batch_size, seed, num_workers, collate, group_by_length)  # type: ignore[arg-type]
     return DataModule(train=train, val=val, test=test, num_classes=len(class_names), kind="text",
                       batch_size=batch_size, class_names=class_names, source=source, tokenizer=tok,
                       preprocessing={"tokenizer": tokenizer, "max_length": max_length, "truncation": True})
@@ -396,7 +399,7 @@ def text_csv(path: str, text_column: str = "text", label_column: str = "label", 
     Batches are padded to their own longest sequence (rounded up to `pad_to_multiple_of`);
     `group_by_length` batches similar lengths together (see greenstack.efficiency.sampler).
     """
-    _check_fractions(val_fraction, test_fraction, batch_size)
+    check_fractions(val_fraction, test_fraction, batch_size)
     _check_text_options(pad_to_multiple_of, group_by_length)
     problems = check_text_csv(path, text_column, label_column)
     if problems:
@@ -444,7 +447,7 @@ def synthetic_text(num_samples: int = 256, num_classes: int = 4, tokenizer: str 
                    split_seed: int = 0, seed: int = 0, num_workers: int = 0, group_by_length: bool = False,
                    pad_to_multiple_of: int = 1) -> DataModule:
     """Synthetic topic-classification sentences, tokenised with a real local tokenizer."""
-    _check_fractions(val_fraction, test_fraction, batch_size)
+    check_fractions(val_fraction, test_fraction, batch_size)
     _check_text_options(pad_to_multiple_of, group_by_length)
     texts, labels = synthetic_text_rows(num_samples, num_classes, split_seed)
     return _text_module(texts, labels, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,

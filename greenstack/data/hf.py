@@ -98,10 +98,10 @@ def hf_local(path: str | list[str], text_column: str = "text", label_column: str
 
     `cache_only` (`greenstack data prepare`): "plan" gives the tokenisation cache's `CachePlan` (path,
     exists) without reading the files; "build" writes the cache if missing and gives its plan, no loaders."""
-    from greenstack.data.builders import _check_fractions
+    from greenstack.data.builders import check_fractions
     from greenstack.data.lm import CachePlan, data_cache_dir, lm_module, pack_corpus
 
-    _check_fractions(val_fraction, test_fraction, batch_size)
+    check_fractions(val_fraction, test_fraction, batch_size)
     problems = check_hf_local({"path": path, "label_kind": label_kind, "tokenizer": tokenizer}, "data")
     if problems:
         raise ConfigError(problems)
@@ -139,14 +139,14 @@ def _labelled(dataset: Any, corpus_id: list[Any], *, text_column: str, label_col
               tokenizer: str, max_length: int, batch_size: int, val_fraction: float, test_fraction: float,
               split_seed: int, seed: int, num_workers: int, cache: Path, pad_to_multiple_of: int, source: str,
               cache_only: Literal["plan", "build"] | None = None) -> Any:
-    from greenstack.data.builders import DataModule, PadCollate, _text_loaders, _TextDataset, split_indices
-    from greenstack.data.lm import CachePlan, _atomic_save, _digest, build_tokenizer, encode_with_progress
+    from greenstack.data.builders import DataModule, PadCollate, TextDataset, split_indices, text_loaders
+    from greenstack.data.lm import CachePlan, atomic_save, build_tokenizer, digest, encode_with_progress
 
     if str(tokenizer).startswith("bpe:"):
         raise ConfigError("a BPE is trained for language-model corpora; labelled rows need a fixed tokenizer",
                           key="data.tokenizer", value=tokenizer, fix="use minilm, a local tokenizer directory, or byte")
     tok = build_tokenizer(tokenizer)
-    path = cache / "tokenized" / f"{_digest(corpus_id, tok.fingerprint, max_length)}.pt"
+    path = cache / "tokenized" / f"{digest(corpus_id, tok.fingerprint, max_length)}.pt"
     cached = path.is_file()
     describe = f"{source}; tokenizer {tok.fingerprint}, rows truncated to {max_length} tokens"
     if cache_only == "plan" or (cache_only == "build" and cached):
@@ -160,7 +160,7 @@ def _labelled(dataset: Any, corpus_id: list[Any], *, text_column: str, label_col
         rows = {"encodings": encode_with_progress(tok, [texts[i] for i in keep], "rows", max_length=max_length,
                                                   special_tokens=True),
                 "labels": [raw[i] if label_kind == "value" else str(raw[i]) for i in keep]}
-        _atomic_save(rows, path)
+        atomic_save(rows, path)
         if cache_only == "build":
             return CachePlan(path, True, describe, tokens=sum(len(e) for e in rows["encodings"]), written=True)
     raw_labels = rows["labels"]
@@ -180,10 +180,10 @@ def _labelled(dataset: Any, corpus_id: list[Any], *, text_column: str, label_col
         labels = strata = [index[c] for c in raw_labels]
     tr, va, te = split_indices(strata, val_fraction, test_fraction, split_seed)
     enc = rows["encodings"]
-    sets = tuple(_TextDataset([enc[i] for i in ix], [labels[i] for i in ix]) for ix in (tr, va, te))
+    sets = tuple(TextDataset([enc[i] for i in ix], [labels[i] for i in ix]) for ix in (tr, va, te))
     collate = PadCollate(tok.pad_id, multiple_of=pad_to_multiple_of,
                          label_dtype=torch.float32 if label_kind == "value" else torch.long)
-    train, val, test = _text_loaders(sets, batch_size, seed, num_workers, collate, False)  # type: ignore[arg-type]
+    train, val, test = text_loaders(sets, batch_size, seed, num_workers, collate, False)  # type: ignore[arg-type]
     return DataModule(train=train, val=val, test=test, num_classes=1 if label_kind == "value" else len(class_names),
                       kind="text", batch_size=batch_size, class_names=class_names,
                       source=f"{source}; tokenizer {tok.fingerprint}{' (tokenisation cache hit)' if cached else ''}",

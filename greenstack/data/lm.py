@@ -41,7 +41,8 @@ def data_cache_dir() -> Path:
     return Path(base) / "greenstack" / "data"
 
 
-def _digest(*parts: Any) -> str:
+def digest(*parts: Any) -> str:
+    """A stable sha256 hex digest of `parts` (cache keys of tokenized corpora)."""
     h = hashlib.sha256()
     for part in parts:
         h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
@@ -49,7 +50,8 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:24]
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write `obj` (text, else torch.save) to a temporary file, then rename: no half-written cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -114,7 +116,7 @@ def _train_bpe(vocab_size: int, texts: Sequence[str], corpus_digest: str, cache:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         tok.train_from_iterator(texts, trainer=trainer)
-        _atomic_save(tok.to_str(), path)
+        atomic_save(tok.to_str(), path)
     return TextTokenizer(tok, "bpe", vocab_size=tok.get_vocab_size(), eos_id=tok.token_to_id("<|endoftext|>"),
                          pad_id=tok.token_to_id("<|pad|>"), fingerprint=fingerprint)
 
@@ -280,8 +282,8 @@ def pack_corpus(docs: Sequence[str] | Callable[[], Sequence[str]], *, tokenizer:
             loaded.append(docs() if callable(docs) else docs)
         return loaded[0]
 
-    corpus_digest = _digest(corpus_id, [hashlib.sha256(d.encode()).hexdigest() for d in texts()] if hash_docs else [])
-    split_digest = _digest(corpus_digest, split_seed, val_fraction, test_fraction,
+    corpus_digest = digest(corpus_id, [hashlib.sha256(d.encode()).hexdigest() for d in texts()] if hash_docs else [])
+    split_digest = digest(corpus_digest, split_seed, val_fraction, test_fraction,
                            *([] if split_by == "document" else [split_by]))
 
     def split() -> tuple[list[str], list[str], list[str]]:
@@ -308,7 +310,7 @@ def pack_corpus(docs: Sequence[str] | Callable[[], Sequence[str]], *, tokenizer:
         tok = build_tokenizer(tokenizer, (), split_digest, cache)
     if not (bpe and plan_only):
         fingerprint = tok.fingerprint
-    key = _digest(split_digest, fingerprint, block_size)
+    key = digest(split_digest, fingerprint, block_size)
     path = cache / "tokenized" / f"{key}.pt"
     describe = f"tokenizer {tokenizer}, blocks of {block_size} tokens"
     if plan_only:
@@ -319,7 +321,7 @@ def pack_corpus(docs: Sequence[str] | Callable[[], Sequence[str]], *, tokenizer:
         return PackedCorpus(tok, torch.load(path, weights_only=True), cached=True, cache_path=path)
     splits = {name: pack_blocks(encode_with_progress(tok, part, f"the {name} split"), block_size, tok.eos_id)
               for name, part in zip(("train", "val", "test"), split(), strict=True)}
-    _atomic_save(splits, path)
+    atomic_save(splits, path)
     if cache_only == "build":
         return CachePlan(path, True, describe, tokens=sum(b.shape[0] * block_size for b in splits.values()),
                          written=True)

@@ -58,7 +58,7 @@ class PlateauRule:
     fired: int = 0
 
     def update(self, value: float) -> bool:
-        from greenstack.policies.early_stopping import has_improved
+        from greenstack.tasks.base import has_improved
 
         if has_improved(value, self.best, mode=self.mode, min_delta=self.min_delta):
             self.best, self.bad = value, 0

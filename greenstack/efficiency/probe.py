@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from greenstack.engine.loop import forward
 from greenstack.provenance import weakest
+from greenstack.tasks.base import forward
 
 Batch = dict[str, Any]
 

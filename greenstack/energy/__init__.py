@@ -17,11 +17,11 @@ from greenstack.energy.meters import (
     Meter,
     MeterUnavailable,
     node_process_root_pid,
-    select_meters,
 )
 from greenstack.energy.monitor import EnergyInterval, EnergyMonitor, should_meter
 from greenstack.energy.nvml import NvmlMeter, resolve_visible_devices
 from greenstack.energy.rapl import RaplMeter
+from greenstack.energy.select import select_meters
 from greenstack.energy.tdp import CpuMatch, RamRssMeter, TdpMeter, load_cpu_power_table, match_cpu_tdp
 
 __all__ = [

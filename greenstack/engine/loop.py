@@ -26,7 +26,7 @@ from greenstack.engine.reporter import DecisionLog, Reporter
 from greenstack.engine.resize import BatchResize
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
-from greenstack.tasks.base import Task, model_outputs
+from greenstack.tasks.base import Task
 from greenstack.tasks.classification import Classification
 
 log = logging.getLogger("greenstack")
@@ -114,10 +114,6 @@ def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device) for v in batch)
     return batch
-
-
-#: logits for a batch `{"inputs": tensor | dict, "labels": tensor}` from timm or transformers models
-forward = model_outputs
 
 
 def _limited(loader: Iterable, limit: int | None) -> Iterable:

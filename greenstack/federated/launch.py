@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -72,8 +72,11 @@ def wants_spawn(cfg: Any) -> bool:
     return node is not None and federated_world_size(node) > 1 and "RANK" not in os.environ
 
 
-def spawn(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
-    """Run `runner.run` in every worker via `torch.distributed.launcher.api.elastic_launch`; rank 0's summary.
+def spawn(cfg: Any, run_dir: str | Path, entry: Callable[[dict[str, Any], str], dict[str, Any] | None]
+          ) -> dict[str, Any]:
+    """Run `entry(container, run_dir)` (the runner's `worker_main`, passed in so that this module does not
+    import the runner above it) in every worker via `torch.distributed.launcher.api.elastic_launch`;
+    returns rank 0's summary.
 
     A failing worker makes the agent stop the others; the error names its rank and cause.
     """
@@ -100,7 +103,7 @@ def spawn(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     shutil.rmtree(markers, ignore_errors=True)
     try:
         with _quiet_agent():
-            results = elastic_launch(config, worker_main)(container, str(run_dir))
+            results = elastic_launch(config, entry)(container, str(run_dir))
     except ChildFailedError as e:
         preempted = _agreed_preemption(markers, nprocs)
         if preempted is not None:
@@ -234,34 +237,6 @@ def _cause(failure: Any) -> str:
         sig = getattr(failure, "signal_name", lambda: "")()
         return f"killed by {sig}" if sig and sig != "<N/A>" else "no error message (see the worker's output above)"
     return text.splitlines()[0][:2000]
-
-
-def worker_main(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
-    """Entry point of a spawned worker: the normal run path; only rank 0 returns the summary."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    return record(_worker)(container, run_dir)
-
-
-def _worker(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
-    from omegaconf import OmegaConf
-
-    from greenstack import runner
-
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(message)s")
-    if rank != 0:  # one voice per run: other ranks report warnings and errors only
-        logging.getLogger("greenstack").setLevel(logging.WARNING)
-    else:  # the run's train.log (Hydra's, opened by the launching process) gets rank 0's lines too
-        handler = logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - [rank 0] %(message)s"))
-        logging.getLogger().addHandler(handler)
-    # spawned: failures are noted for `spawn` (mark_failure); an external launcher has its own report;
-    # validated: `spawn` runs inside the parent's `runner.run`, after its config was checked
-    summary = runner.run(OmegaConf.create(container), run_dir, spawned_worker=True, validated=True)
-    if rank != 0:
-        return None
-    return {k: v for k, v in summary.items() if k in ("run_id", "metrics", "flat", "stopped_early")}
 
 
 @dataclass

@@ -67,7 +67,8 @@ def canonical(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _key() -> bytes | None:
+def audit_key() -> bytes | None:
+    """The HMAC key of audit logs from the environment (None: hash chain only, no key)."""
     key = os.environ.get(KEY_ENV)
     return key.encode() if key else None
 
@@ -279,7 +280,7 @@ def verify(path: str | Path, *, require_head: bool = True, key: bytes | None = N
     lines cannot be detected.
     """
     path = Path(path)
-    key = _key() if key is None else key
+    key = audit_key() if key is None else key
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -414,7 +415,7 @@ class AuditLog:
         if not self.enabled:
             return {}
         payload = {**(data or {}), **fields}
-        key = _key()
+        key = audit_key()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path):
             record, line = chain_next(_last_line(self.path), kind, payload, actor=self.actor, key=key)
@@ -465,7 +466,7 @@ def current_anchor(path: str | Path, key: bytes | None = None) -> dict[str, Any]
     with path.open("rb") as f:
         first = json.loads(f.readline().decode("utf-8"))
     record = json.loads(last)
-    return make_head(int(record["seq"]), str(record["hash"]), _key() if key is None else key,
+    return make_head(int(record["seq"]), str(record["hash"]), audit_key() if key is None else key,
                      first=str(first.get("hash", "")))
 
 
@@ -529,7 +530,7 @@ def find_anchors(run_dir: str | Path) -> list[tuple[str, dict[str, Any], bool]]:
 def check_anchors(result: VerifyResult, anchors: Sequence[tuple[str, Mapping[str, Any], bool]], *,
                   key: bytes | None = None) -> VerifyResult:
     """Add to `result` every way the log disagrees with an anchor (see `find_anchors`)."""
-    key = _key() if key is None else key
+    key = audit_key() if key is None else key
     hashes, n = result.hashes, result.lines
     first = hashes[0] if hashes else ""
     for where, anchor, final in anchors:

@@ -42,7 +42,7 @@ from greenstack.ledger.audit import (
     GENESIS,
     AuditProblem,
     VerifyResult,
-    _key,
+    audit_key,
     canonical,
     head_mac,
     make_head,
@@ -249,6 +249,18 @@ class DeniedRequest:
 AlternativesFn = Callable[[DeniedRequest], Sequence[Mapping[str, Any]]]
 
 
+def alternative_text(alt: Mapping[str, Any]) -> str:
+    """One line for an alternative the pool offers with a denial (reduce, shift in time, shift region)."""
+    kind = alt.get("kind")
+    if kind == "reduce":
+        return f"request at most {alt.get('max_kg')} kg ({alt.get('would_be')})"
+    if kind == "shift_time":
+        return f"start at {alt.get('start')} in {alt.get('zone')} (~{alt.get('projected_kg')} kg, {alt.get('would_be')})"
+    if kind == "shift_region":
+        return f"run in {alt.get('zone')} (~{alt.get('projected_kg')} kg, {alt.get('would_be')})"
+    return str(alt.get("note") or alt)
+
+
 @dataclass
 class Decision:
     """The pool's answer to one request (also the JSON printed by `greenstack pool request --json`)."""
@@ -352,7 +364,7 @@ class CarbonPool:
     def _audit(self, conn: Any, kind: str, data: Mapping[str, Any]) -> tuple[int, str]:
         """Append one record to the pool's chain (keyed under GREENSTACK_AUDIT_KEY) and move the head."""
         seq, prev = self._q(conn, "SELECT audit_seq, audit_hash FROM greenstack_pool WHERE id = 1")[0]
-        key = _key()
+        key = audit_key()
         record = make_record(int(seq) + 1, str(prev) if int(seq) else GENESIS, kind, data, actor="greenstack.pool",
                              key=key)
         self._q(conn, "INSERT INTO greenstack_audit (seq, line) VALUES (?, ?)", (record["seq"], canonical(record)))
@@ -606,7 +618,7 @@ class CarbonPool:
 
     def _verify(self, conn: Any) -> VerifyResult:
         lines, head = self._audit_lines(conn)
-        result = verify_lines(lines, head=head, key=_key(), source=f"{redact(self.db)} (greenstack_audit)")
+        result = verify_lines(lines, head=head, key=audit_key(), source=f"{redact(self.db)} (greenstack_audit)")
         result.problems.extend(_ledger_problems(self, conn, lines))
         result.problems.sort(key=lambda p: p.line)
         return result

@@ -87,7 +87,7 @@ def build_timm(name: str, num_classes: int, in_chans: int = 3, pretrained: bool 
     extra = dict(kwargs or {})
     if checkpoint_path:
         extra["pretrained_cfg_overlay"] = {"file": str(Path(checkpoint_path).expanduser())}
-    from greenstack.compression.spec import attach_spec
+    from greenstack.models.spec import attach_spec
 
     model = timm.create_model(name, pretrained=bool(checkpoint_path), num_classes=num_classes,
                               in_chans=in_chans, **extra)

@@ -11,15 +11,9 @@ from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import at_least, checked
+from greenstack.tasks.base import has_improved
 
 log = logging.getLogger("greenstack")
-
-
-def has_improved(current: float, best: float, *, mode: Literal["min", "max"], min_delta: float) -> bool:
-    """Whether `current` beats `best` by more than `min_delta` in the direction `mode`."""
-    if math.isnan(best):
-        return True
-    return current < best - min_delta if mode == "min" else current > best + min_delta
 
 
 class EarlyStopping(Policy):

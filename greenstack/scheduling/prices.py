@@ -1,7 +1,10 @@
-"""The cloud price catalog: on-demand and spot prices per zone and instance kind.
+"""The cloud price catalog: instance prices (on-demand, spot) and storage prices, per provider and region.
+
+`load_catalog` reads it for `greenstack report tco` and the run's instance price (`Catalog`);
+`load_price_catalog` reads its zone-tagged instance rows as offers for region choice (`PriceCatalog`).
 
 Why a shipped, dated file: region choice trades carbon against price, and a scheduler must work
-offline and reproducibly. There is ONE shipped catalog, `greenstack/report/data/prices_<YYYY-MM>.json`,
+offline and reproducibly. There is ONE shipped catalog, `greenstack/scheduling/data/prices_<YYYY-MM>.json`,
 shared with `greenstack report tco`: its instance rows that name a carbon `zone` and a `kind` are the
 offers compared here, so whatever `plan region` picks, `report tco` can price. Users replace it with
 their own (the same JSON, or a CSV with the columns in REQUIRED, see data/README.md); like carbon
@@ -10,7 +13,9 @@ traces, a catalog is validated with pandera and every offending row is named bef
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +27,8 @@ from pandera.errors import SchemaErrors
 
 from greenstack.errors import ConfigError, DataError, Problem
 
+DATA_DIR = Path(__file__).resolve().parent / "data"
+CATALOG_SCHEMA = "greenstack.prices/1"
 KINDS = ("cpu", "gpu")
 REQUIRED = ("zone", "provider", "region", "instance_type", "kind", "on_demand_usd_per_h", "spot_usd_per_h", "as_of")
 MAX_ROWS_PER_PROBLEM = 10
@@ -112,13 +119,6 @@ class PriceCatalog:
                      str(row.get("source", "")))
 
 
-def default_catalog_path() -> Path:
-    """The one shipped catalog (the newest `prices_*.json`, also used by `greenstack report tco`)."""
-    from greenstack.report.tco import default_catalog_path as shipped
-
-    return shipped()
-
-
 def load_price_catalog(path: str | Path | None = None) -> PriceCatalog:
     """Read and validate a price catalog, JSON or CSV (default: the shipped snapshot). Raises DataError naming rows."""
     p = Path(path).expanduser() if path else default_catalog_path()
@@ -134,7 +134,7 @@ def _json_rows(p: Path) -> pd.DataFrame:
     rows = doc.get("instances") if isinstance(doc, dict) else None
     if not isinstance(rows, list):
         raise DataError(Problem(f"{p.name}.instances", None, "a JSON catalog needs a list of instances",
-                                "see greenstack/report/data/README.md for the format"))
+                                "see greenstack/scheduling/data/README.md for the format"))
 
     def text(value: object) -> str:
         return "" if value is None else str(value)
@@ -227,3 +227,166 @@ def _translate(fc: pd.DataFrame, df: pd.DataFrame, name: str, flagged: set[tuple
         if len(rows) > MAX_ROWS_PER_PROBLEM:
             problems.append(Problem(f"{name}.{col}", None, f"{len(rows) - MAX_ROWS_PER_PROBLEM} more rows fail {kind}"))
     return problems
+
+
+# -- the full catalog (instances and storage), as `report tco` prices runs ----------------------------
+@dataclass(frozen=True)
+class Catalog:
+    """A dated price list: instances (provider, region, type, on-demand/spot $/h) and storage $/GB-month."""
+
+    path: str
+    as_of: str
+    label: str
+    currency: str
+    instances: Any  # pandas.DataFrame
+    storage: Any  # pandas.DataFrame
+
+    def describe(self) -> str:
+        return f"{self.label} (as of {self.as_of}; {Path(self.path).name})"
+
+    def instance(self, instance_type: str, region: str | None) -> dict[str, Any]:
+        df = self.instances
+        rows = df[df["instance_type"] == instance_type]
+        if rows.empty:
+            close = difflib.get_close_matches(instance_type, sorted(set(df["instance_type"])), n=3, cutoff=0.5)
+            raise ConfigError(Problem("--instance", instance_type, f"not in the price catalog {self.describe()}",
+                                      (f"did you mean {', '.join(close)}? " if close else "")
+                                      + "or pass --catalog FILE with your prices"))
+        regions = sorted(set(rows["region"]))
+        if region is None:
+            if len(regions) > 1:
+                raise ConfigError(Problem("--region", None, f"{instance_type} is priced in several regions",
+                                          f"choose one: {', '.join(regions)}"))
+            region = regions[0]
+        match = rows[rows["region"] == region]
+        if match.empty:
+            raise ConfigError(Problem("--region", region, f"no price for {instance_type} in this region",
+                                      f"priced regions: {', '.join(regions)}"))
+        return {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
+
+    def storage_price(self, provider: str, region: str, storage_class: str) -> dict[str, Any]:
+        df = self.storage
+        match = df[(df["provider"] == provider) & (df["region"] == region) & (df["storage_class"] == storage_class)]
+        if match.empty:
+            have = sorted({f"{r.provider}/{r.region}/{r.storage_class}" for r in df.itertuples()})
+            raise ConfigError(Problem("--storage-class", f"{provider}/{region}/{storage_class}",
+                                      "no storage price in the catalog",
+                                      f"priced: {', '.join(have)}; or pass --storage-price USD_PER_GB_MONTH"))
+        return {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def default_catalog_path() -> Path:
+    """The newest shipped snapshot (files are named prices_<YYYY-MM>.json)."""
+    files = sorted(DATA_DIR.glob("prices_*.json"))
+    if not files:
+        raise DataError(Problem("catalog", str(DATA_DIR), "no shipped price catalog found"))
+    return files[-1]
+
+
+@lru_cache(maxsize=8)
+def _load_catalog_cached(path: str, mtime: float) -> Catalog:
+    del mtime  # part of the cache key only
+    return _read_catalog(Path(path))
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """Load and validate a price catalog (the shipped snapshot when `path` is None)."""
+    p = Path(path) if path is not None else default_catalog_path()
+    if not p.is_file():
+        raise ConfigError(Problem("--catalog", str(p), "price catalog not found",
+                                  f"a JSON file like {default_catalog_path()}"))
+    return _load_catalog_cached(str(p.resolve()), p.stat().st_mtime)
+
+
+def _read_catalog(p: Path) -> Catalog:
+    import pandas as pd
+    import pandera.pandas as pa
+    from pandera.errors import SchemaErrors
+
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(Problem(str(p), None, f"not valid JSON: {e}")) from None
+    problems: list[Problem] = []
+    if not isinstance(doc, dict):
+        raise DataError(Problem(str(p), None, "a catalog is a JSON object with instances and storage"))
+    if doc.get("schema") != CATALOG_SCHEMA:
+        problems.append(Problem(f"{p.name}: schema", doc.get("schema"), f"expected {CATALOG_SCHEMA!r}"))
+    as_of = str(doc.get("as_of") or "")
+    try:
+        from datetime import date
+
+        date.fromisoformat(as_of)
+    except ValueError:
+        problems.append(Problem(f"{p.name}: as_of", doc.get("as_of"), "a catalog must be dated (YYYY-MM-DD)",
+                                "prices change: say when these were taken"))
+    if str(doc.get("currency", "USD")).upper() != "USD":
+        problems.append(Problem(f"{p.name}: currency", doc.get("currency"), "only USD catalogs are supported"))
+    positive = pa.Check.gt(0)
+    text = pa.Check.str_length(min_value=1)
+    schemas = {
+        "instances": pa.DataFrameSchema({
+            "provider": pa.Column(str, text), "region": pa.Column(str, text), "instance_type": pa.Column(str, text),
+            "on_demand_usd_per_hour": pa.Column(float, positive),
+            "spot_usd_per_hour": pa.Column(float, positive, nullable=True, required=False),
+        }, unique=["instance_type", "region"], report_duplicates="exclude_first"),
+        "storage": pa.DataFrameSchema({
+            "provider": pa.Column(str, text), "region": pa.Column(str, text), "storage_class": pa.Column(str, text),
+            "usd_per_gb_month": pa.Column(float, pa.Check.ge(0)),
+        }, unique=["provider", "region", "storage_class"], report_duplicates="exclude_first"),
+    }
+    frames: dict[str, Any] = {}
+    for table, schema in schemas.items():
+        rows = doc.get(table)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            problems.append(Problem(f"{p.name}: {table}", None, "must be a list of objects"))
+            continue
+        df = pd.DataFrame(rows)
+        for col in schema.columns:
+            if col.endswith("_usd_per_hour") or col == "usd_per_gb_month":
+                if col not in df.columns:
+                    continue
+                numbers = pd.to_numeric(df[col], errors="coerce")
+                for idx in df.index[df[col].notna() & numbers.isna()]:
+                    problems.append(Problem(f"{p.name}: {table}[{idx}].{col}", df.at[idx, col], "not a number"))
+                df[col] = numbers.astype("float64")
+        try:
+            frames[table] = schema.validate(df, lazy=True)
+        except SchemaErrors as e:
+            seen = {(pr.key, "missing value") for pr in problems if pr.reason == "not a number"}
+            for _, case in e.failure_cases.iterrows():
+                idx, col, check = case.get("index"), case.get("column"), str(case.get("check"))
+                if isinstance(idx, (int, float)) and not pd.isna(idx):
+                    where = f"{table}[{int(idx)}]"
+                else:
+                    where = table
+                if "unique" in check or "duplicate" in check:
+                    key, value, reason = f"{p.name}: {where}", None, "duplicate of an earlier row (same " + \
+                        ", ".join(schema.unique or []) + ")"
+                else:
+                    key = f"{p.name}: {where}" + (f".{col}" if isinstance(col, str) else "")
+                    value, reason = _plain(case.get("failure_case")), _reason(check)
+                if (key, reason) not in seen:
+                    seen.add((key, reason))
+                    problems.append(Problem(key, value, reason))
+    if problems:
+        raise DataError(problems)
+    return Catalog(str(p), as_of, str(doc.get("label") or p.stem), "USD", frames["instances"], frames["storage"])
+
+
+def _reason(check: str) -> str:
+    """pandera's check names in words."""
+    for prefix, reason in (("greater_than_or_equal_to", "must be >= 0"), ("greater_than", "price must be > 0"),
+                           ("str_length", "must not be empty"), ("column_in_dataframe", "required column missing"),
+                           ("not_nullable", "missing value"), ("dtype", "wrong type")):
+        if check.startswith(prefix):
+            return reason
+    return check

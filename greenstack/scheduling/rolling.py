@@ -49,7 +49,7 @@ def _residual_stats(resid: np.ndarray, quantiles: Sequence[float],
     """Per bank and lead hour: MAPE-optimal log shift, mean log-ratio and quantile log-offsets.
 
     `resid` is (banks, H, k) recent out-of-sample log-residuals (actual / predicted); the same
-    statistics as `_RidgeBank.mape_shift` / `quantile_offsets`, batched over banks.
+    statistics as `RidgeBank.mape_shift` / `quantile_offsets`, batched over banks.
     """
     n_b, h, k = resid.shape
     if k < 10:
@@ -88,9 +88,9 @@ def rolling_forecasts(values: np.ndarray, start_s: int, first_arrival: int, *, h
     h_idx = np.arange(horizon_h)
     if exog is not None:
         grid = pd.date_range(pd.Timestamp(start_s, unit="s", tz="UTC"), periods=n, freq="h")
-        exog = fc._align_exog(exog, grid, horizon_h)
-    design = fc._Design(y, start_s, context or fc.ZoneContext(), horizon_h, exog, stats_until=first_arrival)
-    banks = [fc._RidgeBank(horizon_h, design.n_features, alpha, 1.0, fc.RESIDUAL_WINDOW, season_days)
+        exog = fc.align_exog(exog, grid, horizon_h)
+    design = fc.Design(y, start_s, context or fc.ZoneContext(), horizon_h, exog, stats_until=first_arrival)
+    banks = [fc.RidgeBank(horizon_h, design.n_features, alpha, 1.0, fc.RESIDUAL_WINDOW, season_days)
              for _ in range(24)]
     p = design.n_features
     weights = np.zeros((24, horizon_h, p))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -16,6 +17,18 @@ def model_outputs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor
     inputs = batch["inputs"]
     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
     return out.logits if hasattr(out, "logits") else out
+
+
+#: the one forward pass of every caller outside a task (probes, latency timing, distillation teachers)
+forward = model_outputs
+
+
+def has_improved(current: float, best: float, *, mode: Literal["min", "max"], min_delta: float) -> bool:
+    """Whether metric value `current` beats `best` by more than `min_delta` in the direction `mode`
+    (shared by early stopping and the efficiency alerts)."""
+    if math.isnan(best):
+        return True
+    return current < best - min_delta if mode == "min" else current > best + min_delta
 
 
 class Evaluator(Protocol):

@@ -11,13 +11,13 @@ from torch import nn
 
 from greenstack.compression import distill, export, pruning, qat
 from greenstack.compression.selection import select_weights
-from greenstack.compression.spec import build_from_spec
 from greenstack.engine.events import Event
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
 from greenstack.engine.reporter import Reporter
 from greenstack.errors import ConfigError
+from greenstack.models.spec import build_from_spec
 from greenstack.policies.compression import Distillation, Int8QAT, L2Regularization, MagnitudePruning
 from tests.helpers.optional import need
 

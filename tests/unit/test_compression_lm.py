@@ -11,10 +11,10 @@ from torch import nn
 
 from greenstack.compression import export, qat
 from greenstack.compression.selection import is_conv1d, linearize_conv1d
-from greenstack.compression.spec import build_from_spec, model_spec
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.models import build_causal_lm
+from greenstack.models.spec import build_from_spec, model_spec
 from greenstack.tasks import CausalLM
 from tests.helpers.hooks import fire
 from tests.helpers.optional import need

@@ -28,9 +28,9 @@ from greenstack.efficiency.power_limit import (
 )
 from greenstack.efficiency.probe import Comparison, Timing, Variant, compare, saved_activation_bytes
 from greenstack.efficiency.sampler import LengthGroupedSampler, plan_padding
-from greenstack.engine.loop import forward
 from greenstack.engine.optim import Optim
 from greenstack.models import build_timm, build_transformers
+from greenstack.tasks.base import forward
 
 CPU = torch.device("cpu")
 BERT = {"model_type": "bert", "vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 2,

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from greenstack.energy.meters import MeterUnavailable, select_meters
+from greenstack.energy.meters import MeterUnavailable
 from greenstack.energy.nvml import MIG_NOTE, NvmlMeter, resolve_visible_devices
+from greenstack.energy.select import select_meters
 from greenstack.errors import ConfigError
 
 

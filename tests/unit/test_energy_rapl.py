@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from greenstack.energy.meters import MeterUnavailable, select_meters
+from greenstack.energy.meters import MeterUnavailable
 from greenstack.energy.rapl import RaplMeter
+from greenstack.energy.select import select_meters
 from greenstack.errors import ConfigError
 
 

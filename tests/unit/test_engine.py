@@ -11,7 +11,8 @@ from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy
 from greenstack.errors import ConfigError
-from greenstack.policies.early_stopping import EarlyStopping, has_improved
+from greenstack.policies.early_stopping import EarlyStopping
+from greenstack.tasks.base import has_improved
 
 
 @pytest.mark.parametrize(("text", "steps"), [("2ep", 20), ("500ba", 500), ("0.5dur", 50), ("640sp", 10),

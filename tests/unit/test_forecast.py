@@ -135,9 +135,9 @@ def test_exogenous_scaling_uses_history_only():
     a = pd.DataFrame({"weather_wind": wind}, index=idx)
     b = a.copy()
     b.iloc[24 * 40:] *= 50.0  # a different evaluated span must not rescale the inputs before it
-    da = F._Design(y.to_numpy(), int(idx[0].timestamp()), F.ZoneContext(), 72, F._align_exog(a, idx, 72),
+    da = F.Design(y.to_numpy(), int(idx[0].timestamp()), F.ZoneContext(), 72, F.align_exog(a, idx, 72),
                    stats_until=24 * 40)
-    db = F._Design(y.to_numpy(), int(idx[0].timestamp()), F.ZoneContext(), 72, F._align_exog(b, idx, 72),
+    db = F.Design(y.to_numpy(), int(idx[0].timestamp()), F.ZoneContext(), 72, F.align_exog(b, idx, 72),
                    stats_until=24 * 40)
     assert np.allclose(da.exog[: 24 * 40], db.exog[: 24 * 40])
     assert not np.allclose(da.exog[24 * 40:], db.exog[24 * 40:])
@@ -188,13 +188,13 @@ def test_season_weighted_ridge_follows_the_relation_of_the_origins_season():
     winter = np.arange(n) % 2 == 0
     y = np.where(winter, 1.0, -1.0) * x[0, :, 1]
     buckets = np.where(winter, 0, F.SEASON_BUCKETS // 2)  # early January vs early July
-    bank = F._RidgeBank(1, 2, 0.0, 1.0, 10, season_days=F.SEASON_SIGMA_DAYS)
+    bank = F.RidgeBank(1, 2, 0.0, 1.0, 10, season_days=F.SEASON_SIGMA_DAYS)
     bank.add(x, y[None], buckets)
     bank.solve(5.0)
     assert bank.weights[0, 1] > 0.8
     bank.solve(190.0)
     assert bank.weights[0, 1] < -0.8
-    flat = F._RidgeBank(1, 2, 0.0, 1.0, 10, season_days=None)
+    flat = F.RidgeBank(1, 2, 0.0, 1.0, 10, season_days=None)
     flat.add(x, y[None], buckets)
     flat.solve(5.0)
     expected = np.linalg.lstsq(x[0], y, rcond=None)[0]

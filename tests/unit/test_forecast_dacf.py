@@ -86,7 +86,7 @@ def test_calibrated_quantiles_are_numpy_quantiles_at_the_nominal_level():
 
 
 def test_interval_widens_after_outcomes_fall_outside_it():
-    bank = fc._RidgeBank(horizon_h=2, n_features=1, alpha=0.0, forgetting=1.0, residual_window=365)
+    bank = fc.RidgeBank(horizon_h=2, n_features=1, alpha=0.0, forgetting=1.0, residual_window=365)
     bank.weights = np.zeros((2, 1))
     rng = np.random.default_rng(1)
     x = np.ones((2, 1, 1))

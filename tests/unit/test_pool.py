@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from greenstack.errors import ConfigError
-from greenstack.ledger.allocation import PoolAllocation, PoolConfig, PoolDenied
 from greenstack.ledger.audit import AuditLog, verify
 from greenstack.ledger.pool import CarbonPool, DeniedRequest, default_alternatives, parse_participants
+from greenstack.policies.pool_allocation import PoolAllocation, PoolConfig, PoolDenied
 from tests.helpers.hooks import fire
 
 RACE_WORKER = r"""

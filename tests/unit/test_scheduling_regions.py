@@ -120,7 +120,7 @@ def test_unknown_region_suggests_the_closest():
 
 def test_plan_region_and_report_tco_share_one_catalog(capsys):
     """Every offer plan region can pick is priced by report tco, at the same on-demand and spot price."""
-    from greenstack.report.tco import load_catalog
+    from greenstack.scheduling.prices import load_catalog
 
     offers, tco = load_price_catalog(), load_catalog()
     assert offers.path == tco.path

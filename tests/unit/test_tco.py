@@ -23,10 +23,9 @@ from greenstack.report.tco import (
     TcoOptions,
     compare_tco,
     compute_tco,
-    default_catalog_path,
-    load_catalog,
     load_run,
 )
+from greenstack.scheduling.prices import default_catalog_path, load_catalog
 
 RUNS = Path(__file__).resolve().parents[1] / "fixtures" / "runs"
 CATALOG = str(RUNS / "prices_test.json")

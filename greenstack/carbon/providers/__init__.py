@@ -42,13 +42,13 @@ PROVIDER_KINDS = tuple(PROVIDERS)
 def default_fallback_zone(kind: str, zone: str) -> str | None:
     """The shipped trace (or country average) that stands in when the provider cannot answer."""
     from greenstack.carbon import traces
-    from greenstack.carbon.sources import _find_country
+    from greenstack.carbon.sources import find_country
 
     if kind == "ukgrid":
         return "GB"
     if kind == "watttime":
         return embedded_zone_for(zone)
-    if traces.find_zone(zone) is not None or _find_country(zone.split("-")[0]) is not None:
+    if traces.find_zone(zone) is not None or find_country(zone.split("-")[0]) is not None:
         return zone if traces.find_zone(zone) is not None else zone.split("-")[0]
     return None
 

@@ -150,7 +150,8 @@ class LiveProvider(ABC):
         return f"{self.name}:{self.zone}"
 
 
-def _shape_error(provider: str, what: str, payload: Any) -> DataError:
+def shape_error(provider: str, what: str, payload: Any) -> DataError:
+    """The DataError for a provider answer that is not the shape expected (with a short sample)."""
     sample = repr(payload)[:120]
     return DataError(Problem(f"{provider} response", sample, f"unexpected shape: {what}"))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from greenstack.carbon.providers.base import LiveProvider, ProviderRequest, _shape_error, iso_z, records_frame
+from greenstack.carbon.providers.base import LiveProvider, ProviderRequest, iso_z, records_frame, shape_error
 
 DAY_S = 86400.0
 PAST_RANGE_MAX_S = 10 * DAY_S  # the API caps an hourly past-range request at 10 days
@@ -58,16 +58,16 @@ class ElectricityMapsProvider(LiveProvider):
 
     def parse(self, request: ProviderRequest, payload: Any) -> pd.DataFrame:
         if not isinstance(payload, dict):
-            raise _shape_error(self.name, "expected a JSON object", payload)
+            raise shape_error(self.name, "expected a JSON object", payload)
         list_key = {"forecast": "forecast"}.get(request.endpoint) or (
             "history" if "history" in payload else "data")
         items = payload.get(list_key)
         if not isinstance(items, list):
-            raise _shape_error(self.name, f"no '{list_key}' list", payload)
+            raise shape_error(self.name, f"no '{list_key}' list", payload)
         rows = []
         for item in items:
             if not isinstance(item, dict) or "datetime" not in item or "carbonIntensity" not in item:
-                raise _shape_error(self.name, "items need 'datetime' and 'carbonIntensity'", item)
+                raise shape_error(self.name, "items need 'datetime' and 'carbonIntensity'", item)
             estimated = request.endpoint == "forecast" or bool(item.get("isEstimated", False))
             rows.append((item["datetime"], item["carbonIntensity"], estimated))
         return records_frame(rows, self.name)

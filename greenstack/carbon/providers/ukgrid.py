@@ -14,9 +14,9 @@ import pandas as pd
 from greenstack.carbon.providers.base import (
     LiveProvider,
     ProviderRequest,
-    _shape_error,
     history_chunks,
     records_frame,
+    shape_error,
 )
 
 RANGE_MAX_S = 14 * 86400.0
@@ -45,12 +45,12 @@ class UkGridProvider(LiveProvider):
 
     def parse(self, request: ProviderRequest, payload: Any) -> pd.DataFrame:
         if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-            raise _shape_error(self.name, "expected {'data': [...]}", payload)
+            raise shape_error(self.name, "expected {'data': [...]}", payload)
         rows = []
         for item in payload["data"]:
             intensity = item.get("intensity") if isinstance(item, dict) else None
             if not isinstance(intensity, dict) or "from" not in item:
-                raise _shape_error(self.name, "items need 'from' and 'intensity'", item)
+                raise shape_error(self.name, "items need 'from' and 'intensity'", item)
             actual = intensity.get("actual")
             value = actual if actual is not None else intensity.get("forecast")
             rows.append((item["from"], value, actual is None))

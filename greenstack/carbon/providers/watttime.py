@@ -15,10 +15,10 @@ import pandas as pd
 from greenstack.carbon.providers.base import (
     LiveProvider,
     ProviderRequest,
-    _shape_error,
     history_chunks,
     iso_z,
     records_frame,
+    shape_error,
 )
 from greenstack.carbon.providers.http import ProviderError
 from greenstack.errors import DataError, Problem
@@ -90,7 +90,7 @@ class WattTimeProvider(LiveProvider):
 
     def parse(self, request: ProviderRequest, payload: Any) -> pd.DataFrame:
         if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-            raise _shape_error(self.name, "expected {'data': [...], 'meta': {...}}", payload)
+            raise shape_error(self.name, "expected {'data': [...], 'meta': {...}}", payload)
         meta = payload.get("meta") or {}
         units = str(meta.get("units", "lbs_co2_per_mwh")).lower()
         if units not in _UNIT_FACTORS:
@@ -100,7 +100,7 @@ class WattTimeProvider(LiveProvider):
         rows = []
         for item in payload["data"]:
             if not isinstance(item, dict) or "point_time" not in item or "value" not in item:
-                raise _shape_error(self.name, "items need 'point_time' and 'value'", item)
+                raise shape_error(self.name, "items need 'point_time' and 'value'", item)
             value = item["value"]
             value = value * factor if isinstance(value, (int, float)) else value
             rows.append((item["point_time"], value, request.endpoint == "forecast"))

@@ -20,15 +20,15 @@ from greenstack.compression.distill import (
     plan_student,
 )
 from greenstack.compression.selection import count_parameters
-from greenstack.compression.spec import num_labels
 from greenstack.engine.events import Event
-from greenstack.engine.loop import forward
 from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, Problem, above, between, checked
+from greenstack.models.spec import num_labels
 from greenstack.policies.compression._common import init_window, replace_model
 from greenstack.provenance import Figure
+from greenstack.tasks.base import forward
 
 log = logging.getLogger("greenstack")
 NAME = "compression.distill"

@@ -20,14 +20,15 @@ from greenstack.compression.export import (
 )
 from greenstack.compression.qat import backend_module
 from greenstack.compression.selection import select_weights, zero_fraction
-from greenstack.compression.spec import model_spec, verify_spec
 from greenstack.engine.events import Event
-from greenstack.engine.loop import forward, move_to
+from greenstack.engine.loop import move_to
 from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import Check, at_least, checked, is_bool
+from greenstack.models.spec import model_spec, verify_spec
 from greenstack.provenance import Figure
+from greenstack.tasks.base import forward
 
 log = logging.getLogger("greenstack")
 NAME = "compression.export"

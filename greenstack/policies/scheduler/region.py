@@ -2,7 +2,7 @@
 
 score = w_carbon * (1 - I / I_max) + w_price * (1 - spot / on_demand)  (defaults 0.6 / 0.4), where I
 is a candidate's expected mean intensity over its best window within `slack`, and prices come from
-the dated catalog (`greenstack/report/data/prices_*.json`, shared with `report tco`, or `catalog=PATH`). A running
+the dated catalog (`greenstack/scheduling/data/prices_*.json`, shared with `report tco`, or `catalog=PATH`). A running
 process cannot move itself: the policy records the choice (and sets `state.region`) so the run's
 report and tracker show it, and warns when the run is not where greenstack would place it; a
 launcher acts on `choose_region(...)` before submitting.

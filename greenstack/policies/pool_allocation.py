@@ -29,7 +29,7 @@ from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import ConfigError, GreenstackError, Problem
 from greenstack.ledger.audit import AuditLog
-from greenstack.ledger.pool import CarbonPool, Decision
+from greenstack.ledger.pool import CarbonPool, Decision, alternative_text
 
 log = logging.getLogger("greenstack")
 
@@ -41,20 +41,9 @@ class PoolDenied(GreenstackError):
 
     def __init__(self, decision: Decision) -> None:
         self.decision = decision
-        alts = "; ".join(_alt_text(a) for a in decision.alternatives) or "none"
+        alts = "; ".join(alternative_text(a) for a in decision.alternatives) or "none"
         super().__init__(f"carbon pool denied {decision.requested_kg:g} kg for {decision.participant}: "
                          f"{decision.reason}. Alternatives: {alts}")
-
-
-def _alt_text(alt: Mapping[str, Any]) -> str:
-    kind = alt.get("kind")
-    if kind == "reduce":
-        return f"request at most {alt.get('max_kg')} kg ({alt.get('would_be')})"
-    if kind == "shift_time":
-        return f"start at {alt.get('start')} in {alt.get('zone')} (~{alt.get('projected_kg')} kg, {alt.get('would_be')})"
-    if kind == "shift_region":
-        return f"run in {alt.get('zone')} (~{alt.get('projected_kg')} kg, {alt.get('would_be')})"
-    return str(alt.get("note") or alt)
 
 
 @dataclass

@@ -87,7 +87,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     raise ConfigError(f"cannot tell how to rebuild a {type(model).__name__} for export", key="compression",
                       value=type(model).__name__,
                       fix="build the model with greenstack.models (timm or transformers) or attach a spec "
-                          "with greenstack.compression.spec.attach_spec")
+                          "with greenstack.models.spec.attach_spec")
 
 
 def build_from_spec(spec: dict[str, Any], *, device: torch.device | str | None = None) -> nn.Module:
