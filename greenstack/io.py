@@ -6,6 +6,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types, the one converter of decision records, audit logs and trackers: mappings with
+    text keys, lists for tuples and arrays, Python numbers for numpy/torch scalars, ISO-8601 text for
+    datetimes (UTC when aware), None for NaN/inf, anything else as its text."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return (value.astimezone(timezone.utc) if value.tzinfo else value).isoformat()
+    if callable(getattr(value, "tolist", None)):  # numpy and torch: scalars -> numbers, arrays -> lists
+        return jsonable(value.tolist())
+    return str(value)
 
 
 #: the key under which `dumps` lists the values it had to write as null

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from greenstack.engine.state import State
+from greenstack.io import jsonable
 
 
 def _cpu_clone(obj: Any) -> Any:
@@ -132,18 +133,12 @@ def capture(state: State, meta: dict[str, Any] | None = None, *, model: dict[str
         "loader_rng": state.loader_rng.clone() if state.loader_rng is not None else None,
         "tokens_seen": state.tokens_seen,
     }
-    rng = {"python": _jsonable(random.getstate()),
+    rng = {"python": jsonable(random.getstate()),
            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     if model is None:
         model = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
     return Snapshot(step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
                     samples_seen=state.samples_seen, model=model, trainer=trainer, rng=rng, meta=dict(meta or {}))
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def _tuple(obj: Any) -> Any:

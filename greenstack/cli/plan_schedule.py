@@ -174,9 +174,8 @@ def configure_region(p: argparse.ArgumentParser) -> None:
 
 
 def run_region_command(args: argparse.Namespace) -> int:
-    from greenstack.policies.scheduler.region import choose_region, parse_candidates
     from greenstack.scheduling.prices import load_price_catalog
-    from greenstack.scheduling.regions import check_weights
+    from greenstack.scheduling.regions import check_weights, choose_region, parse_candidates
 
     problems: list[Problem] = []
     zones: list[str] = []

@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from greenstack.io import jsonable
 
 if TYPE_CHECKING:
     from greenstack.engine.policy import Policy
@@ -43,23 +44,6 @@ KEY_ENV = "GREENSTACK_AUDIT_KEY"
 #: decision kinds greenstack writes; other kinds are accepted (a policy may add its own)
 DECISION_KINDS = ("schedule", "region", "pause", "alert", "allocation", "settlement", "compression",
                   "budget", "pool", "checkpoint")
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy (NaN/inf -> None, tuples -> lists, numpy scalars -> Python) so hashing is stable."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if hasattr(value, "item") and callable(value.item):
-        return _plain(value.item())
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 def canonical(obj: Mapping[str, Any]) -> str:
@@ -121,7 +105,7 @@ def make_record(seq: int, prev: str, kind: str, data: Mapping[str, Any], *, acto
     body: dict[str, Any] = {
         "schema": SCHEMA, "seq": int(seq), "prev": prev, "kind": kind,
         "at": (at or datetime.now(timezone.utc)).astimezone(timezone.utc).isoformat(timespec="microseconds"),
-        "data": _plain(dict(data)),
+        "data": jsonable(dict(data)),
     }
     if actor:
         body["actor"] = str(actor)
@@ -349,7 +333,7 @@ def record_policy_decisions(audit: AuditLog, policies: Iterable[Policy],
     Decisions already in the log (a resumed run restores its policies' decisions) are not written twice.
     Returns how many records were appended.
     """
-    seen = {canonical(_plain(r.get("data", {}))) for r in audit.records()}
+    seen = {canonical(jsonable(r.get("data", {}))) for r in audit.records()}
     added = 0
     policies = list(policies)
     for policy in policies:
@@ -360,18 +344,18 @@ def record_policy_decisions(audit: AuditLog, policies: Iterable[Policy],
             if not isinstance(decision, Mapping):
                 continue
             data = {"policy": policy.name, **decision}
-            if canonical(_plain(data)) in seen:
+            if canonical(jsonable(data)) in seen:
                 continue
             audit.append(decision_kind(decision, policy.audit_kind), data)
-            seen.add(canonical(_plain(data)))
+            seen.add(canonical(jsonable(data)))
             added += 1
     for policy in policies if reported is not None else ():
         for entry in reported.by(policy.name):
             data = {"policy": policy.name, **entry.data}
-            if canonical(_plain(data)) in seen:
+            if canonical(jsonable(data)) in seen:
                 continue
             audit.append(entry.kind, data)
-            seen.add(canonical(_plain(data)))
+            seen.add(canonical(jsonable(data)))
             added += 1
     return added
 

@@ -1,4 +1,5 @@
-"""Region choice: trade grid carbon intensity against the spot discount of each candidate region.
+"""Region choice: trade grid carbon intensity against the spot discount of each candidate region
+(`choose_region`, shared by `scheduler=region` and `greenstack plan region`).
 
     score = w_carbon * (1 - I / I_max) + w_price * (1 - spot / on_demand)
 
@@ -11,12 +12,16 @@ a price term of 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from greenstack.errors import ConfigError, Problem
-from greenstack.scheduling.prices import Offer
+from greenstack.scheduling.outlook import intensity_outlook
+from greenstack.scheduling.prices import Offer, PriceCatalog
+from greenstack.scheduling.windows import best_window
 
 DEFAULT_W_CARBON = 0.6
 DEFAULT_W_PRICE = 0.4
@@ -90,3 +95,46 @@ def score_regions(candidates: Sequence[Candidate], *, w_carbon: float = DEFAULT_
         scored.append(RegionScore(c, carbon_term, price_term, w_carbon * carbon_term + w_price * price_term))
     order = sorted(range(len(scored)), key=lambda i: (-scored[i].score, scored[i].candidate.intensity_g_per_kwh, i))
     return [scored[i] for i in order]
+
+
+def parse_candidates(candidates: Any, key: str) -> list[str]:
+    """'GB,DE-LU' or ['GB', 'DE-LU'] -> resolved shipped zone ids; every unknown zone is a Problem."""
+    from greenstack.carbon import traces
+
+    items = candidates.split(",") if isinstance(candidates, str) else list(candidates or [])
+    names = [str(c).strip() for c in items if str(c).strip()]
+    if not names:
+        raise ConfigError(Problem(key, candidates, "empty candidate list: nothing to choose from",
+                                  "give at least one zone, e.g. GB,DE-LU,US-CAL-CISO"))
+    problems, zones = [], []
+    for name in names:
+        zone = traces.find_zone(name)
+        if zone is None:
+            err = traces.unknown_zone_error(name)
+            problems += [Problem(key, name, f"unknown region: {p.reason}", p.fix) for p in err.problems]
+        elif zone not in zones:
+            zones.append(zone)
+    if problems:
+        raise ConfigError(problems)
+    return zones
+
+
+def choose_region(zones: Sequence[str], catalog: PriceCatalog, *, kind: str, start: datetime, duration_h: float,
+                  slack_h: float = 0.0, w_carbon: float = 0.6, w_price: float = 0.4,
+                  objective: str | float = "mean") -> tuple[list[RegionScore], list[str]]:
+    """Score each candidate zone at its best window within the slack; returns (best first, notes)."""
+    from greenstack.carbon.sources import make_source
+
+    notes: list[str] = []
+    candidates = []
+    span = int(math.floor(slack_h + 1e-9)) + int(math.ceil(duration_h - 1e-9))
+    for zone in zones:
+        offer = catalog.offer(zone, kind)
+        outlook = intensity_outlook(make_source("embedded", zone=zone), start, span)
+        values = outlook.values(objective)
+        choice = best_window(values, duration_h, latest_start_h=int(math.floor(slack_h + 1e-9)))
+        when = start if choice.start_h == 0 else outlook.times[choice.start_h].to_pydatetime()
+        notes += [f"{zone}: {n}" for n in outlook.notes]
+        candidates.append(Candidate(zone, choice.cost / duration_h, offer, when.isoformat(),
+                                    choice.cost_now / duration_h, outlook.provenance, outlook.source))
+    return score_regions(candidates, w_carbon=w_carbon, w_price=w_price), notes

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from greenstack.io import dumps
+from greenstack.io import dumps, jsonable
 
 RUN_ID_FILE = ".greenstack/run_id"
 
@@ -25,19 +24,6 @@ def load_or_create_run_id(run_dir: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON value (NaN/inf become null so every line is valid JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if hasattr(value, "item") and callable(value.item):
-        return jsonable(value.item())
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 class Tracker:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from greenstack.errors import ConfigError
-from greenstack.tracking.base import Tracker, jsonable
+from greenstack.io import jsonable
+from greenstack.tracking.base import Tracker
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from greenstack.errors import ConfigError
-from greenstack.tracking.base import Tracker, jsonable
+from greenstack.io import jsonable
+from greenstack.tracking.base import Tracker
 
 log = logging.getLogger("greenstack")
 

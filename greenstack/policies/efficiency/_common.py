@@ -8,7 +8,6 @@ to the policy's JSON-able `decisions` list, from which an audit log can be writt
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Annotated, Any, ClassVar
@@ -21,6 +20,7 @@ from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
 from greenstack.errors import Problem, at_least, is_bool
+from greenstack.io import jsonable
 from greenstack.provenance import Figure
 
 log = logging.getLogger("greenstack")
@@ -41,21 +41,6 @@ FROZEN_WHY = ("trainer.deterministic: timing-based choice frozen, kept the curre
 RESTORED_WHY = "decision restored from the checkpoint"
 #: each variant of a probe runs at least this long (more rounds, up to 4x `probe_rounds`, for fast steps)
 MIN_PROBE_S = 0.5
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON types for decision records (dtypes, devices and tensors as text or numbers)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return str(value)
 
 
 def is_number(value: Any) -> bool:
