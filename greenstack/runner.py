@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from greenstack.checkpoint.fingerprint import training_config
 from greenstack.data.cache_ledger import attach_prepare_share
+from greenstack.engine.audit_trail import attach_to_recorders, record_policy_decisions
 from greenstack.engine.determinism import Determinism, seed_loaders
 from greenstack.engine.groups import policy_nodes
 from greenstack.engine.loop import Trainer
@@ -36,7 +37,7 @@ from greenstack.engine.state import State
 from greenstack.errors import ConfigError, RunInterrupted
 from greenstack.federated import launch as federated
 from greenstack.launch import preemption
-from greenstack.ledger.audit import anchor_run, attach_to_recorders, record_policy_decisions, run_audit_log
+from greenstack.ledger.audit import anchor_run, run_audit_log
 from greenstack.measure import Measurement
 from greenstack.policies.pool_allocation import PoolAllocation
 from greenstack.policies.scheduler._base import start_when_scheduled

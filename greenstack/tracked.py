@@ -210,7 +210,8 @@ class TrackedRun:
         """The scheduler's start decision (waits for the window if it says so), recorded in audit.jsonl."""
         if self._decided:
             return
-        from greenstack.ledger.audit import attach_to_recorders, run_audit_log
+        from greenstack.engine.audit_trail import attach_to_recorders
+        from greenstack.ledger.audit import run_audit_log
         from greenstack.policies.scheduler._base import start_when_scheduled
         from greenstack.tracking.base import load_or_create_run_id
 
@@ -300,7 +301,8 @@ class TrackedRun:
         """
         if self.summary is not None:
             return self.summary
-        from greenstack.ledger.audit import anchor_run, record_policy_decisions
+        from greenstack.engine.audit_trail import record_policy_decisions
+        from greenstack.ledger.audit import anchor_run
         from greenstack.provenance import Figure
         from greenstack.report.html import finish_run_report
 
@@ -518,7 +520,8 @@ def wait_for_window(*, duration: str | float = "1h", deadline: str | float = "24
     (a shipped zone), `trace` (your CSV), or `carbon` (a carbon group option/fields) - default the
     carbon group's default. `audit`: append the decisions to this hash-chained log.
     """
-    from greenstack.ledger.audit import AuditLog, attach_to_recorders
+    from greenstack.engine.audit_trail import attach_to_recorders
+    from greenstack.ledger.audit import AuditLog
     from greenstack.policies.scheduler.forecast_window import ForecastWindow
 
     carbon_cfg = None

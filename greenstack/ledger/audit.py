@@ -25,18 +25,13 @@ import hmac
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from greenstack.io import jsonable
-
-if TYPE_CHECKING:
-    from greenstack.engine.policy import Policy
-    from greenstack.engine.reporter import DecisionLog
-    from greenstack.scheduling.decisions import DecisionRecorder
 
 SCHEMA = "greenstack.audit/1"
 GENESIS = "0" * 64
@@ -322,57 +317,6 @@ _ACTION_KINDS = {"pause": "pause", "resume": "pause", "arm": "pause", "choose_re
 def decision_kind(record: Mapping[str, Any], default: str = "schedule") -> str:
     """Audit kind of a scheduler decision record from its `action` (pause/resume -> pause, region choice -> region)."""
     return _ACTION_KINDS.get(str(record.get("action", "")), default)
-
-
-def record_policy_decisions(audit: AuditLog, policies: Iterable[Policy],
-                            reported: DecisionLog | None = None) -> int:
-    """At the end of a run, append each policy's `recorded_decisions()` unless its `decision_recorder()`
-    wrote them live, then the decisions policies reported through their `Reporter` (`reported`, kind as
-    reported), in policy order.
-
-    Decisions already in the log (a resumed run restores its policies' decisions) are not written twice.
-    Returns how many records were appended.
-    """
-    seen = {canonical(jsonable(r.get("data", {}))) for r in audit.records()}
-    added = 0
-    policies = list(policies)
-    for policy in policies:
-        recorder = policy.decision_recorder()
-        if recorder is not None and audit_listening(recorder):
-            continue
-        for decision in policy.recorded_decisions():
-            if not isinstance(decision, Mapping):
-                continue
-            data = {"policy": policy.name, **decision}
-            if canonical(jsonable(data)) in seen:
-                continue
-            audit.append(decision_kind(decision, policy.audit_kind), data)
-            seen.add(canonical(jsonable(data)))
-            added += 1
-    for policy in policies if reported is not None else ():
-        for entry in reported.by(policy.name):
-            data = {"policy": policy.name, **entry.data}
-            if canonical(jsonable(data)) in seen:
-                continue
-            audit.append(entry.kind, data)
-            seen.add(canonical(jsonable(data)))
-            added += 1
-    return added
-
-
-def audit_listening(recorder: DecisionRecorder) -> bool:
-    return any(getattr(fn, "__qualname__", "").startswith("AuditLog.listener") for fn in recorder.listeners)
-
-
-def attach_to_recorders(audit: AuditLog, policies: Iterable[Policy]) -> int:
-    """Hook the log into every policy's decision recorder, so decisions are written as they are taken."""
-    n = 0
-    for policy in policies:
-        recorder = policy.decision_recorder()
-        if recorder is not None and not audit_listening(recorder):
-            recorder.listeners.append(audit.listener())
-            n += 1
-    return n
 
 
 def run_audit_log(run_dir: str | Path, *, actor: str | None = None) -> AuditLog:

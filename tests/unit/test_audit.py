@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from greenstack.engine.audit_trail import attach_to_recorders, record_policy_decisions
 from greenstack.engine.policy import Policy
 from greenstack.ledger.audit import (
     GENESIS,
     AuditLog,
-    attach_to_recorders,
     canonical,
     digest,
     head_path,
-    record_policy_decisions,
     verify,
 )
 from greenstack.scheduling.decisions import Decision, DecisionRecorder
