@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +25,7 @@ import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
 from greenstack.errors import ConfigError, DataError, Problem
+from greenstack.io import jsonable
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CATALOG_SCHEMA = "greenstack.prices/1"
@@ -262,7 +262,7 @@ class Catalog:
         if match.empty:
             raise ConfigError(Problem("--region", region, f"no price for {instance_type} in this region",
                                       f"priced regions: {', '.join(regions)}"))
-        return {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
+        return {k: jsonable(v) for k, v in match.iloc[0].to_dict().items()}
 
     def storage_price(self, provider: str, region: str, storage_class: str) -> dict[str, Any]:
         df = self.storage
@@ -272,15 +272,7 @@ class Catalog:
             raise ConfigError(Problem("--storage-class", f"{provider}/{region}/{storage_class}",
                                       "no storage price in the catalog",
                                       f"priced: {', '.join(have)}; or pass --storage-price USD_PER_GB_MONTH"))
-        return {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+        return {k: jsonable(v) for k, v in match.iloc[0].to_dict().items()}
 
 
 def default_catalog_path() -> Path:
@@ -373,7 +365,7 @@ def _read_catalog(p: Path) -> Catalog:
                         ", ".join(schema.unique or []) + ")"
                 else:
                     key = f"{p.name}: {where}" + (f".{col}" if isinstance(col, str) else "")
-                    value, reason = _plain(case.get("failure_case")), _reason(check)
+                    value, reason = jsonable(case.get("failure_case")), _reason(check)
                 if (key, reason) not in seen:
                     seen.add((key, reason))
                     problems.append(Problem(key, value, reason))
