@@ -19,12 +19,13 @@ import torch
 
 import greenstack
 from greenstack.checkpoint.snapshot import apply_snapshot, capture, policy_keys, saved_policy_states
+from greenstack.engine.audit_trail import record_policy_decisions
 from greenstack.engine.events import Event
 from greenstack.engine.loop import Trainer, TrainerConfig
 from greenstack.engine.optim import Optim
 from greenstack.engine.policy import Policy, Role
 from greenstack.engine.state import State
-from greenstack.ledger.audit import AuditLog, record_policy_decisions
+from greenstack.ledger.audit import AuditLog
 
 SRC = Path(greenstack.__file__).parent
 #: hooks that used to be probed with getattr on policies; they are declared Policy methods now
