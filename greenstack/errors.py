@@ -165,8 +165,9 @@ def declared_problems(fn: Callable[..., Any], arguments: Mapping[str, Any], pref
 
 
 def checked(key: str | Callable[[Any], str]) -> Callable[[F], F]:
-    """Check a constructor's declared constraints before its body runs; a ConfigError lists every broken
-    one at once, each prefixed with its config key (`key`, or `key(self)` for a key per subclass)."""
+    """Check a constructor's declared constraints; a ConfigError lists every broken one at once, with the
+    body's own problems too, each prefixed with its config key (`key`, or `key(self)` for a key per
+    subclass)."""
 
     def wrap(fn: F) -> F:
         signature = inspect.signature(fn)
@@ -178,9 +179,18 @@ def checked(key: str | Callable[[Any], str]) -> Callable[[F], F]:
             arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
             prefix = key if isinstance(key, str) else key(bound.arguments.get("self"))
             problems = declared_problems(fn, arguments, prefix)
-            if problems:
-                raise ConfigError(problems)
-            return fn(*args, **kwargs)
+            if not problems:
+                return fn(*args, **kwargs)
+            # The body still runs so that its own checks (e.g. a window's start/end) join the list:
+            # one ConfigError names every problem. Anything else it raises on the bad values is moot.
+            try:
+                fn(*args, **kwargs)
+            except ConfigError as body_error:
+                listed = {p.key for p in problems}
+                problems += [p for p in body_error.problems if p.key not in listed]
+            except Exception:  # noqa: BLE001 - the declared problems already explain the failure
+                pass
+            raise ConfigError(problems)
 
         return checked_fn  # type: ignore[return-value]
 
