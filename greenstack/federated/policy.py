@@ -16,7 +16,7 @@ import os
 import signal
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from greenstack.engine.events import Event
 from greenstack.engine.policy import Policy, Role
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, GreenstackError, Problem
+from greenstack.errors import ConfigError, GreenstackError, Problem, above, at_least, checked
 from greenstack.federated import secure
 from greenstack.federated.config import parse_regions, rank_regions
 from greenstack.federated.core import (
@@ -91,23 +91,14 @@ class DataParallel(Policy):
 
     events = frozenset({Event.INIT, Event.FIT_END, Event.EXCEPTION})
 
-    def __init__(self, workers: int = 2, comm_hook: str = "allreduce", powersgd_rank: int = 2,
-                 backend: str = "auto", timeout_s: float = 300.0, exact_resume: bool = False,
-                 name: str | None = None) -> None:
+    @checked("federated")
+    def __init__(self, workers: Annotated[int, at_least(1, integer=True, fix="processes on this machine")] = 2,
+                 comm_hook: Literal["allreduce", "powersgd"] = "allreduce",
+                 powersgd_rank: Annotated[int, at_least(1, integer=True)] = 2,
+                 backend: Literal["auto", "gloo", "nccl"] = "auto",
+                 timeout_s: Annotated[float, above(0, fix="seconds to wait for the other workers")] = 300.0,
+                 exact_resume: bool = False, name: str | None = None) -> None:
         super().__init__(name=name or "ddp")
-        problems = []
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            problems.append(Problem("federated.workers", workers, "must be a whole number >= 1"))
-        if comm_hook not in ("allreduce", "powersgd"):
-            problems.append(Problem("federated.comm_hook", comm_hook, "unknown DDP comm hook", "allreduce or powersgd"))
-        if not isinstance(powersgd_rank, int) or powersgd_rank < 1:
-            problems.append(Problem("federated.powersgd_rank", powersgd_rank, "must be an integer >= 1"))
-        if backend not in ("auto", "gloo", "nccl"):
-            problems.append(Problem("federated.backend", backend, "unknown backend", "auto, gloo or nccl"))
-        if not timeout_s > 0:
-            problems.append(Problem("federated.timeout_s", timeout_s, "must be > 0 seconds"))
-        if problems:
-            raise ConfigError(problems)
         self.workers, self.comm_hook, self.powersgd_rank = workers, comm_hook, powersgd_rank
         self.exact_resume = bool(exact_resume)
         self.bytes_sent = 0

@@ -154,6 +154,29 @@ def test_declared_constraints_are_all_reported_under_their_config_keys():
         MagnitudePruning(final_sparsity=1.5, initial_sparsity=-0.1, scope="world")  # type: ignore[arg-type]
     assert {p.key for p in e.value.problems} == {"compression.prune.final_sparsity",
                                                  "compression.prune.initial_sparsity", "compression.prune.scope"}
+    # The constructor's own cross-field checks join the declared ones in the same error.
+    with pytest.raises(ConfigError) as e:
+        MagnitudePruning(final_sparsity=1.5, start="soon")
+    assert {p.key for p in e.value.problems} == {"compression.prune.final_sparsity", "compression.prune.start"}
+
+
+def test_scheduler_and_data_parallel_constraints_are_declared():
+    """Scheduler and DDP settings are checked from their annotations, beside the body's duration parsing."""
+    from greenstack.errors import ConfigError
+    from greenstack.federated.policy import DataParallel
+    from greenstack.policies.scheduler.pause_resume import PauseResume
+    from greenstack.policies.scheduler.threshold import Threshold
+
+    with pytest.raises(ConfigError) as e:
+        PauseResume(mode="later", safety=0.5, percentile=100, check_every="soon")  # type: ignore[arg-type]
+    assert {p.key for p in e.value.problems} == {"scheduler.mode", "scheduler.safety", "scheduler.percentile",
+                                                 "scheduler.check_every"}
+    with pytest.raises(ConfigError) as e:
+        Threshold(threshold_g_per_kwh=0, percentile=25)
+    assert [p.key for p in e.value.problems] == ["scheduler.threshold_g_per_kwh"]
+    with pytest.raises(ConfigError) as e:
+        DataParallel(workers=0, comm_hook="ring", timeout_s=0)  # type: ignore[arg-type]
+    assert {p.key for p in e.value.problems} == {"federated.workers", "federated.comm_hook", "federated.timeout_s"}
 
 
 def test_optimizer_and_lr_schedule_are_components():

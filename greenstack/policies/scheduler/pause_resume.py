@@ -26,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
@@ -34,8 +34,9 @@ from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
 from greenstack.engine.requests import PauseRequest
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, Problem, collecting
+from greenstack.errors import ConfigError, Problem, at_least, checked, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy
+from greenstack.policies.scheduler.threshold import INTENSITY, PERCENTILE
 from greenstack.scheduling.outlook import (
     hour_floor,
     intensity_now,
@@ -46,18 +47,19 @@ from greenstack.scheduling.outlook import (
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
 from greenstack.scheduling.windows import best_slots, planning_values
 
-MODES = ("threshold", "plan")
-
 
 class PauseResume(SchedulerPolicy):
     """Pause/resume training around high grid intensity within a deadline (see module docstring)."""
 
     events = frozenset({Event.FIT_START, Event.STEP_END, Event.FIT_END})
 
-    def __init__(self, mode: str = "threshold", threshold_g_per_kwh: float | None = None, percentile: float = 50.0,
+    @checked("scheduler")
+    def __init__(self, mode: Literal["threshold", "plan"] = "threshold",
+                 threshold_g_per_kwh: Annotated[float | None, INTENSITY] = None,
+                 percentile: Annotated[float, PERCENTILE] = 50.0,
                  lookback: str = "7d", deadline: str | float = "48h", check_every: str | float = "5m",
                  poll: str | float = "5m", min_chunk: str | float = "1h", resume_overhead: str | float = "5m",
-                 safety: float = 1.2, objective: str | float = "mean", checkpoint_on_pause: bool = True,
+                 safety: Annotated[float, at_least(1, fix="a margin on the remaining time")] = 1.2, objective: str | float = "mean", checkpoint_on_pause: bool = True,
                  start_now: bool = False, zone: str | None = None, trace: str | None = None, carbon: Any = None,
                  clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None) -> None:
         problems: list[Problem] = []
@@ -66,14 +68,6 @@ class PauseResume(SchedulerPolicy):
         def parse(fn: Callable[[], Any], default: Any) -> Any:
             return collecting(problems, fn, default)
 
-        if mode not in MODES:
-            problems.append(Problem(f"{key}.mode", mode, "unknown mode", f"one of {', '.join(MODES)}"))
-        if threshold_g_per_kwh is not None and not 0 < threshold_g_per_kwh <= 2000:
-            problems.append(Problem(f"{key}.threshold_g_per_kwh", threshold_g_per_kwh, "must be in (0, 2000] or null"))
-        if not 0 < percentile < 100:
-            problems.append(Problem(f"{key}.percentile", percentile, "a percentile in (0, 100)", "e.g. 50"))
-        if not safety >= 1.0:
-            problems.append(Problem(f"{key}.safety", safety, "must be >= 1 (a margin on the remaining time)"))
         self.lookback_h = parse(lambda: parse_hours(lookback, f"{key}.lookback"), 168.0)
         self.check_every_s = parse(lambda: parse_hours(check_every, f"{key}.check_every"), 1 / 12) * 3600
         self.poll_s = parse(lambda: parse_hours(poll, f"{key}.poll"), 1 / 12) * 3600

@@ -12,16 +12,19 @@ import math
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
 from greenstack.engine.events import Event
 from greenstack.engine.reporter import Reporter
-from greenstack.errors import ConfigError, Problem, collecting
+from greenstack.errors import ConfigError, Problem, between, checked, collecting
 from greenstack.policies.scheduler._base import SchedulerPolicy, StartContext
 from greenstack.scheduling.outlook import intensity_now, observed_levels, weather_note
 from greenstack.scheduling.timeparse import parse_deadline, parse_hours
+
+INTENSITY = between(0, 2000, low_open=True, fix="gCO2eq/kWh, or null for a percentile level")
+PERCENTILE = between(0, 100, low_open=True, high_open=True, fix="a percentile, e.g. 25")
 
 
 class Threshold(SchedulerPolicy):
@@ -30,7 +33,9 @@ class Threshold(SchedulerPolicy):
     events = frozenset({Event.INIT})
     start_time = True
 
-    def __init__(self, threshold_g_per_kwh: float | None = None, percentile: float = 25.0, lookback: str = "7d",
+    @checked("scheduler")
+    def __init__(self, threshold_g_per_kwh: Annotated[float | None, INTENSITY] = None,
+                 percentile: Annotated[float, PERCENTILE] = 25.0, lookback: str = "7d",
                  duration: str | float = "1h", deadline: str | float = "24h", poll: str | float = "5m",
                  start_now: bool = False, countdown_every_s: float = 300.0, zone: str | None = None,
                  trace: str | None = None, carbon: Any = None, clock: Callable[[], float] | None = None,
@@ -41,11 +46,6 @@ class Threshold(SchedulerPolicy):
         def parse(fn: Callable[[], Any], default: Any) -> Any:
             return collecting(problems, fn, default)
 
-        if threshold_g_per_kwh is not None and not 0 < threshold_g_per_kwh <= 2000:
-            problems.append(Problem(f"{key}.threshold_g_per_kwh", threshold_g_per_kwh,
-                                    "must be in (0, 2000] gCO2eq/kWh, or null for a percentile level"))
-        if not 0 < percentile < 100:
-            problems.append(Problem(f"{key}.percentile", percentile, "a percentile in (0, 100)", "e.g. 25"))
         self.lookback_h = parse(lambda: parse_hours(lookback, f"{key}.lookback"), 168.0)
         self.duration_h = parse(lambda: parse_hours(duration, f"{key}.duration"), 1.0)
         self.poll_s = parse(lambda: parse_hours(poll, f"{key}.poll"), 1 / 12) * 3600
