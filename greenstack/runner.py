@@ -128,10 +128,11 @@ def _worker(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _sigterm_raises(channel: Preemption) -> Iterator[None]:
     """SIGTERM raises `RunInterrupted` in the main thread, so the run ends through its finalisation
     (partial accounting) instead of dying silently. Only where nobody else handles SIGTERM (a launcher,
-    a checkpointing policy installs its own); a second SIGTERM while finalising is ignored."""
+    a checkpointing policy installs its own); a second SIGTERM while finalising is ignored. The signal is
+    also left on the run's `channel`, where the loop finds it if this raise was swallowed."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
@@ -142,6 +143,7 @@ def _sigterm_raises() -> Iterator[None]:
         del frame
         if not raised:
             raised.append(signum)
+            channel.interrupted_signum = signum
             raise RunInterrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -211,7 +213,7 @@ class TrainRecipe:
     def run(self) -> dict[str, Any]:
         """Every phase in order; cleanup runs after a failure in any of them."""
         # determinism before anything touches the device (CUBLAS_WORKSPACE_CONFIG)
-        with _sigterm_raises(), self.determinism.applied():
+        with _sigterm_raises(self.context.preemption), self.determinism.applied():
             try:
                 self.plan_start()
                 self.setup()

@@ -25,7 +25,7 @@ from greenstack.engine.preemption import Preemption
 from greenstack.engine.reporter import DecisionLog, Reporter
 from greenstack.engine.resize import BatchResize
 from greenstack.engine.state import State
-from greenstack.errors import ConfigError, GreenstackError, Problem
+from greenstack.errors import ConfigError, GreenstackError, Problem, RunInterrupted
 from greenstack.tasks.base import Task
 from greenstack.tasks.classification import Classification
 
@@ -437,6 +437,8 @@ class Trainer:
                 state.step += 1
                 self.step_times_s.append(time.perf_counter() - t0)
                 self.dispatch(Event.STEP_END)
+                if state.preemption.interrupted_signum is not None:  # the handler's raise was swallowed
+                    raise RunInterrupted(state.preemption.interrupted_signum)
                 if state.step % cfg.log_interval == 0 or state.step == state.max_steps:
                     elapsed = time.perf_counter() - log_t0
                     state.metrics.update({

@@ -59,6 +59,9 @@ class Preemption:
     taker: PreemptionTaker | None = None
     coordinator: Coordinator | None = None
     snapshot_gate: SnapshotGate | None = None
+    #: a signal the runner's handler turned into `RunInterrupted`; the loop raises it again at the next
+    #: step end, in case the first raise landed where Python ignores exceptions (a finaliser, a callback)
+    interrupted_signum: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def request(self, signum: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -57,7 +58,12 @@ def test_signal_mid_training_writes_partial_accounting(tmp_path, signum, code):
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # never leave a run training behind the rest of the suite
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the run kept going after {signal.Signals(signum).name}: {err[-2000:]}")
     assert proc.returncode == code, err[-3000:]
     summary = _assert_partial(run_dir, "interrupted")
     assert signal.Signals(signum).name in summary["end_reason"]
@@ -77,6 +83,35 @@ class FailAtStep(Policy):
     def __call__(self, event, state, reporter):
         if state.step >= 3:
             raise RuntimeError("boom at step 3")
+
+
+class SwallowsInterrupts(Policy):
+    """Sends SIGTERM at step 3 and swallows the raise, as a finaliser or callback Python ignores would."""
+
+    events = frozenset({Event.STEP_END})
+
+    def __init__(self) -> None:
+        super().__init__(name="swallows")
+
+    def __call__(self, event, state, reporter):
+        if state.step == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs here
+            except KeyboardInterrupt:
+                pass
+        if state.step == 6:
+            raise RuntimeError("the run kept training after its SIGTERM")
+
+
+def test_a_swallowed_sigterm_still_stops_the_run_at_the_next_step_end(tmp_path):
+    cfg, problems = compose_with_problems([*LONG, "+policies.swallow._target_=" + f"{__name__}.SwallowsInterrupts"])
+    assert not problems, problems
+    with pytest.raises(KeyboardInterrupt) as err:
+        runner.run(cfg, tmp_path)
+    assert getattr(err.value, "exit_code", None) == 143
+    summary = _assert_partial(tmp_path, "interrupted")
+    assert summary["metrics"]["train/steps"]["value"] == 3
 
 
 def test_failing_run_writes_partial_accounting(tmp_path):
