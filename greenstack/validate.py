@@ -298,6 +298,7 @@ def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks
         elif param.default is inspect.Parameter.empty and name not in supplied and not node.get("_partial_"):
             problems.append(Problem(f"{path}.{name}", "<missing>", f"{target_path} requires it",
                                     f"add {path}.{name}=..."))
+    structural = len(problems) > before  # unknown, missing or mistyped arguments: nothing to construct
     try:  # the constraints declared on the parameters (errors.checked), every one, even beside a type error
         problems += declared_problems(target.__init__ if inspect.isclass(target) else target, typed, path)
     except Exception:  # noqa: BLE001 - unresolvable annotations: construction still checks
@@ -308,7 +309,8 @@ def _check_node(node: dict[str, Any], path: str, problems: list[Problem], checks
     if len(problems) == before and node.get("_partial_") and inspect.isclass(target) \
             and _is_torch_optimizer(target):
         _try_optimizer(target, node, path, problems)
-    if len(problems) == before and inspect.isclass(target) and not node.get("_partial_") \
+    # constructed beside broken declared constraints too: the constructor's own (cross-field) checks join them
+    if not structural and inspect.isclass(target) and not node.get("_partial_") \
             and (group in construct or issubclass(target, Policy)):
         _try_construct(target, node, path, problems)
 
@@ -319,13 +321,15 @@ def _try_construct(target: Any, node: dict[str, Any], path: str, problems: list[
     params = inspect.signature(target).parameters
     if any(k in params and params[k].default is inspect.Parameter.empty for k in nested):
         return  # needs a built component (optim.optimizer): its declared constraints were checked
+    listed = {p.key for p in problems}
     try:
         target(**kwargs)
     except ConfigError as e:
         for p in e.problems:
             leaf = p.key.split(".")[-1]
             key = f"{path}.{leaf}" if leaf in node else p.key
-            problems.append(Problem(key, p.value, p.reason, p.fix))
+            if key not in listed:  # a declared constraint already reported above
+                problems.append(Problem(key, p.value, p.reason, p.fix))
     except (TypeError, ValueError) as e:
         problems.append(Problem(path, "", f"{target.__name__}: {e}"))
 

@@ -126,7 +126,7 @@ class OptimComponents:
 
     @checked("optim")
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer],
-                 lr: Annotated[float, above(0, fix="e.g. optim.lr=0.001")] = 1e-3,
+                 lr: Annotated[float, above(0, fix="a positive learning rate, e.g. optim.lr=0.001")] = 1e-3,
                  weight_decay: Annotated[float, at_least(0, fix="e.g. optim.weight_decay=0.01 (0 = none)")] = 0.0,
                  lr_schedule: Callable[[int], Callable[[int], float]] | None = None) -> None:
         self.optimizer, self.lr, self.weight_decay, self.lr_schedule = optimizer, float(lr), float(weight_decay), lr_schedule
