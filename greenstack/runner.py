@@ -128,15 +128,17 @@ def _worker(container: dict[str, Any], run_dir: str) -> dict[str, Any] | None:
 
 
 @contextmanager
-def _sigterm_raises(channel: Preemption) -> Iterator[None]:
-    """SIGTERM raises `RunInterrupted` in the main thread, so the run ends through its finalisation
-    (partial accounting) instead of dying silently. Only where nobody else handles SIGTERM (a launcher,
-    a checkpointing policy installs its own); a second SIGTERM while finalising is ignored. The signal is
-    also left on the run's `channel`, where the loop finds it if this raise was swallowed."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+def _signals_raise(channel: Preemption) -> Iterator[None]:
+    """SIGTERM (and Ctrl-C's SIGINT) raise `RunInterrupted` in the main thread, so the run ends through
+    its finalisation (partial accounting) instead of dying silently. Only where nobody else handles the
+    signal (a launcher, a checkpointing policy installs its own SIGTERM handler). The signal is also left
+    on the run's `channel`, where the loop finds it at the next step end if this raise was swallowed.
+    While finalising, a second SIGTERM is ignored; a second Ctrl-C interrupts as usual."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
     raised: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
@@ -145,12 +147,15 @@ def _sigterm_raises(channel: Preemption) -> Iterator[None]:
             raised.append(signum)
             channel.interrupted_signum = signum
             raise RunInterrupted(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {s: signal.signal(s, handler) for s in ours}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler_before in previous.items():
+            signal.signal(s, handler_before)
 
 
 def end_status(error: BaseException) -> str:
@@ -213,7 +218,7 @@ class TrainRecipe:
     def run(self) -> dict[str, Any]:
         """Every phase in order; cleanup runs after a failure in any of them."""
         # determinism before anything touches the device (CUBLAS_WORKSPACE_CONFIG)
-        with _sigterm_raises(self.context.preemption), self.determinism.applied():
+        with _signals_raise(self.context.preemption), self.determinism.applied():
             try:
                 self.plan_start()
                 self.setup()

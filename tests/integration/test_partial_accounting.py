@@ -86,17 +86,18 @@ class FailAtStep(Policy):
 
 
 class SwallowsInterrupts(Policy):
-    """Sends SIGTERM at step 3 and swallows the raise, as a finaliser or callback Python ignores would."""
+    """Sends a signal at step 3 and swallows the raise, as a finaliser or callback Python ignores would."""
 
     events = frozenset({Event.STEP_END})
 
-    def __init__(self) -> None:
+    def __init__(self, signum: int = int(signal.SIGTERM)) -> None:
         super().__init__(name="swallows")
+        self.signum = signum
 
     def __call__(self, event, state, reporter):
         if state.step == 3:
             try:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), self.signum)
                 time.sleep(1)  # the handler runs here
             except KeyboardInterrupt:
                 pass
@@ -104,12 +105,14 @@ class SwallowsInterrupts(Policy):
             raise RuntimeError("the run kept training after its SIGTERM")
 
 
-def test_a_swallowed_sigterm_still_stops_the_run_at_the_next_step_end(tmp_path):
-    cfg, problems = compose_with_problems([*LONG, "+policies.swallow._target_=" + f"{__name__}.SwallowsInterrupts"])
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_swallowed_signal_still_stops_the_run_at_the_next_step_end(tmp_path, signum, code):
+    cfg, problems = compose_with_problems([*LONG, "+policies.swallow._target_=" + f"{__name__}.SwallowsInterrupts",
+                                           f"+policies.swallow.signum={int(signum)}"])
     assert not problems, problems
     with pytest.raises(KeyboardInterrupt) as err:
         runner.run(cfg, tmp_path)
-    assert getattr(err.value, "exit_code", None) == 143
+    assert getattr(err.value, "exit_code", None) == code
     summary = _assert_partial(tmp_path, "interrupted")
     assert summary["metrics"]["train/steps"]["value"] == 3
 
