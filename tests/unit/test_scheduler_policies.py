@@ -369,3 +369,9 @@ def test_forecast_window_openmeteo_weather_is_used_or_its_absence_noted(windy, m
     plan = window(FakeClock("2023-01-09T10:30:00+00:00"), trace, weather="openmeteo").make_plan()
     assert plan.outlook.kind == "forecast"  # the run still gets a plan, without weather
     assert any(n.startswith("weather (Open-Meteo) unavailable, planning without it") for n in plan.outlook.notes)
+
+
+def test_a_missing_trace_file_is_reported_under_the_schedulers_trace_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        Threshold(trace=str(tmp_path / "missing.csv"))
+    assert [p.key for p in err.value.problems] == ["scheduler.trace"]

@@ -41,7 +41,11 @@ def build_source(zone: str | None, trace: str | None, carbon: Any, key: str) -> 
     if trace:
         from greenstack.carbon.sources import CsvTraceSource
 
-        return CsvTraceSource(trace, zone=zone)
+        try:
+            return CsvTraceSource(trace, zone=zone)
+        except ConfigError as err:  # a missing file is named by the setting that gave it
+            raise ConfigError([Problem(f"{key}.trace", p.value, p.reason, p.fix) if p.key == "path" else p
+                               for p in err.problems]) from None
     if zone:
         from greenstack.carbon.sources import make_source
 
