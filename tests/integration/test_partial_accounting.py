@@ -32,6 +32,18 @@ def _steps(run_dir) -> int:
                default=0)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal, whatever started the suite."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _assert_partial(run_dir, status: str) -> dict:
     summary = json.loads((run_dir / "sustainability.json").read_text())
     assert summary["status"] == status and summary["partial"] is True
@@ -51,8 +63,10 @@ def _assert_partial(run_dir, status: str) -> dict:
                                                     pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_signal_mid_training_writes_partial_accounting(tmp_path, signum, code):
     run_dir = tmp_path / "run"
+    # as from a terminal: a shell running the suite in the background would leave SIGINT ignored
     proc = subprocess.Popen([sys.executable, "-m", "greenstack", "train", *LONG, f"hydra.run.dir={run_dir}"],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 300
     while _steps(run_dir) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -106,7 +120,7 @@ class SwallowsInterrupts(Policy):
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_swallowed_signal_still_stops_the_run_at_the_next_step_end(tmp_path, signum, code):
+def test_a_swallowed_signal_still_stops_the_run_at_the_next_step_end(tmp_path, signum, code, ctrl_c_interrupts):
     cfg, problems = compose_with_problems([*LONG, "+policies.swallow._target_=" + f"{__name__}.SwallowsInterrupts",
                                            f"+policies.swallow.signum={int(signum)}"])
     assert not problems, problems

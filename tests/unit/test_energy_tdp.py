@@ -167,7 +167,7 @@ def test_process_tree_lists_descendants_at_most_every_refresh_and_loses_no_cpu_t
         clock.t = 2.0
         refreshed = process_tree_cpu_seconds(tree=tree)
         assert calls["n"] == 2 and child.pid in [p.pid for p in tree.processes()]
-        assert refreshed - before >= 0.3  # the child's whole CPU time so far, none lost
+        assert refreshed - before >= 0.3 - 0.02  # the child's whole CPU time so far (clock ticks), none lost
     finally:
         child.communicate(b"")
     after = process_tree_cpu_seconds(tree=tree)  # reaped, still cached: skipped, time in children_*
