@@ -23,7 +23,7 @@ from torch import nn
 
 from greenstack.compression.selection import count_parameters
 from greenstack.errors import ConfigError, Problem
-from greenstack.models.spec import build_from_spec, model_spec, num_labels
+from greenstack.models.spec import build_from_spec, input_channels, model_spec, num_labels
 
 log = logging.getLogger("greenstack")
 
@@ -377,7 +377,7 @@ def build_student(teacher: nn.Module, size_ratio: float, *, student: dict[str, A
     """A student for `teacher`: `student` (a model node, e.g. {name: resnet10t}) when given, else the
     largest shrunken copy of the teacher's architecture within `size_ratio` of its parameters."""
     if student:
-        spec = _timm_or_hf_spec(student, num_labels(teacher) or 2, _in_chans(teacher))
+        spec = _timm_or_hf_spec(student, num_labels(teacher) or 2, input_channels(teacher))
         return _build(spec)
     spec, _, _ = plan_student(teacher, size_ratio)
     model = build_from_spec(spec)
@@ -387,13 +387,6 @@ def build_student(teacher: nn.Module, size_ratio: float, *, student: dict[str, A
         else:
             _init_transformer_student(model, teacher)
     return model
-
-
-def _in_chans(model: nn.Module) -> int:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return 3
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ def attach_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _in_chans(model: nn.Module) -> int:
+def input_channels(model: nn.Module) -> int:
+    """Image channels the first convolution takes (3 when the model has none)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             return module.in_channels
@@ -83,7 +84,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("architecture"):
         return {"builder": "timm", "name": pretrained_cfg["architecture"], "num_classes": num_labels(model),
-                "in_chans": _in_chans(model), "kwargs": {}, "kwargs_known": False}
+                "in_chans": input_channels(model), "kwargs": {}, "kwargs_known": False}
     raise ConfigError(f"cannot tell how to rebuild a {type(model).__name__} for export", key="compression",
                       value=type(model).__name__,
                       fix="build the model with greenstack.models (timm or transformers) or attach a spec "
