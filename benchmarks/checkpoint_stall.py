@@ -39,7 +39,7 @@ def sync_baseline(steps: int, every: int, directory: str) -> list[float]:
     stalls: list[float] = []
 
     class SyncSave(HierarchicalCheckpointing):
-        def _on_step(self, state):  # the classic pattern: block the loop on torch.save
+        def _on_step(self, state, reporter=None):  # the classic pattern: block the loop on torch.save
             if state.step % every:
                 return
             t0 = time.perf_counter()
