@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from greenstack.ledger.audit import GENESIS, _key, canonical, make_record
+from greenstack.ledger.audit import GENESIS, audit_key, canonical, make_record
 from greenstack.ledger.pool import CarbonPool, to_kg
 
 TEAMS = [f"team-{i}" for i in range(8)]
@@ -43,7 +43,7 @@ def fill(pool: CarbonPool, records: int) -> float:
         allocs: list[tuple[Any, ...]] = []
         lines: list[tuple[int, str]] = []
         used = dict.fromkeys(TEAMS, 0)
-        key = _key()  # under GREENSTACK_AUDIT_KEY the history is keyed like the pool's own records
+        key = audit_key()  # under GREENSTACK_AUDIT_KEY the history is keyed like the pool's own records
         for n in range(records):
             alloc_id, team, want = first_id + n, TEAMS[n % len(TEAMS)], 1000 + n % 997
             settle = n % 10 == 9  # a tenth settled: settlements are history records too
