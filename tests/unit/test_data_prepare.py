@@ -20,6 +20,7 @@ from greenstack.data.cache_ledger import attach_prepare_share, ledger_path, read
 from greenstack.errors import ConfigError  # noqa: E402
 from greenstack.prepare import compose_prepare, prepare  # noqa: E402
 from tests.conftest import FAST, read_jsonl  # noqa: E402
+from tests.helpers.clock import SimClock
 
 JOB = ["carbon=static", "energy=tdp", "energy.tdp_w=100", "energy.interval_s=0.05"]
 
@@ -170,17 +171,6 @@ def test_python_stdlib_prepares_the_cache_its_training_runs_read(tmp_path, monke
     assert data.cache_hit and data.cache_path == done.plan.path and calls == []
 
 
-class FakeClock:
-    def __init__(self, start: str) -> None:
-        self.t = datetime.fromisoformat(start).timestamp()
-
-    def time(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
-
-
 def test_prepare_waits_for_the_low_carbon_window_and_records_its_start(corpus, tmp_path):
     times = pd.date_range("2022-11-01", "2023-01-20", freq="h", tz="UTC", inclusive="left")
     trace = tmp_path / "trace.csv"
@@ -189,7 +179,7 @@ def test_prepare_waits_for_the_low_carbon_window_and_records_its_start(corpus, t
     sched = ["scheduler=forecast_window", f"scheduler.trace={trace}", "scheduler.duration=3h",
              "scheduler.replan=false", "scheduler.tick_s=600"]
     cfg, _ = compose_prepare([*_data(corpus), *JOB, *sched])
-    clock = FakeClock("2023-01-09T10:30:00+00:00")
+    clock = SimClock("2023-01-09T10:30:00+00:00")
     done = prepare(cfg, tmp_path / "prep", clock=clock.time, sleep=clock.sleep)
     assert done.prepared
     assert datetime.fromtimestamp(clock.t, tz=timezone.utc) == datetime(2023, 1, 10, 2, tzinfo=timezone.utc)
@@ -199,7 +189,7 @@ def test_prepare_waits_for_the_low_carbon_window_and_records_its_start(corpus, t
     assert metrics["scheduler/wait_s"]["value"] == pytest.approx(15.5 * 3600)
     assert metrics["scheduler/expected_saving_pct"]["value"] > 50
     assert [d["action"] for d in json.loads(metrics["scheduler/decisions"]["value"])] == ["wait", "start"]
-    later = FakeClock("2023-01-09T10:30:00+00:00")  # a prepared cache: no waiting at all
+    later = SimClock("2023-01-09T10:30:00+00:00")  # a prepared cache: no waiting at all
     assert not prepare(cfg, tmp_path / "prep2", clock=later.time, sleep=later.sleep).prepared
     assert later.t == datetime(2023, 1, 9, 10, 30, tzinfo=timezone.utc).timestamp()
 

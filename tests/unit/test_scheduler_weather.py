@@ -16,21 +16,11 @@ from greenstack.policies.scheduler.forecast_window import ForecastWindow
 from greenstack.policies.scheduler.pause_resume import PauseResume
 from greenstack.policies.scheduler.threshold import Threshold
 from greenstack.scheduling.outlook import intensity_outlook
+from tests.helpers.clock import SimClock
 from tests.helpers.hooks import fire
 
 NOW = "2023-01-09T10:30:00+00:00"
 COLUMNS = ["weather_wind_d1", "weather_wind_d2"]
-
-
-class Clock:
-    def __init__(self, start: str) -> None:
-        self.t = datetime.fromisoformat(start).timestamp()
-
-    def time(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +61,7 @@ def test_forecast_window_plans_on_the_traces_weather_and_says_so(windy):
     actual = ci[start: start + pd.Timedelta(hours=23)].rolling(3).mean().shift(-2).dropna()  # 3 h windows
 
     def plan(trace: str):
-        clock = Clock(NOW)
+        clock = SimClock(NOW)
         return ForecastWindow(trace=trace, duration="3h", deadline="24h", replan=False, clock=clock.time,
                               sleep=clock.sleep).make_plan()
 
@@ -85,7 +75,7 @@ def test_forecast_window_plans_on_the_traces_weather_and_says_so(windy):
 
 def test_threshold_records_that_it_does_not_use_weather(windy, tmp_path):
     _, with_weather, _ = windy
-    clock = Clock(NOW)
+    clock = SimClock(NOW)
     policy = Threshold(trace=with_weather, duration="2h", deadline="6h", poll="30m", clock=clock.time,
                        sleep=clock.sleep)
     fire(policy, Event.INIT, State(model=torch.nn.Linear(1, 1), run_dir=str(tmp_path)))
@@ -96,7 +86,7 @@ def test_threshold_records_that_it_does_not_use_weather(windy, tmp_path):
 
 def test_pause_resume_plans_with_the_traces_weather(windy, tmp_path):
     _, with_weather, _ = windy
-    clock = Clock(NOW)
+    clock = SimClock(NOW)
     policy = PauseResume(mode="plan", trace=with_weather, deadline="24h", clock=clock.time, sleep=clock.sleep)
     policy.deadline = datetime.fromisoformat(NOW) + timedelta(hours=24)
     policy.remaining_s = lambda state: 4 * 3600.0

@@ -16,6 +16,7 @@ import greenstack
 from greenstack.errors import ConfigError
 from greenstack.ledger.audit import verify
 from tests.conftest import _env, read_jsonl
+from tests.helpers.clock import SimClock
 
 STATIC = {"kind": "static", "intensity_g_per_kwh": 400.0, "zone": None}
 FAST_TDP = {"meter": "tdp", "tdp_w": 100.0, "interval_s": 0.05}
@@ -38,16 +39,7 @@ def trace(tmp_path):
     return str(path)
 
 
-class FakeClock:
-    def __init__(self, start: str) -> None:
-        self.t = datetime.fromisoformat(start).timestamp()
-
-    def time(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += seconds
-
+class FakeClock(SimClock):
     @property
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.t, tz=timezone.utc)
