@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from greenstack.console import plural
@@ -59,6 +59,15 @@ def report_error(error: BaseException) -> int:
 def wants_help(argv: Sequence[str]) -> bool:
     """`-h`/`--help` among the arguments."""
     return any(a in ("-h", "--help") for a in argv)
+
+
+def help_exit(argv: Sequence[str], show: Callable[[], None]) -> int | None:
+    """A command group called bare or with `-h` first: show its help and return the exit code (2 when
+    bare: a command was expected); None when there is a command to run."""
+    if argv and argv[0] not in ("-h", "--help"):
+        return None
+    show()
+    return 0 if argv else 2
 
 
 class ArgParser(argparse.ArgumentParser):

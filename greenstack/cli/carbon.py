@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from greenstack.cli._common import ArgParser
+from greenstack.cli._common import ArgParser, help_exit
 from greenstack.errors import ConfigError, Problem
 
 
@@ -66,9 +66,8 @@ def run_carbon(argv: list[str]) -> int:
     from greenstack.carbon import integrity
 
     parser = build_parser()
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
-        return 0 if argv else 2
+    if (code := help_exit(argv, parser.print_help)) is not None:
+        return code
     args = parser.parse_args(argv)
     if args.command == "keygen":
         priv, pub = integrity.generate_keypair(args.key, args.pub, overwrite=args.force)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from greenstack.cli._common import help_exit
 from greenstack.errors import ConfigError
 from greenstack.prepare import compose_prepare, prepare
 
@@ -45,9 +46,8 @@ def _progress_lines() -> Iterator[None]:
 
 def run_data(argv: list[str]) -> int:
     """`greenstack data prepare ...`: see HELP."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(HELP)
-        return 0 if argv else 2
+    if (code := help_exit(argv, lambda: print(HELP))) is not None:
+        return code
     if argv[0] != "prepare":
         raise ConfigError("unknown data command", key="data", value=argv[0], fix="use `greenstack data prepare ...`")
     rest = argv[1:]

@@ -25,7 +25,7 @@ from greenstack.carbon.inputs import (
     weather_columns,
 )
 from greenstack.cli import plan_schedule, plan_start
-from greenstack.cli._common import ArgParser, add_trace_arguments, add_weather_argument
+from greenstack.cli._common import ArgParser, add_trace_arguments, add_weather_argument, help_exit
 from greenstack.cli._common import progress as progress_bar
 from greenstack.errors import ConfigError, DataError, Problem
 
@@ -53,9 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_plan(argv: list[str]) -> int:
     """Entry point of `greenstack plan ...`; returns the exit code."""
     parser = build_parser()
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
-        return 0 if argv else 2
+    if (code := help_exit(argv, parser.print_help)) is not None:
+        return code
     args = parser.parse_args(argv)
     return int(args._run(args))
 
