@@ -57,7 +57,7 @@ def load_trace(path: str, units: str, role: str) -> pd.DataFrame:
         shipped.attrs["exog"] = None
         return shipped
     try:
-        df = traces.load_csv_trace(path)
+        df = traces.load_csv_trace(path, key=f"--{role}")
     except DataError as err:
         hint = lbs_hint(path, err) if units == "g_per_kwh" else None
         raise DataError(([hint] if hint else []) + err.problems) from None

@@ -279,8 +279,9 @@ class CsvTraceSource(SeriesSource):
     """A user CSV (Electricity Maps export or canonical `timestamp,carbon_intensity`)."""
 
     def __init__(self, path: str | Path | Sequence[str | Path], *, zone: str | None = None,
-                 provenance: Provenance = "measured", max_gap_hours: float = DEFAULT_MAX_GAP_HOURS) -> None:
-        df = traces.load_csv_trace(path, max_gap_hours=max_gap_hours)
+                 provenance: Provenance = "measured", max_gap_hours: float = DEFAULT_MAX_GAP_HOURS,
+                 key: str = "path") -> None:
+        df = traces.load_csv_trace(path, max_gap_hours=max_gap_hours, key=key)
         zone = zone or df.attrs.get("zone") or ""
         paths = df.attrs["path"]
         name = f"csv:{Path(paths if isinstance(paths, str) else paths[0]).name}"
@@ -414,6 +415,6 @@ def make_source(kind: str, zone: str | None = None, intensity_g_per_kwh: float |
     if kind_norm == "csv":
         if not path:
             raise ConfigError(Problem("carbon.path", path, "the csv source needs a file path"))
-        return CsvTraceSource(path, zone=zone, max_gap_hours=max_gap_hours)
+        return CsvTraceSource(path, zone=zone, max_gap_hours=max_gap_hours, key="carbon.path")
     raise ConfigError(Problem("carbon.kind", kind, "unknown carbon-intensity source",
                               f"one of {', '.join(SOURCE_KINDS)}"))

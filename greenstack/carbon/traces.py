@@ -121,19 +121,20 @@ _ALIASES = {
 
 
 def load_csv_trace(path: str | Path | Sequence[str | Path], *, max_gap_hours: float = DEFAULT_MAX_GAP_HOURS,
-                   ) -> pd.DataFrame:
+                   key: str = "path") -> pd.DataFrame:
     """Read and validate a user intensity CSV (or several, concatenated in the order given).
 
     Accepted: (1) Electricity Maps data-portal exports (`Datetime (UTC)`, `Carbon Intensity
     gCO₂eq/kWh (LCA)`, ...; the LCA column is used when present, else the direct one); (2) the
     canonical `timestamp,carbon_intensity` (g/kWh) with optional `renewable_percent`,
     `low_carbon_percent`, `carbon_intensity_direct`, `estimated`. Timestamps must carry a UTC offset
-    or 'Z', unless they are in a column named `Datetime (UTC)`. Raises DataError naming bad rows.
+    or 'Z', unless they are in a column named `Datetime (UTC)`. Raises DataError naming bad rows; a
+    missing file is reported under `key`, the setting that named it (e.g. `carbon.path`).
     """
     paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
     if not paths:
-        raise ConfigError(Problem("path", path, "no CSV file given"))
-    frames = [_read_one(p, max_gap_hours) for p in paths]
+        raise ConfigError(Problem(key, path, "no CSV file given"))
+    frames = [_read_one(p, max_gap_hours, key) for p in paths]
     if len(frames) == 1:
         return frames[0]
     df = pd.concat(frames, ignore_index=True)
@@ -143,9 +144,9 @@ def load_csv_trace(path: str | Path | Sequence[str | Path], *, max_gap_hours: fl
     return out
 
 
-def _read_one(path: Path, max_gap_hours: float) -> pd.DataFrame:
+def _read_one(path: Path, max_gap_hours: float, key: str) -> pd.DataFrame:
     if not path.is_file():
-        raise ConfigError(Problem("path", str(path), "carbon-intensity CSV not found",
+        raise ConfigError(Problem(key, str(path), "carbon-intensity CSV not found",
                                   "give an existing file (relative paths are from the working directory)"))
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")

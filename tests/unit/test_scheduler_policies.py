@@ -375,3 +375,11 @@ def test_a_missing_trace_file_is_reported_under_the_schedulers_trace_key(tmp_pat
     with pytest.raises(ConfigError) as err:
         Threshold(trace=str(tmp_path / "missing.csv"))
     assert [p.key for p in err.value.problems] == ["scheduler.trace"]
+
+
+def test_a_missing_carbon_csv_is_reported_under_carbon_path(tmp_path):
+    from greenstack.carbon.sources import make_source
+
+    with pytest.raises(ConfigError) as err:
+        make_source("csv", path=str(tmp_path / "missing.csv"))
+    assert [p.key for p in err.value.problems] == ["carbon.path"]

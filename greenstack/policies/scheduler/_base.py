@@ -41,11 +41,7 @@ def build_source(zone: str | None, trace: str | None, carbon: Any, key: str) -> 
     if trace:
         from greenstack.carbon.sources import CsvTraceSource
 
-        try:
-            return CsvTraceSource(trace, zone=zone)
-        except ConfigError as err:  # a missing file is named by the setting that gave it
-            raise ConfigError([Problem(f"{key}.trace", p.value, p.reason, p.fix) if p.key == "path" else p
-                               for p in err.problems]) from None
+        return CsvTraceSource(trace, zone=zone, key=f"{key}.trace")
     if zone:
         from greenstack.carbon.sources import make_source
 
